@@ -1,0 +1,89 @@
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::error::Error;
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn write_sample(path: &std::path::Path) {
+    let a = f32_bytes(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    let b = f32_bytes(&[7.0]);
+    let meta = BTreeMap::from([(KEY_CONFIG.to_string(), "{\"x\":1}".to_string())]);
+    write_weight_file(
+        path,
+        "model",
+        &meta,
+        &[
+            TensorToWrite { name: "a", dtype: DType::F32, shape: &[2, 3], data: &a },
+            TensorToWrite { name: "b", dtype: DType::F32, shape: &[], data: &b },
+        ],
+    )
+    .unwrap();
+}
+
+#[test]
+fn round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("w.parquet");
+    write_sample(&p);
+    let f = WeightFile::open(&p).unwrap();
+    assert_eq!(f.kind, "model");
+    assert_eq!(f.format_version, FORMAT_VERSION);
+    assert_eq!(f.config_json(), Some("{\"x\":1}"));
+    let a = f.require("a").unwrap();
+    assert_eq!(a.shape, vec![2, 3]);
+    assert_eq!(a.data(), f32_bytes(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).as_slice());
+    assert_eq!(f.require("b").unwrap().shape, Vec::<usize>::new());
+    assert!(matches!(f.require("zzz"), Err(Error::Format { .. })));
+}
+
+#[test]
+fn writer_rejects_bad_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("w.parquet");
+    let d = f32_bytes(&[1.0, 2.0]);
+    let wrong_len = [TensorToWrite { name: "a", dtype: DType::F32, shape: &[3], data: &d }];
+    assert!(matches!(write_weight_file(&p, "model", &BTreeMap::new(), &wrong_len), Err(Error::Input(_))));
+    let dup = [
+        TensorToWrite { name: "a", dtype: DType::F32, shape: &[2], data: &d },
+        TensorToWrite { name: "a", dtype: DType::F32, shape: &[2], data: &d },
+    ];
+    assert!(matches!(write_weight_file(&p, "model", &BTreeMap::new(), &dup), Err(Error::Input(_))));
+    assert!(!p.exists(), "a refused write must not leave a file");
+}
+
+#[test]
+fn truncated_and_garbage_files_are_format_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("w.parquet");
+    write_sample(&p);
+    let full = std::fs::read(&p).unwrap();
+    let q = dir.path().join("bad.parquet");
+    for cut in [0, 5, 11, full.len() / 2, full.len() - 1] {
+        std::fs::write(&q, &full[..cut]).unwrap();
+        let e = WeightFile::open(&q).unwrap_err();
+        assert!(matches!(e, Error::Format { .. }), "cut {cut}: {e}");
+    }
+    std::fs::write(&q, b"definitely not a parquet file at all").unwrap();
+    assert!(matches!(WeightFile::open(&q), Err(Error::Format { .. })));
+    assert!(matches!(WeightFile::open(dir.path().join("missing.parquet")), Err(Error::Io { .. })));
+}
+
+/// Flipping any single byte must give either a valid file or a clean error,
+/// never a panic or abort.
+#[test]
+fn byte_flips_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("w.parquet");
+    write_sample(&p);
+    let full = std::fs::read(&p).unwrap();
+    let q = dir.path().join("flip.parquet");
+    for i in 0..full.len() {
+        let mut b = full.clone();
+        b[i] ^= 0x5a;
+        std::fs::write(&q, &b).unwrap();
+        let _ = WeightFile::open(&q);
+    }
+}

@@ -1,0 +1,7 @@
+//! Model definitions (one model per file, candle-transformers style).
+
+pub mod config;
+pub mod dit;
+
+pub use config::ModelConfig;
+pub use dit::Dit;

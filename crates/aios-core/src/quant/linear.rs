@@ -1,0 +1,130 @@
+//! A linear layer whose weight may be stored as f32 or GGML blocks.
+
+use candle_core::quantized::QMatMul;
+use candle_core::{Module, Tensor};
+
+use crate::error::{Error, Result};
+use crate::format::WeightFile;
+
+/// How a quantised weight is multiplied. Chosen by measurement
+/// (`cargo bench --bench matmul`, see bench/RESULTS.md): on a whole diffusion
+/// canvas (L rows at once) a dense gemm beats candle's row-at-a-time
+/// quantised kernels, at the cost of f32 memory for the weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MatmulMode {
+    /// Dequantise once when the model loads; f32 gemm at run time.
+    #[default]
+    DequantizeAtLoad,
+    /// Keep the blocks in memory and use candle's quantised matmul (smallest RAM).
+    Quantized,
+}
+
+impl MatmulMode {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "dequantize" | "dequantize-at-load" => Some(Self::DequantizeAtLoad),
+            "quantized" => Some(Self::Quantized),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Weight {
+    /// `[out, in]`, f32.
+    Dense(Tensor),
+    Quant(QMatMul),
+}
+
+/// `y = x W^T + b` over the last dimension of `x`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Weight,
+    bias: Option<Tensor>,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+impl Linear {
+    /// Loads `{prefix}.weight` (`[out, in]`) and, if `has_bias`, `{prefix}.bias`
+    /// (`[out]`), checking both shapes.
+    pub fn load(
+        file: &WeightFile,
+        prefix: &str,
+        out_features: usize,
+        in_features: usize,
+        has_bias: bool,
+        mode: MatmulMode,
+    ) -> Result<Self> {
+        let wname = format!("{prefix}.weight");
+        let raw = file.require(&wname)?;
+        check_shape(file, &wname, &raw.shape, &[out_features, in_features])?;
+        let weight = if raw.dtype.is_quantized() && mode == MatmulMode::Quantized {
+            let q = super::qtensor_from_bytes(raw.dtype, &raw.shape, raw.data())?;
+            Weight::Quant(QMatMul::from_qtensor(q)?)
+        } else {
+            Weight::Dense(super::tensor_f32(raw)?)
+        };
+        let bias = if has_bias {
+            let bname = format!("{prefix}.bias");
+            let raw = file.require(&bname)?;
+            check_shape(file, &bname, &raw.shape, &[out_features])?;
+            Some(super::tensor_f32(raw)?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias, in_features, out_features })
+    }
+
+    /// Builds from an f32 weight `[out, in]` (used by tests and adapters).
+    pub fn from_dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out_features, in_features) = weight.dims2()?;
+        Ok(Linear { weight: Weight::Dense(weight), bias, in_features, out_features })
+    }
+
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.weight, Weight::Quant(_))
+    }
+
+    /// The weight as f32 `[out, in]` (dequantised if needed).
+    pub fn dense_weight(&self) -> Result<Tensor> {
+        Ok(match &self.weight {
+            Weight::Dense(w) => w.clone(),
+            Weight::Quant(q) => match q {
+                QMatMul::QTensor(t) => t.dequantize(&candle_core::Device::Cpu)?,
+                QMatMul::Tensor(t) => t.clone(),
+                QMatMul::TensorF16(t) => t.to_dtype(candle_core::DType::F32)?,
+            },
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let last = *dims.last().ok_or_else(|| Error::Input("linear input has no dimensions".into()))?;
+        if last != self.in_features {
+            return Err(Error::Input(format!("linear expects {} inputs, got {last}", self.in_features)));
+        }
+        let rows = x.elem_count() / last;
+        let x2 = x.reshape((rows, last))?;
+        let mut y = match &self.weight {
+            Weight::Dense(w) => x2.matmul(&w.t()?)?,
+            Weight::Quant(q) => q.forward(&x2)?,
+        };
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = self.out_features;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+pub(crate) fn check_shape(file: &WeightFile, name: &str, got: &[usize], want: &[usize]) -> Result<()> {
+    if got != want {
+        return Err(Error::format(
+            file.path.display(),
+            format!("tensor {name:?} has shape {got:?}, the config needs {want:?}"),
+        ));
+    }
+    Ok(())
+}

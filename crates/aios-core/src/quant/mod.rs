@@ -1,0 +1,140 @@
+//! INT8 / INT4 / INT2 block quantisation (GGML Q8_0 / Q4_K / Q2_K via candle's
+//! kernels), conversion of stored tensors to candle tensors, and the linear
+//! layer that runs over either f32 or quantised weights.
+
+pub(crate) mod linear;
+mod file;
+
+pub use file::{quantize_file, QuantizeReport};
+pub use linear::{Linear, MatmulMode};
+
+use std::borrow::Cow;
+
+use candle_core::quantized::{QStorage, QTensor};
+use candle_core::{Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::format::{DType, RawTensor};
+
+/// Decodes little-endian float bytes of any float dtype into f32.
+fn floats_to_f32(dtype: DType, data: &[u8]) -> Vec<f32> {
+    match dtype {
+        DType::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        DType::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        DType::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        _ => unreachable!("floats_to_f32 called on a quantised dtype"),
+    }
+}
+
+/// Builds a candle quantised tensor from GGML block bytes. candle reinterprets
+/// the bytes as block structs and asserts their alignment, so bytes that are
+/// not suitably aligned (Parquet pages give no guarantee) are copied first.
+pub fn qtensor_from_bytes(dtype: DType, shape: &[usize], data: &[u8]) -> Result<QTensor> {
+    debug_assert!(dtype.is_quantized());
+    let expected = dtype.byte_len(shape).map_err(Error::Input)?;
+    if data.len() != expected {
+        return Err(Error::Input(format!("{dtype}{shape:?} needs {expected} bytes, got {}", data.len())));
+    }
+    // Every GGML block struct has alignment <= 8; a u64 buffer satisfies it.
+    let mut words: Vec<u64> = Vec::new();
+    let aligned: &[u8] = if (data.as_ptr() as usize) % std::mem::align_of::<u64>() == 0 {
+        data
+    } else {
+        words.resize(data.len().div_ceil(8), 0);
+        // SAFETY: the u64 buffer is at least data.len() bytes and u8 has no alignment needs.
+        let buf = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, data.len()) };
+        buf.copy_from_slice(data);
+        buf
+    };
+    let storage = QStorage::from_data(Cow::Borrowed(aligned), &Device::Cpu, dtype.ggml())?;
+    Ok(QTensor::new(storage, shape.to_vec())?)
+}
+
+/// Any stored tensor as an f32 candle tensor (dequantising if needed).
+pub fn tensor_f32(raw: &RawTensor) -> Result<Tensor> {
+    if raw.dtype.is_quantized() {
+        let q = qtensor_from_bytes(raw.dtype, &raw.shape, raw.data())?;
+        Ok(q.dequantize(&Device::Cpu)?)
+    } else {
+        Ok(Tensor::from_vec(floats_to_f32(raw.dtype, raw.data()), raw.shape.clone(), &Device::Cpu)?)
+    }
+}
+
+/// Quantises f32 values of `shape` to `dtype`'s block bytes.
+pub fn quantize(values: &[f32], shape: &[usize], dtype: DType) -> Result<Vec<u8>> {
+    let numel: usize = shape.iter().product();
+    if values.len() != numel {
+        return Err(Error::Input(format!("{} values for shape {shape:?}", values.len())));
+    }
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Input(format!("value {} at index {i} is not finite", values[i])));
+    }
+    match dtype {
+        DType::F32 => Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        DType::F16 => Ok(values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect()),
+        DType::BF16 => Ok(values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect()),
+        _ => {
+            dtype.byte_len(shape).map_err(Error::Input)?;
+            let t = Tensor::from_slice(values, shape, &Device::Cpu)?;
+            let q = QTensor::quantize(&t, dtype.ggml())?;
+            Ok(q.data()?.into_owned())
+        }
+    }
+}
+
+/// Decodes `dtype` bytes of `shape` to f32 values.
+pub fn dequantize(data: &[u8], shape: &[usize], dtype: DType) -> Result<Vec<f32>> {
+    let expected = dtype.byte_len(shape).map_err(Error::Input)?;
+    if data.len() != expected {
+        return Err(Error::Input(format!("{dtype}{shape:?} needs {expected} bytes, got {}", data.len())));
+    }
+    if !dtype.is_quantized() {
+        return Ok(floats_to_f32(dtype, data));
+    }
+    let q = qtensor_from_bytes(dtype, shape, data)?;
+    Ok(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ramp(n: usize) -> Vec<f32> {
+        (0..n).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1).collect()
+    }
+
+    #[test]
+    fn round_trip_error_shrinks_with_bits() {
+        let shape = [4, 512];
+        let x = ramp(4 * 512);
+        let mut errs = vec![];
+        for d in [DType::F16, DType::Q8_0, DType::Q4K, DType::Q2K] {
+            let b = quantize(&x, &shape, d).unwrap();
+            assert_eq!(b.len(), d.byte_len(&shape).unwrap());
+            let y = dequantize(&b, &shape, d).unwrap();
+            let rms = (x.iter().zip(&y).map(|(a, b)| (a - b).powi(2)).sum::<f32>() / x.len() as f32).sqrt();
+            errs.push(rms);
+        }
+        assert!(errs[0] < errs[1] && errs[1] < errs[2] && errs[2] < errs[3], "{errs:?}");
+        assert!(errs[3] < 0.05, "{errs:?}"); // Q2_K on values in [-0.1, 0.1]
+    }
+
+    #[test]
+    fn misaligned_bytes_are_copied_not_rejected() {
+        let shape = [1, 256];
+        let b = quantize(&ramp(256), &shape, DType::Q4K).unwrap();
+        let mut shifted = vec![0u8; b.len() + 1];
+        shifted[1..].copy_from_slice(&b);
+        let y1 = dequantize(&b, &shape, DType::Q4K).unwrap();
+        let y2 = dequantize(&shifted[1..], &shape, DType::Q4K).unwrap();
+        assert_eq!(y1, y2);
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        assert!(quantize(&[f32::NAN; 32], &[1, 32], DType::Q8_0).is_err());
+        assert!(quantize(&[0.0; 100], &[1, 100], DType::Q4K).is_err());
+        assert!(quantize(&[0.0; 3], &[4], DType::F32).is_err());
+        assert!(dequantize(&[0u8; 10], &[1, 256], DType::Q4K).is_err());
+    }
+}

@@ -1,0 +1,314 @@
+//! Masked-diffusion samplers (DESIGN section 3). All share one driver:
+//! the canvas is split into blocks (semi-autoregressive when `block_length`
+//! is set, one block otherwise); each step runs the denoiser once (or reuses
+//! the previous logits when nothing changed), scores every still-masked
+//! position of the current block, and a strategy decides which to commit.
+//! Given tokens (prompt, suffix, infill context) are never changed.
+
+mod rng;
+mod scores;
+
+pub use rng::Stream;
+pub use scores::{score_row, PositionScore};
+
+use rayon::prelude::*;
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+
+/// How masked positions are chosen for unmasking.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Strategy {
+    /// MDLM ancestral (DDPM) sampling with the no-change cache: each masked
+    /// token is revealed with probability `(t - s) / t`.
+    Ancestral,
+    /// LLaDA low-confidence remasking: commit the most probable picks.
+    Confidence,
+    /// Commit the positions whose predictive entropy is lowest.
+    Entropy,
+    /// Commit the positions with the largest top-1 minus top-2 margin.
+    Margin,
+    /// Parallel decoding: commit every position with confidence >= tau (and
+    /// at least enough to finish within `steps`).
+    Threshold,
+}
+
+impl Strategy {
+    pub const NAMES: [&'static str; 5] = ["ancestral", "confidence", "entropy", "margin", "threshold"];
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "ancestral" => Strategy::Ancestral,
+            "confidence" => Strategy::Confidence,
+            "entropy" => Strategy::Entropy,
+            "margin" => Strategy::Margin,
+            "threshold" => Strategy::Threshold,
+            other => {
+                return Err(Error::Input(format!(
+                    "unknown sampler {other:?}; choose one of {}",
+                    Self::NAMES.join(", ")
+                )))
+            }
+        })
+    }
+}
+
+/// Sampler settings; validated by [`SamplerOptions::validate`].
+#[derive(Clone, Debug)]
+pub struct SamplerOptions {
+    pub strategy: Strategy,
+    /// Denoising steps (forward passes, at most, barring `steps < blocks`).
+    pub steps: usize,
+    /// Sampling temperature; 0 = greedy.
+    pub temperature: f64,
+    /// Semi-autoregressive block size (None = the whole canvas is one block).
+    pub block_length: Option<usize>,
+    /// Classifier-free guidance weight w (0 = off): `un + (w+1)(cond - un)`.
+    pub guidance: f64,
+    /// Confidence threshold for [`Strategy::Threshold`].
+    pub threshold: f64,
+    pub seed: u64,
+}
+
+impl Default for SamplerOptions {
+    fn default() -> Self {
+        SamplerOptions {
+            strategy: Strategy::Confidence,
+            steps: 16,
+            temperature: 1.0,
+            block_length: None,
+            guidance: 0.0,
+            threshold: 0.9,
+            seed: 0,
+        }
+    }
+}
+
+pub const MAX_STEPS: usize = 100_000;
+
+impl SamplerOptions {
+    pub fn validate(&self) -> Result<()> {
+        if self.steps == 0 || self.steps > MAX_STEPS {
+            return crate::input_err!("steps must be in 1..={MAX_STEPS}, got {}", self.steps);
+        }
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return crate::input_err!("temperature must be finite and >= 0, got {}", self.temperature);
+        }
+        if !(self.guidance.is_finite() && self.guidance >= 0.0) {
+            return crate::input_err!("guidance must be finite and >= 0, got {}", self.guidance);
+        }
+        if !(self.threshold > 0.0 && self.threshold <= 1.0) {
+            return crate::input_err!("threshold must be in (0, 1], got {}", self.threshold);
+        }
+        if self.block_length == Some(0) {
+            return crate::input_err!("block_length must be >= 1");
+        }
+        Ok(())
+    }
+}
+
+/// Whatever produces logits for a canvas: the model, or a stub in tests.
+pub trait Denoiser: Sync {
+    fn vocab_size(&self) -> usize;
+    fn mask_id(&self) -> u32;
+    /// Logits for `canvases.len()` canvases of equal length L, flattened
+    /// `[n, L, V]`. `t` in [0, 1] is the fraction still masked (the diffusion
+    /// time), used only by time-conditioned models.
+    fn logits(&self, canvases: &[Vec<u32>], t: f64) -> Result<Vec<f32>>;
+    /// Whether `logits` depends on `t` (then logits cannot be cached).
+    fn time_conditioned(&self) -> bool;
+}
+
+/// Emitted after every step, for progress bars.
+#[derive(Clone, Copy, Debug)]
+pub struct Progress {
+    pub step: usize,
+    pub total_steps: usize,
+    pub masked_left: usize,
+}
+
+/// The finished canvas and what happened on the way.
+#[derive(Clone, Debug, Default)]
+pub struct Sampled {
+    pub tokens: Vec<u32>,
+    /// Probability of each token when it was committed (1.0 for given tokens).
+    pub confidence: Vec<f32>,
+    /// Predictive entropy at commit, nats (0.0 for given tokens).
+    pub entropy: Vec<f32>,
+    /// Step at which each token was committed (None for given tokens).
+    pub commit_step: Vec<Option<u32>>,
+    /// Sampler steps executed.
+    pub steps_run: usize,
+    /// Forward passes actually run (fewer than steps with the ancestral cache).
+    pub forward_passes: usize,
+    pub forward_ms: f64,
+    pub sampler_ms: f64,
+}
+
+/// Number of commits per step when `n` masked tokens must be revealed in
+/// `steps` steps: evenly, the remainder going to the first steps (LLaDA).
+pub fn commit_schedule(n: usize, steps: usize) -> Vec<usize> {
+    (0..steps).map(|i| n / steps + usize::from(i < n % steps)).collect()
+}
+
+/// Runs the sampler on `canvas` (mask id = still to generate).
+pub fn sample(
+    den: &dyn Denoiser,
+    canvas: Vec<u32>,
+    opts: &SamplerOptions,
+    on_step: &mut dyn FnMut(Progress),
+) -> Result<Sampled> {
+    opts.validate()?;
+    let len = canvas.len();
+    let vocab = den.vocab_size();
+    let mask = den.mask_id();
+    if len == 0 {
+        return crate::input_err!("the canvas is empty");
+    }
+    if let Some(&bad) = canvas.iter().find(|&&t| t as usize >= vocab) {
+        return crate::input_err!("token id {bad} is outside the vocabulary of {vocab}");
+    }
+    let given: Vec<bool> = canvas.iter().map(|&t| t != mask).collect();
+    let block = opts.block_length.unwrap_or(len).min(len);
+    let blocks: Vec<(usize, usize)> = (0..len)
+        .step_by(block)
+        .map(|s| (s, (s + block).min(len)))
+        .filter(|&(s, e)| (s..e).any(|i| !given[i]))
+        .collect();
+    if opts.steps < blocks.len() {
+        return crate::input_err!(
+            "steps ({}) must be at least the number of blocks with masks ({}); raise steps or block_length",
+            opts.steps,
+            blocks.len()
+        );
+    }
+    let mut out = Sampled {
+        tokens: canvas,
+        confidence: given.iter().map(|&g| if g { 1.0 } else { f32::NAN }).collect(),
+        entropy: vec![0.0; len],
+        commit_step: vec![None; len],
+        ..Default::default()
+    };
+    let step_alloc = commit_schedule(opts.steps, blocks.len());
+    let mut global_step = 0usize;
+    let mut cache: Option<Vec<f32>> = None;
+    for (&(start, end), &block_steps) in blocks.iter().zip(&step_alloc) {
+        let masked_in_block = (start..end).filter(|&i| out.tokens[i] == mask).count();
+        let schedule = commit_schedule(masked_in_block, block_steps);
+        for s in 0..block_steps {
+            let eligible: Vec<usize> = (start..end).filter(|&i| out.tokens[i] == mask).collect();
+            if eligible.is_empty() {
+                break;
+            }
+            let masked_total = out.tokens.iter().filter(|&&t| t == mask).count();
+            let t = masked_total as f64 / len as f64;
+            let logits = match cache.take() {
+                Some(l) => l,
+                None => {
+                    let t0 = Instant::now();
+                    let l = guided_logits(den, &out.tokens, &given, mask, t, opts.guidance)?;
+                    out.forward_ms += t0.elapsed().as_secs_f64() * 1e3;
+                    out.forward_passes += 1;
+                    l
+                }
+            };
+            let t0 = Instant::now();
+            let scored: Vec<(usize, PositionScore)> = eligible
+                .par_iter()
+                .map(|&i| {
+                    let mut rng = Stream::new(opts.seed, global_step as u64, i as u64);
+                    score_row(&logits[i * vocab..(i + 1) * vocab], mask, opts.temperature, &mut rng)
+                        .map(|sc| (i, sc))
+                        .ok_or_else(|| Error::Input(format!("the model produced non-finite logits at position {i}")))
+                })
+                .collect::<Result<_>>()?;
+            let commits = choose(opts, &scored, s, block_steps, schedule[s], global_step)?;
+            for &(i, sc) in &commits {
+                out.tokens[i] = sc.token;
+                out.confidence[i] = sc.prob;
+                out.entropy[i] = sc.entropy;
+                out.commit_step[i] = Some(global_step as u32);
+            }
+            out.sampler_ms += t0.elapsed().as_secs_f64() * 1e3;
+            // MDLM's ddpm_cache: if nothing changed and the model ignores t,
+            // the next step's logits are exactly these.
+            if commits.is_empty() && !den.time_conditioned() {
+                cache = Some(logits);
+            }
+            global_step += 1;
+            out.steps_run += 1;
+            on_step(Progress {
+                step: global_step,
+                total_steps: opts.steps,
+                masked_left: out.tokens.iter().filter(|&&t| t == mask).count(),
+            });
+        }
+    }
+    debug_assert!(out.tokens.iter().all(|&t| t != mask));
+    Ok(out)
+}
+
+/// Logits for the canvas, with classifier-free guidance if `w > 0`: the
+/// unconditional canvas is the same canvas with every given token masked.
+fn guided_logits(den: &dyn Denoiser, tokens: &[u32], given: &[bool], mask: u32, t: f64, w: f64) -> Result<Vec<f32>> {
+    if w == 0.0 || !given.iter().any(|&g| g) {
+        return den.logits(&[tokens.to_vec()], t);
+    }
+    let uncond: Vec<u32> = tokens.iter().zip(given).map(|(&tok, &g)| if g { mask } else { tok }).collect();
+    let both = den.logits(&[tokens.to_vec(), uncond], t)?;
+    let half = both.len() / 2;
+    let (cond, un) = both.split_at(half);
+    let w = w as f32;
+    Ok(cond.iter().zip(un).map(|(&c, &u)| u + (w + 1.0) * (c - u)).collect())
+}
+
+/// Picks which scored positions to commit this step.
+fn choose(
+    opts: &SamplerOptions,
+    scored: &[(usize, PositionScore)],
+    step_in_block: usize,
+    block_steps: usize,
+    scheduled: usize,
+    global_step: usize,
+) -> Result<Vec<(usize, PositionScore)>> {
+    let steps_left = block_steps - step_in_block;
+    let remaining = scored.len();
+    let mut ranked: Vec<(usize, PositionScore)> = scored.to_vec();
+    let key = |sc: &PositionScore| -> f32 {
+        match opts.strategy {
+            Strategy::Entropy => -sc.entropy,
+            Strategy::Margin => sc.margin,
+            _ => sc.prob,
+        }
+    };
+    // Highest score first; ties broken by position so the order is total.
+    ranked.sort_by(|a, b| key(&b.1).total_cmp(&key(&a.1)).then(a.0.cmp(&b.0)));
+    let k = match opts.strategy {
+        Strategy::Ancestral => {
+            // Reveal each masked token with probability (t - s) / t, where the
+            // block's time runs linearly from 1 to 0 over its steps.
+            let t = steps_left as f64 / block_steps as f64;
+            let s = (steps_left - 1) as f64 / block_steps as f64;
+            let p = (t - s) / t;
+            let picked: Vec<(usize, PositionScore)> = scored
+                .iter()
+                .copied()
+                .filter(|&(i, _)| {
+                    // A stream separate from the token draw (position offset by 2^40).
+                    Stream::new(opts.seed, global_step as u64, (1u64 << 40) + i as u64).uniform() < p
+                })
+                .collect();
+            return Ok(picked);
+        }
+        Strategy::Threshold => {
+            let above = ranked.iter().filter(|(_, sc)| sc.prob as f64 >= opts.threshold).count();
+            above.max(remaining.div_ceil(steps_left)).max(1)
+        }
+        _ => scheduled.max(remaining.div_ceil(steps_left)),
+    };
+    ranked.truncate(k.min(remaining));
+    Ok(ranked)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,183 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::*;
+
+/// A deterministic fake model: logits depend on the whole canvas, so a
+/// change anywhere changes every row (like attention would).
+struct Stub {
+    vocab: usize,
+    calls: AtomicUsize,
+    sharp: f32,
+    nan: bool,
+    /// One token per position gets all the mass (a very confident model).
+    peaked: bool,
+}
+
+impl Stub {
+    fn new(vocab: usize, sharp: f32) -> Self {
+        Stub { vocab, calls: AtomicUsize::new(0), sharp, nan: false, peaked: false }
+    }
+}
+
+impl Denoiser for Stub {
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+    fn mask_id(&self) -> u32 {
+        0
+    }
+    fn logits(&self, canvases: &[Vec<u32>], _t: f64) -> Result<Vec<f32>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let mut out = Vec::new();
+        for c in canvases {
+            let h: u64 = c.iter().fold(1469598103934665603u64, |h, &t| (h ^ t as u64).wrapping_mul(1099511628211));
+            for (i, _) in c.iter().enumerate() {
+                for v in 0..self.vocab {
+                    let x = ((h >> (v % 17)) as usize + i * 31 + v * 7) % 13;
+                    let x = if self.peaked { 30.0 * f32::from(v == 1 + i % (self.vocab - 1)) } else { x as f32 * self.sharp / 13.0 };
+                    out.push(if self.nan && i == 2 { f32::NAN } else { x });
+                }
+            }
+        }
+        Ok(out)
+    }
+    fn time_conditioned(&self) -> bool {
+        false
+    }
+}
+
+fn canvas() -> Vec<u32> {
+    // given tokens at 0, 1, 7 and 15; masks (0) elsewhere.
+    let mut c = vec![0u32; 16];
+    c[0] = 5;
+    c[1] = 6;
+    c[7] = 9;
+    c[15] = 3;
+    c
+}
+
+fn opts(strategy: Strategy) -> SamplerOptions {
+    SamplerOptions { strategy, steps: 8, seed: 42, ..Default::default() }
+}
+
+fn all_variants() -> Vec<SamplerOptions> {
+    let mut v = vec![];
+    for s in [Strategy::Ancestral, Strategy::Confidence, Strategy::Entropy, Strategy::Margin, Strategy::Threshold] {
+        v.push(opts(s));
+        v.push(SamplerOptions { block_length: Some(4), ..opts(s) });
+        v.push(SamplerOptions { guidance: 1.5, temperature: 0.0, ..opts(s) });
+    }
+    v
+}
+
+#[test]
+fn given_tokens_never_change_and_no_mask_is_left() {
+    let c = canvas();
+    for o in all_variants() {
+        let stub = Stub::new(20, 4.0);
+        let r = sample(&stub, c.clone(), &o, &mut |_| {}).unwrap();
+        for i in [0, 1, 7, 15] {
+            assert_eq!(r.tokens[i], c[i], "{o:?}");
+            assert_eq!(r.commit_step[i], None);
+            assert_eq!(r.confidence[i], 1.0);
+        }
+        assert!(r.tokens.iter().all(|&t| t != 0), "{o:?}: {:?}", r.tokens);
+        assert!(r.confidence.iter().all(|p| *p > 0.0 && *p <= 1.0), "{o:?}");
+        assert!(r.steps_run <= o.steps);
+    }
+}
+
+#[test]
+fn confidence_runs_one_forward_per_step() {
+    let stub = Stub::new(20, 4.0);
+    let r = sample(&stub, canvas(), &opts(Strategy::Confidence), &mut |_| {}).unwrap();
+    assert_eq!(r.forward_passes, 8);
+    assert_eq!(r.steps_run, 8);
+    assert_eq!(stub.calls.load(Ordering::SeqCst), 8);
+    // Guidance batches cond+uncond into one call per step.
+    let stub = Stub::new(20, 4.0);
+    let o = SamplerOptions { guidance: 2.0, ..opts(Strategy::Confidence) };
+    sample(&stub, canvas(), &o, &mut |_| {}).unwrap();
+    assert_eq!(stub.calls.load(Ordering::SeqCst), 8);
+}
+
+#[test]
+fn ancestral_cache_skips_forward_passes() {
+    // 12 masks over 64 steps: most steps reveal nothing, so most forward
+    // passes are served from the cache.
+    let stub = Stub::new(20, 4.0);
+    let o = SamplerOptions { steps: 64, ..opts(Strategy::Ancestral) };
+    let r = sample(&stub, canvas(), &o, &mut |_| {}).unwrap();
+    // It stops early once the block is fully revealed.
+    assert!(r.steps_run <= 64);
+    assert!(r.forward_passes <= 13, "{} passes", r.forward_passes);
+    assert_eq!(r.forward_passes, stub.calls.load(Ordering::SeqCst));
+}
+
+#[test]
+fn threshold_finishes_early_when_confident() {
+    let mut stub = Stub::new(20, 1.0);
+    stub.peaked = true;
+    let o = SamplerOptions { steps: 12, threshold: 0.5, ..opts(Strategy::Threshold) };
+    let r = sample(&stub, canvas(), &o, &mut |_| {}).unwrap();
+    assert_eq!(r.steps_run, 1);
+}
+
+#[test]
+fn same_seed_same_output_on_1_and_2_threads() {
+    for o in all_variants() {
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| sample(&Stub::new(20, 2.0), canvas(), &o, &mut |_| {}).unwrap())
+        };
+        let (a, b) = (run(1), run(2));
+        assert_eq!(a.tokens, b.tokens);
+        assert_eq!(a.confidence, b.confidence);
+    }
+    let a = sample(&Stub::new(20, 1.0), canvas(), &opts(Strategy::Confidence), &mut |_| {}).unwrap();
+    let o = SamplerOptions { seed: 43, ..opts(Strategy::Confidence) };
+    let b = sample(&Stub::new(20, 1.0), canvas(), &o, &mut |_| {}).unwrap();
+    assert_ne!(a.tokens, b.tokens, "different seeds should differ at temperature 1");
+}
+
+#[test]
+fn progress_reports_every_step() {
+    let mut seen = vec![];
+    sample(&Stub::new(20, 4.0), canvas(), &opts(Strategy::Confidence), &mut |p| seen.push(p.masked_left)).unwrap();
+    assert_eq!(seen.len(), 8);
+    assert_eq!(*seen.last().unwrap(), 0);
+    assert!(seen.windows(2).all(|w| w[0] >= w[1]));
+}
+
+#[test]
+fn bad_options_are_input_errors() {
+    let stub = Stub::new(20, 1.0);
+    let bad = [
+        SamplerOptions { steps: 0, ..opts(Strategy::Confidence) },
+        SamplerOptions { temperature: f64::NAN, ..opts(Strategy::Confidence) },
+        SamplerOptions { guidance: -1.0, ..opts(Strategy::Confidence) },
+        SamplerOptions { threshold: 0.0, ..opts(Strategy::Threshold) },
+        SamplerOptions { block_length: Some(0), ..opts(Strategy::Confidence) },
+        SamplerOptions { block_length: Some(1), steps: 3, ..opts(Strategy::Confidence) },
+    ];
+    for o in bad {
+        assert!(matches!(sample(&stub, canvas(), &o, &mut |_| {}), Err(Error::Input(_))), "{o:?}");
+    }
+    assert!(matches!(Strategy::parse("nope"), Err(Error::Input(_))));
+    assert!(matches!(sample(&stub, vec![], &opts(Strategy::Confidence), &mut |_| {}), Err(Error::Input(_))));
+    assert!(matches!(sample(&stub, vec![0, 99], &opts(Strategy::Confidence), &mut |_| {}), Err(Error::Input(_))));
+    let mut nan = Stub::new(20, 1.0);
+    nan.nan = true;
+    assert!(sample(&nan, canvas(), &opts(Strategy::Confidence), &mut |_| {}).is_err());
+}
+
+#[test]
+fn schedule_sums_to_n() {
+    assert_eq!(commit_schedule(10, 4), vec![3, 3, 2, 2]);
+    assert_eq!(commit_schedule(2, 4), vec![1, 1, 0, 0]);
+    for n in 0..40 {
+        for s in 1..10 {
+            assert_eq!(commit_schedule(n, s).iter().sum::<usize>(), n);
+        }
+    }
+}
