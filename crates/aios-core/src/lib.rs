@@ -13,5 +13,8 @@ pub mod format;
 pub mod model;
 pub mod quant;
 pub mod sampler;
+pub mod engine;
+
+pub use engine::{Engine, EngineOptions, Generation, TextRequest};
 
 pub use error::{Error, Result};

@@ -1,1 +1,341 @@
+//! Python bindings: module `aios_rt._native`, re-exported by `aios_rt`.
+//! Only argument conversion lives here; all logic is in aios-core. Every call
+//! that does real work releases the GIL, and panics are caught and turned into
+//! `AiosError` so nothing unwinds into the interpreter.
 
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+
+use aios_core::format::{DType, WeightFile};
+use aios_core::quant::{self, MatmulMode};
+use aios_core::sampler::{SamplerOptions, Strategy};
+use aios_core::{Engine as CoreEngine, EngineOptions, Error, TextRequest};
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+create_exception!(_native, AiosError, PyException, "Base class of every aios runtime error.");
+create_exception!(_native, FormatError, AiosError, "A weight file is corrupt, truncated or inconsistent.");
+create_exception!(_native, ConfigError, AiosError, "A model configuration is invalid.");
+create_exception!(_native, InputError, AiosError, "An argument is invalid (length, steps, sampler, ...).");
+create_exception!(_native, TokenizerError, AiosError, "The tokenizer is missing or failed.");
+create_exception!(_native, AiosIOError, AiosError, "An operating-system I/O error.");
+
+/// The one mapping from core errors to Python exceptions.
+fn to_py(e: Error) -> PyErr {
+    let msg = e.to_string();
+    match e {
+        Error::Format { .. } => FormatError::new_err(msg),
+        Error::Config(_) => ConfigError::new_err(msg),
+        Error::Input(_) => InputError::new_err(msg),
+        Error::Tokenizer(_) => TokenizerError::new_err(msg),
+        Error::Io { .. } => AiosIOError::new_err(msg),
+        Error::Backend(_) => AiosError::new_err(msg),
+    }
+}
+
+/// Runs `f` without the GIL and with panics turned into errors.
+fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, Error> + Send) -> PyResult<T> {
+    py.detach(|| catch_unwind(AssertUnwindSafe(f)))
+        .map_err(|p| {
+            let what = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            AiosError::new_err(format!("internal error (please report): {what}"))
+        })?
+        .map_err(to_py)
+}
+
+fn parse_dtype(s: &str) -> PyResult<DType> {
+    DType::parse(s).ok_or_else(|| InputError::new_err(format!("unknown dtype {s:?}; use f32, f16, bf16, int8, int4 or int2")))
+}
+
+/// The result of one generation.
+#[pyclass(frozen, get_all, module = "aios_rt")]
+struct Generation {
+    text: String,
+    tokens: Vec<u32>,
+    confidence: Vec<f32>,
+    entropy: Vec<f32>,
+    given: Vec<bool>,
+    steps_run: usize,
+    forward_passes: usize,
+    timings: HashMap<String, f64>,
+}
+
+#[pymethods]
+impl Generation {
+    fn __repr__(&self) -> String {
+        format!(
+            "Generation(text={:?}, tokens={}, steps_run={}, total_ms={:.1})",
+            self.text,
+            self.tokens.len(),
+            self.steps_run,
+            self.timings.get("total_ms").copied().unwrap_or(0.0)
+        )
+    }
+}
+
+impl From<aios_core::Generation> for Generation {
+    fn from(g: aios_core::Generation) -> Self {
+        let t = &g.timings;
+        let timings = HashMap::from([
+            ("tokenize_ms".to_string(), t.tokenize_ms),
+            ("forward_ms".to_string(), t.forward_ms),
+            ("sampler_ms".to_string(), t.sampler_ms),
+            ("decode_ms".to_string(), t.decode_ms),
+            ("total_ms".to_string(), t.total_ms),
+        ]);
+        Generation {
+            text: g.text,
+            tokens: g.tokens,
+            confidence: g.confidence,
+            entropy: g.entropy,
+            given: g.given,
+            steps_run: g.steps_run,
+            forward_passes: g.forward_passes,
+            timings,
+        }
+    }
+}
+
+/// A loaded model. Thread-safe: several Python threads may generate at once.
+#[pyclass(frozen, subclass, module = "aios_rt")]
+struct Engine {
+    inner: CoreEngine,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sampler_options(
+    sampler: &str,
+    steps: usize,
+    seed: u64,
+    block_length: Option<usize>,
+    guidance: f64,
+    temperature: f64,
+    threshold: f64,
+) -> PyResult<SamplerOptions> {
+    let o = SamplerOptions {
+        strategy: Strategy::parse(sampler).map_err(to_py)?,
+        steps,
+        temperature,
+        block_length,
+        guidance,
+        threshold,
+        seed,
+    };
+    o.validate().map_err(to_py)?;
+    Ok(o)
+}
+
+#[pymethods]
+impl Engine {
+    #[new]
+    #[pyo3(signature = (path, threads=None, dtype=None, matmul="dequantize"))]
+    fn new(py: Python<'_>, path: PathBuf, threads: Option<usize>, dtype: Option<&str>, matmul: &str) -> PyResult<Self> {
+        let matmul = MatmulMode::parse(matmul)
+            .ok_or_else(|| InputError::new_err(format!("unknown matmul mode {matmul:?}; use dequantize or quantized")))?;
+        let opts = EngineOptions { threads, dtype: dtype.map(parse_dtype).transpose()?, matmul };
+        Ok(Engine { inner: run(py, || CoreEngine::open(&path, &opts))? })
+    }
+
+    /// Generates from a prompt. `length` is the whole canvas (prompt included).
+    #[pyo3(signature = (prompt="", modality="text", length=64, steps=16, sampler="confidence", seed=0,
+                        block_length=None, guidance=0.0, temperature=1.0, threshold=0.9, suffix=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn diffuse(
+        &self,
+        py: Python<'_>,
+        prompt: &str,
+        modality: &str,
+        length: usize,
+        steps: usize,
+        sampler: &str,
+        seed: u64,
+        block_length: Option<usize>,
+        guidance: f64,
+        temperature: f64,
+        threshold: f64,
+        suffix: Option<String>,
+    ) -> PyResult<Generation> {
+        if modality != "text" {
+            return Err(InputError::new_err(format!(
+                "modality {modality:?} is not available: this model has only a text head"
+            )));
+        }
+        let sampler = sampler_options(sampler, steps, seed, block_length, guidance, temperature, threshold)?;
+        let req = TextRequest { prompt: prompt.to_string(), suffix, length, sampler };
+        Ok(run(py, || self.inner.generate_text(&req, &mut |_| {}))?.into())
+    }
+
+    /// Generates on a token canvas: every `mask_token_id` is filled, all other
+    /// tokens are kept (infilling anywhere).
+    #[pyo3(signature = (tokens, steps=16, sampler="confidence", seed=0, block_length=None, guidance=0.0,
+                        temperature=1.0, threshold=0.9))]
+    #[allow(clippy::too_many_arguments)]
+    fn diffuse_tokens(
+        &self,
+        py: Python<'_>,
+        tokens: Vec<u32>,
+        steps: usize,
+        sampler: &str,
+        seed: u64,
+        block_length: Option<usize>,
+        guidance: f64,
+        temperature: f64,
+        threshold: f64,
+    ) -> PyResult<Generation> {
+        let opts = sampler_options(sampler, steps, seed, block_length, guidance, temperature, threshold)?;
+        let mut g = run(py, || self.inner.generate_tokens(tokens, &opts, &mut |_| {}))?;
+        if let Ok(text) = self.inner.decode(&g.tokens) {
+            g.text = text;
+        }
+        Ok(g.into())
+    }
+
+    /// Raw logits for a batch of equal-length sequences: `(bytes, shape)` of
+    /// little-endian f32 `[n, L, V]` (the Python wrapper returns a numpy array).
+    #[pyo3(signature = (batch, sigma=None))]
+    fn logits_raw<'py>(
+        &self,
+        py: Python<'py>,
+        batch: Vec<Vec<u32>>,
+        sigma: Option<f32>,
+    ) -> PyResult<(Bound<'py, PyBytes>, Vec<usize>)> {
+        let shape = vec![batch.len(), batch.first().map_or(0, Vec::len), self.inner.config().vocab_size];
+        let v = run(py, || self.inner.logits(&batch, sigma))?;
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        Ok((PyBytes::new(py, &bytes), shape))
+    }
+
+    fn encode(&self, py: Python<'_>, text: &str) -> PyResult<Vec<u32>> {
+        run(py, || self.inner.encode(text))
+    }
+
+    fn decode(&self, py: Python<'_>, ids: Vec<u32>) -> PyResult<String> {
+        run(py, || self.inner.decode(&ids))
+    }
+
+    /// The model config as a JSON string.
+    #[getter]
+    fn config_json(&self) -> String {
+        self.inner.config().to_json()
+    }
+
+    #[getter]
+    fn mask_token_id(&self) -> u32 {
+        self.inner.config().mask_token_id
+    }
+
+    #[getter]
+    fn threads(&self) -> usize {
+        self.inner.threads()
+    }
+
+    /// File, size, stored dtypes and parameter split.
+    #[getter]
+    fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let i = self.inner.info();
+        let d = PyDict::new(py);
+        d.set_item("path", i.path.display().to_string())?;
+        d.set_item("file_bytes", i.file_bytes)?;
+        d.set_item("backbone_params", i.backbone_params)?;
+        d.set_item("head_params", i.head_params)?;
+        let dtypes: HashMap<String, (usize, usize)> =
+            i.dtypes.iter().map(|(dt, n, p)| (dt.as_str().to_string(), (*n, *p))).collect();
+        d.set_item("dtypes", dtypes)?;
+        Ok(d)
+    }
+}
+
+/// Quantises little-endian f32 `data` of `shape` into `dtype`'s bytes.
+#[pyfunction]
+fn quantize<'py>(py: Python<'py>, data: &[u8], shape: Vec<usize>, dtype: &str) -> PyResult<Bound<'py, PyBytes>> {
+    let d = parse_dtype(dtype)?;
+    if data.len() % 4 != 0 {
+        return Err(InputError::new_err("f32 data length must be a multiple of 4"));
+    }
+    let values: Vec<f32> = data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let out = run(py, || quant::quantize(&values, &shape, d))?;
+    Ok(PyBytes::new(py, &out))
+}
+
+/// Decodes `dtype` bytes of `shape` to little-endian f32 bytes.
+#[pyfunction]
+fn dequantize<'py>(py: Python<'py>, data: &[u8], shape: Vec<usize>, dtype: &str) -> PyResult<Bound<'py, PyBytes>> {
+    let d = parse_dtype(dtype)?;
+    let values = run(py, || quant::dequantize(data, &shape, d))?;
+    let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+    Ok(PyBytes::new(py, &bytes))
+}
+
+/// Reads and validates a container: `(tensors, metadata)` where tensors maps
+/// name -> (stored dtype, shape, f32 bytes dequantised).
+#[pyfunction]
+fn read_tensors_raw<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+) -> PyResult<(Bound<'py, PyDict>, HashMap<String, String>)> {
+    let (tensors, meta) = run(py, || {
+        let f = WeightFile::open(&path)?;
+        let mut out = vec![];
+        for t in &f.tensors {
+            let v = quant::dequantize(t.data(), &t.shape, t.dtype)?;
+            out.push((t.name.clone(), t.dtype, t.shape.clone(), v));
+        }
+        Ok((out, f.metadata.clone().into_iter().collect::<HashMap<_, _>>()))
+    })?;
+    let d = PyDict::new(py);
+    for (name, dtype, shape, v) in tensors {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        d.set_item(name, (dtype.as_str(), shape, PyBytes::new(py, &bytes)))?;
+    }
+    Ok((d, meta))
+}
+
+/// Quantises a whole model file; returns {"in_bytes", "out_bytes", "dtypes": {name: dtype}}.
+#[pyfunction]
+fn quantize_file<'py>(py: Python<'py>, input: PathBuf, output: PathBuf, dtype: &str) -> PyResult<Bound<'py, PyDict>> {
+    let d = parse_dtype(dtype)?;
+    let r = run(py, || quant::quantize_file(&input, &output, d))?;
+    let out = PyDict::new(py);
+    out.set_item("in_bytes", r.in_bytes)?;
+    out.set_item("out_bytes", r.out_bytes)?;
+    let dtypes: HashMap<String, &str> = r.tensors.iter().map(|(n, t)| (n.clone(), t.as_str())).collect();
+    out.set_item("dtypes", dtypes)?;
+    Ok(out)
+}
+
+/// Writes a model with random weights (tests and benchmarks).
+#[pyfunction]
+#[pyo3(signature = (path, config_json, seed=0, dtype="f32"))]
+fn write_random_model(py: Python<'_>, path: PathBuf, config_json: &str, seed: u64, dtype: &str) -> PyResult<()> {
+    let d = parse_dtype(dtype)?;
+    let cfg = aios_core::model::ModelConfig::from_json(config_json).map_err(to_py)?;
+    run(py, || aios_core::model::random::write_random_model(&path, &cfg, seed, d))
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add_class::<Engine>()?;
+    m.add_class::<Generation>()?;
+    m.add_function(wrap_pyfunction!(quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize, m)?)?;
+    m.add_function(wrap_pyfunction!(read_tensors_raw, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize_file, m)?)?;
+    m.add_function(wrap_pyfunction!(write_random_model, m)?)?;
+    m.add("AiosError", py.get_type::<AiosError>())?;
+    m.add("FormatError", py.get_type::<FormatError>())?;
+    m.add("ConfigError", py.get_type::<ConfigError>())?;
+    m.add("InputError", py.get_type::<InputError>())?;
+    m.add("TokenizerError", py.get_type::<TokenizerError>())?;
+    m.add("AiosIOError", py.get_type::<AiosIOError>())?;
+    m.add("SAMPLERS", Strategy::NAMES.to_vec())?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,1 +1,201 @@
-fn main(){}
+//! `aios-run`: the standalone runtime for edge devices.
+//!
+//! Exit codes: 0 success, 2 bad command line, 3 invalid input, 4 corrupt or
+//! inconsistent model file/config, 5 I/O error, 6 tokenizer error, 1 other.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use aios_core::format::DType;
+use aios_core::quant::{quantize_file, MatmulMode};
+use aios_core::sampler::{SamplerOptions, Strategy};
+use aios_core::{Engine, EngineOptions, Error, TextRequest};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser)]
+#[command(name = "aios-run", version, about = "Run small diffusion language models on the edge")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt (text on stdout, progress on stderr).
+    Generate(GenerateArgs),
+    /// Show a model's config, stored dtypes, file size and parameter split.
+    Info {
+        /// Model folder or .parquet file.
+        model: PathBuf,
+        /// Which weight file of a folder to describe.
+        #[arg(long)]
+        dtype: Option<String>,
+    },
+    /// Write a copy of a model with its matrices quantised.
+    Quantize {
+        input: PathBuf,
+        output: PathBuf,
+        /// int8 (Q8_0), int4 (Q4_K), int2 (Q2_K), f16 or f32.
+        #[arg(long)]
+        dtype: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Model folder (weights + tokenizer.json) or .parquet file.
+    #[arg(long, short)]
+    model: PathBuf,
+    /// Text the generation starts with. `[MASK]` inside it marks tokens to fill.
+    prompt: String,
+    /// Text fixed at the end of the canvas (the model fills the gap).
+    #[arg(long)]
+    suffix: Option<String>,
+    /// Canvas length in tokens, prompt included.
+    #[arg(long, default_value_t = 64)]
+    length: usize,
+    #[arg(long, default_value_t = 16)]
+    steps: usize,
+    /// ancestral, confidence, entropy, margin or threshold.
+    #[arg(long, default_value = "confidence")]
+    sampler: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    /// Semi-autoregressive block size (default: whole canvas at once).
+    #[arg(long)]
+    block_length: Option<usize>,
+    /// Classifier-free guidance weight (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    guidance: f64,
+    /// Confidence threshold of the threshold sampler.
+    #[arg(long, default_value_t = 0.9)]
+    threshold: f64,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Which weights of a model folder: f32, int8, int4, int2.
+    #[arg(long)]
+    dtype: Option<String>,
+    /// How quantised weights are multiplied: dequantize (fast) or quantized (small RAM).
+    #[arg(long, default_value = "dequantize")]
+    matmul: String,
+    /// Hide the progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+fn parse_dtype(s: &str) -> Result<DType, Error> {
+    DType::parse(s).ok_or_else(|| Error::Input(format!("unknown dtype {s:?}; use f32, f16, int8, int4 or int2")))
+}
+
+fn generate(a: GenerateArgs) -> Result<(), Error> {
+    let matmul = MatmulMode::parse(&a.matmul)
+        .ok_or_else(|| Error::Input(format!("unknown matmul mode {:?}; use dequantize or quantized", a.matmul)))?;
+    let opts = EngineOptions { threads: a.threads, dtype: a.dtype.as_deref().map(parse_dtype).transpose()?, matmul };
+    let sampler = SamplerOptions {
+        strategy: Strategy::parse(&a.sampler)?,
+        steps: a.steps,
+        temperature: a.temperature,
+        block_length: a.block_length,
+        guidance: a.guidance,
+        threshold: a.threshold,
+        seed: a.seed,
+    };
+    sampler.validate()?;
+    let engine = Engine::open(&a.model, &opts)?;
+    let req = TextRequest { prompt: a.prompt, suffix: a.suffix, length: a.length, sampler };
+    let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(req.sampler.steps as u64) };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{bar:30}] step {pos}/{len} {msg} ({elapsed})")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    let g = engine.generate_text(&req, &mut |p| {
+        bar.set_position(p.step as u64);
+        bar.set_message(format!("{} masked", p.masked_left));
+    })?;
+    bar.finish_and_clear();
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", g.text);
+    let generated: Vec<f32> = g.confidence.iter().zip(&g.given).filter(|(_, &gv)| !gv).map(|(c, _)| *c).collect();
+    let mean_conf = generated.iter().sum::<f32>() / generated.len().max(1) as f32;
+    if !a.quiet {
+        eprintln!(
+            "{} tokens, {} steps, {} forward passes, {:.1} ms ({:.1} ms forward), mean confidence {:.3}",
+            generated.len(),
+            g.steps_run,
+            g.forward_passes,
+            g.timings.total_ms,
+            g.timings.forward_ms,
+            mean_conf
+        );
+    }
+    Ok(())
+}
+
+fn info(model: PathBuf, dtype: Option<String>) -> Result<(), Error> {
+    let opts = EngineOptions { dtype: dtype.as_deref().map(parse_dtype).transpose()?, threads: Some(1), ..Default::default() };
+    let engine = Engine::open(&model, &opts)?;
+    let i = engine.info();
+    println!("file: {} ({:.2} MB)", i.path.display(), i.file_bytes as f64 / 1e6);
+    println!("config: {}", i.config.to_json());
+    for (d, n, p) in &i.dtypes {
+        println!("dtype {d}: {n} tensors, {p} parameters");
+    }
+    let total = i.backbone_params + i.head_params;
+    println!(
+        "parameters: {total} total, backbone {} ({:.1}%), text heads {} ({:.1}%)",
+        i.backbone_params,
+        100.0 * i.backbone_params as f64 / total as f64,
+        i.head_params,
+        100.0 * i.head_params as f64 / total as f64
+    );
+    Ok(())
+}
+
+fn quantize(input: PathBuf, output: PathBuf, dtype: String) -> Result<(), Error> {
+    let d = parse_dtype(&dtype)?;
+    let r = quantize_file(&input, &output, d)?;
+    let quantised = r.tensors.iter().filter(|(_, t)| t.is_quantized() || *t == d).count();
+    println!(
+        "{} -> {}: {} of {} tensors as {}, {:.2} MB -> {:.2} MB",
+        input.display(),
+        output.display(),
+        quantised,
+        r.tensors.len(),
+        d,
+        r.in_bytes as f64 / 1e6,
+        r.out_bytes as f64 / 1e6
+    );
+    Ok(())
+}
+
+fn exit_code(e: &Error) -> u8 {
+    match e {
+        Error::Input(_) => 3,
+        Error::Format { .. } | Error::Config(_) => 4,
+        Error::Io { .. } => 5,
+        Error::Tokenizer(_) => 6,
+        Error::Backend(_) => 1,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => generate(a),
+        Command::Info { model, dtype } => info(model, dtype),
+        Command::Quantize { input, output, dtype } => quantize(input, output, dtype),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aios-run: {e}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod dit;
+pub mod random;
 
 pub use config::ModelConfig;
 pub use dit::Dit;

@@ -3,7 +3,7 @@
 //! layer that runs over either f32 or quantised weights.
 
 pub(crate) mod linear;
-mod file;
+pub(crate) mod file;
 
 pub use file::{quantize_file, QuantizeReport};
 pub use linear::{Linear, MatmulMode};

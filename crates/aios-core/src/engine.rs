@@ -1,0 +1,336 @@
+//! The one orchestration point: load a model folder (weights + tokenizer),
+//! build the canvas from a prompt, run a sampler, decode.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::format::{DType, WeightFile};
+use crate::model::{Dit, ModelConfig};
+use crate::quant::MatmulMode;
+use crate::sampler::{self, Denoiser, Progress, SamplerOptions};
+
+/// How to open a model.
+#[derive(Clone, Debug, Default)]
+pub struct EngineOptions {
+    /// Worker threads for this engine (None = all cores).
+    pub threads: Option<usize>,
+    /// Which weight file of a model folder to load (`model.<dtype>.parquet`);
+    /// None = f32 if present, else the smallest variant.
+    pub dtype: Option<DType>,
+    pub matmul: MatmulMode,
+}
+
+/// A text generation request.
+#[derive(Clone, Debug)]
+pub struct TextRequest {
+    pub prompt: String,
+    /// Optional text fixed at the end of the canvas (infilling between them).
+    pub suffix: Option<String>,
+    /// Total canvas length in tokens, prompt and suffix included.
+    pub length: usize,
+    pub sampler: SamplerOptions,
+}
+
+/// Wall-clock breakdown of one generation, milliseconds.
+#[derive(Clone, Debug, Default)]
+pub struct Timings {
+    pub tokenize_ms: f64,
+    pub forward_ms: f64,
+    pub sampler_ms: f64,
+    pub decode_ms: f64,
+    pub total_ms: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Generation {
+    /// Decoded text: prompt and continuation, special tokens removed, cut at
+    /// the first end-of-sequence after the prompt.
+    pub text: String,
+    /// The whole canvas, prompt included.
+    pub tokens: Vec<u32>,
+    /// Per-token probability at commit (1.0 for given tokens).
+    pub confidence: Vec<f32>,
+    /// Per-token predictive entropy at commit (0.0 for given tokens).
+    pub entropy: Vec<f32>,
+    /// Which positions were given (prompt, suffix, infill context).
+    pub given: Vec<bool>,
+    pub steps_run: usize,
+    pub forward_passes: usize,
+    pub timings: Timings,
+}
+
+/// Summary of a loaded model for `aios-run info` and `Engine.info`.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    pub path: PathBuf,
+    pub config: ModelConfig,
+    pub file_bytes: u64,
+    /// `(dtype, tensor count, parameter count)` per stored dtype.
+    pub dtypes: Vec<(DType, usize, usize)>,
+    pub backbone_params: usize,
+    pub head_params: usize,
+}
+
+pub struct Engine {
+    model: Arc<Dit>,
+    tokenizer: Option<tokenizers::Tokenizer>,
+    tokenizer_path: PathBuf,
+    pool: rayon::ThreadPool,
+    info: ModelInfo,
+}
+
+/// Resolves a model folder or file to the weight file to load.
+pub fn resolve_weights(path: &Path, dtype: Option<DType>) -> Result<PathBuf> {
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    if !path.is_dir() {
+        return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file or folder")));
+    }
+    let candidates: Vec<String> = match dtype {
+        Some(d) => vec![format!("model.{}.parquet", d.alias())],
+        None => ["f32", "f16", "bf16", "int8", "int4", "int2"]
+            .iter()
+            .map(|a| format!("model.{a}.parquet"))
+            .chain(["model.parquet".to_string()])
+            .collect(),
+    };
+    candidates.iter().map(|c| path.join(c)).find(|p| p.is_file()).ok_or_else(|| {
+        Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, format!("no weight file; looked for {}", candidates.join(", "))),
+        )
+    })
+}
+
+impl Engine {
+    /// Opens a model folder (weights + `tokenizer.json`) or a single `.parquet`
+    /// (tokenizer looked up beside it; token-level calls work without one).
+    pub fn open(path: impl AsRef<Path>, opts: &EngineOptions) -> Result<Self> {
+        let path = path.as_ref();
+        let weights = resolve_weights(path, opts.dtype)?;
+        let threads = match opts.threads {
+            Some(0) => return crate::input_err!("threads must be >= 1"),
+            Some(n) if n > 1024 => return crate::input_err!("threads = {n} is absurd"),
+            Some(n) => n,
+            None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("aios-{i}"))
+            .build()
+            .map_err(|e| Error::Input(format!("could not start {threads} threads: {e}")))?;
+        let file = WeightFile::open(&weights)?;
+        if file.kind != "model" {
+            return Err(Error::format(weights.display(), format!("this is a {:?} file, not a model", file.kind)));
+        }
+        let json = file
+            .config_json()
+            .ok_or_else(|| Error::format(weights.display(), "missing aios.config metadata"))?;
+        let config = ModelConfig::from_json(json)?;
+        let model = pool.install(|| Dit::load(&file, config.clone(), opts.matmul))?;
+        let (backbone_params, head_params) = model.parameter_split();
+        let mut dtypes: Vec<(DType, usize, usize)> = vec![];
+        for t in &file.tensors {
+            match dtypes.iter_mut().find(|(d, _, _)| *d == t.dtype) {
+                Some(e) => {
+                    e.1 += 1;
+                    e.2 += t.numel();
+                }
+                None => dtypes.push((t.dtype, 1, t.numel())),
+            }
+        }
+        let dir = weights.parent().unwrap_or(Path::new("."));
+        let tokenizer_path = dir.join("tokenizer.json");
+        let tokenizer = if tokenizer_path.is_file() {
+            Some(
+                tokenizers::Tokenizer::from_file(&tokenizer_path)
+                    .map_err(|e| Error::Tokenizer(format!("{}: {e}", tokenizer_path.display())))?,
+            )
+        } else {
+            None
+        };
+        if let Some(tok) = &tokenizer {
+            if tok.get_vocab_size(true) > config.vocab_size {
+                return Err(Error::Config(format!(
+                    "tokenizer has {} tokens but the model's vocabulary is {}",
+                    tok.get_vocab_size(true),
+                    config.vocab_size
+                )));
+            }
+        }
+        let info = ModelInfo {
+            path: weights,
+            config,
+            file_bytes: file.file_bytes,
+            dtypes,
+            backbone_params,
+            head_params,
+        };
+        Ok(Engine { model: Arc::new(model), tokenizer, tokenizer_path, pool, info })
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.model.cfg
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    fn tokenizer(&self) -> Result<&tokenizers::Tokenizer> {
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| Error::Tokenizer(format!("no tokenizer at {}; text calls need one", self.tokenizer_path.display())))
+    }
+
+    /// Token ids of `text` (no special tokens added; `[MASK]` in the text
+    /// becomes the mask id, which is how templates mark spans to fill).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.tokenizer()?.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer()?.decode(ids, true).map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// Raw logits `[n, L, V]` for a batch of equal-length token sequences.
+    pub fn logits(&self, batch: &[Vec<u32>], sigma: Option<f32>) -> Result<Vec<f32>> {
+        self.pool.install(|| forward(&self.model, batch, sigma))
+    }
+
+    /// Generates text for `req`, reporting each step to `on_step`.
+    pub fn generate_text(&self, req: &TextRequest, on_step: &mut (dyn FnMut(Progress) + Send)) -> Result<Generation> {
+        let t_start = Instant::now();
+        let cfg = &self.model.cfg;
+        if req.length == 0 || req.length > cfg.max_length {
+            return crate::input_err!("length must be in 1..={} (the model's maximum), got {}", cfg.max_length, req.length);
+        }
+        req.sampler.validate()?;
+        let mut prefix = vec![cfg.bos_token_id];
+        prefix.extend(self.encode(&req.prompt)?);
+        let suffix = match &req.suffix {
+            Some(s) => self.encode(s)?,
+            None => vec![],
+        };
+        if prefix.len() + suffix.len() >= req.length {
+            return crate::input_err!(
+                "prompt and suffix take {} tokens (with BOS), leaving nothing to generate in length {}",
+                prefix.len() + suffix.len(),
+                req.length
+            );
+        }
+        let mut canvas = prefix.clone();
+        canvas.resize(req.length - suffix.len(), cfg.mask_token_id);
+        canvas.extend(&suffix);
+        let tokenize_ms = t_start.elapsed().as_secs_f64() * 1e3;
+        let mut generation = self.generate_tokens(canvas, &req.sampler, on_step)?;
+        let t_dec = Instant::now();
+        // Cut at the first end-of-sequence after the prompt: what follows is
+        // a new document in the training format.
+        let end = generation.tokens[prefix.len()..]
+            .iter()
+            .position(|&t| t == cfg.eos_token_id)
+            .map_or(generation.tokens.len(), |p| p + prefix.len());
+        generation.text = self.decode(&generation.tokens[..end])?;
+        generation.timings.tokenize_ms = tokenize_ms;
+        generation.timings.decode_ms = t_dec.elapsed().as_secs_f64() * 1e3;
+        generation.timings.total_ms = t_start.elapsed().as_secs_f64() * 1e3;
+        Ok(generation)
+    }
+
+    /// Generates on a token canvas: every `mask_token_id` is filled, every
+    /// other token is kept (infilling anywhere).
+    pub fn generate_tokens(
+        &self,
+        canvas: Vec<u32>,
+        opts: &SamplerOptions,
+        on_step: &mut (dyn FnMut(Progress) + Send),
+    ) -> Result<Generation> {
+        let t0 = Instant::now();
+        let cfg = &self.model.cfg;
+        if cfg.causal {
+            return Err(Error::Config("this is an autoregressive baseline (causal = true), not a diffusion model".into()));
+        }
+        if canvas.is_empty() || canvas.len() > cfg.max_length {
+            return crate::input_err!("canvas length must be in 1..={}, got {}", cfg.max_length, canvas.len());
+        }
+        let given: Vec<bool> = canvas.iter().map(|&t| t != cfg.mask_token_id).collect();
+        let den = ModelDenoiser { model: &self.model };
+        let s = self.pool.install(|| sampler::sample(&den, canvas, opts, on_step))?;
+        Ok(Generation {
+            text: String::new(),
+            tokens: s.tokens,
+            confidence: s.confidence,
+            entropy: s.entropy,
+            given,
+            steps_run: s.steps_run,
+            forward_passes: s.forward_passes,
+            timings: Timings {
+                forward_ms: s.forward_ms,
+                sampler_ms: s.sampler_ms,
+                total_ms: t0.elapsed().as_secs_f64() * 1e3,
+                ..Default::default()
+            },
+        })
+    }
+}
+
+fn forward(model: &Dit, batch: &[Vec<u32>], sigma: Option<f32>) -> Result<Vec<f32>> {
+    let n = batch.len();
+    let l = batch.first().map_or(0, Vec::len);
+    if n == 0 || l == 0 {
+        return crate::input_err!("empty batch");
+    }
+    if batch.iter().any(|s| s.len() != l) {
+        return crate::input_err!("all sequences in a batch must have the same length");
+    }
+    let v = model.cfg.vocab_size;
+    if let Some(bad) = batch.iter().flatten().find(|&&t| t as usize >= v) {
+        return crate::input_err!("token id {bad} is outside the vocabulary of {v}");
+    }
+    if let Some(s) = sigma {
+        if !s.is_finite() {
+            return crate::input_err!("sigma must be finite");
+        }
+    }
+    let flat: Vec<u32> = batch.iter().flatten().copied().collect();
+    let tokens = Tensor::from_vec(flat, (n, l), &Device::Cpu)?;
+    let sigma = sigma.map(|s| Tensor::full(s, n, &Device::Cpu)).transpose()?;
+    let logits = model.forward(&tokens, sigma.as_ref())?;
+    Ok(logits.flatten_all()?.to_vec1()?)
+}
+
+struct ModelDenoiser<'a> {
+    model: &'a Dit,
+}
+
+/// MDLM's log-linear schedule: sigma(t) = -ln(1 - (1 - eps) t).
+fn log_linear_sigma(t: f64) -> f32 {
+    const EPS: f64 = 1e-3;
+    (-(1.0 - (1.0 - EPS) * t).ln()) as f32
+}
+
+impl Denoiser for ModelDenoiser<'_> {
+    fn vocab_size(&self) -> usize {
+        self.model.cfg.vocab_size
+    }
+    fn mask_id(&self) -> u32 {
+        self.model.cfg.mask_token_id
+    }
+    fn logits(&self, canvases: &[Vec<u32>], t: f64) -> Result<Vec<f32>> {
+        forward(self.model, canvases, Some(log_linear_sigma(t)))
+    }
+    fn time_conditioned(&self) -> bool {
+        self.model.cfg.time_conditioning
+    }
+}

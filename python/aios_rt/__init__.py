@@ -1,0 +1,91 @@
+"""aios_rt: the aios runtime (Rust, candle) for small diffusion models.
+
+>>> import aios_rt
+>>> eng = aios_rt.Engine("models/aios-text-tiny")
+>>> g = eng.diffuse("The old house", length=64, steps=16, sampler="confidence", seed=0)
+>>> g.text, g.confidence, g.steps_run, g.timings
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import numpy as np
+
+from . import _native
+from ._native import (
+    SAMPLERS,
+    AiosError,
+    AiosIOError,
+    ConfigError,
+    FormatError,
+    Generation,
+    InputError,
+    TokenizerError,
+    __version__,
+    dequantize as _dequantize,
+    quantize as _quantize,
+    quantize_file,
+    write_random_model,
+)
+
+__all__ = [
+    "Engine",
+    "Generation",
+    "AiosError",
+    "AiosIOError",
+    "ConfigError",
+    "FormatError",
+    "InputError",
+    "TokenizerError",
+    "SAMPLERS",
+    "quantize",
+    "dequantize",
+    "quantize_file",
+    "read_tensors",
+    "write_random_model",
+    "__version__",
+]
+
+
+class Engine(_native.Engine):
+    """A loaded model (folder with weights + tokenizer.json, or a .parquet file).
+
+    ``threads`` bounds the worker threads of this engine (default: all cores);
+    ``dtype`` picks ``model.<dtype>.parquet`` in a folder (f32, int8, int4, int2).
+    """
+
+    def logits(self, batch, sigma: float | None = None) -> np.ndarray:
+        """Raw logits ``[n, L, V]`` (float32) for equal-length token sequences."""
+        if len(batch) and isinstance(batch[0], (int, np.integer)):
+            batch = [batch]
+        batch = [[int(t) for t in seq] for seq in batch]
+        raw, shape = self.logits_raw(batch, sigma)
+        return np.frombuffer(raw, dtype="<f4").reshape(shape)
+
+
+def quantize(values: np.ndarray, dtype: str) -> bytes:
+    """Quantise an f32 array (last dim a multiple of the block size) to GGML block bytes."""
+    a = np.ascontiguousarray(values, dtype="<f4")
+    return _quantize(a.tobytes(), list(a.shape), dtype)
+
+
+def dequantize(data: bytes, shape, dtype: str) -> np.ndarray:
+    """Decode ``dtype`` bytes of ``shape`` to a float32 array."""
+    raw = _dequantize(bytes(data), list(shape), dtype)
+    return np.frombuffer(raw, dtype="<f4").reshape(shape).copy()
+
+
+def read_tensors(path) -> Dict[str, np.ndarray]:
+    """Every tensor of a weight file as float32 (quantised ones dequantised)."""
+    tensors, _ = read_tensors_with_metadata(path)
+    return tensors
+
+
+def read_tensors_with_metadata(path) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+    raw, meta = _native.read_tensors_raw(str(path))
+    out = {
+        name: np.frombuffer(data, dtype="<f4").reshape(shape).copy()
+        for name, (_dtype, shape, data) in raw.items()
+    }
+    return out, meta
