@@ -29,7 +29,7 @@ class Engine:
         path: Union[str, PathLike[str]],
         threads: Optional[int] = None,
         dtype: Optional[str] = None,
-        matmul: str = "dequantize",
+        matmul: str = "auto",
     ) -> None: ...
     def diffuse(
         self,

@@ -135,10 +135,10 @@ fn sampler_options(
 #[pymethods]
 impl Engine {
     #[new]
-    #[pyo3(signature = (path, threads=None, dtype=None, matmul="dequantize"))]
+    #[pyo3(signature = (path, threads=None, dtype=None, matmul="auto"))]
     fn new(py: Python<'_>, path: PathBuf, threads: Option<usize>, dtype: Option<&str>, matmul: &str) -> PyResult<Self> {
         let matmul = MatmulMode::parse(matmul)
-            .ok_or_else(|| InputError::new_err(format!("unknown matmul mode {matmul:?}; use dequantize or quantized")))?;
+            .ok_or_else(|| InputError::new_err(format!("unknown matmul mode {matmul:?}; use auto, dequantize or quantized")))?;
         let opts = EngineOptions { threads, dtype: dtype.map(parse_dtype).transpose()?, matmul };
         Ok(Engine { inner: run(py, || CoreEngine::open(&path, &opts))? })
     }

@@ -80,8 +80,8 @@ struct GenerateArgs {
     /// Which weights of a model folder: f32, int8, int4, int2.
     #[arg(long)]
     dtype: Option<String>,
-    /// How quantised weights are multiplied: dequantize (fast) or quantized (small RAM).
-    #[arg(long, default_value = "dequantize")]
+    /// How quantised weights are multiplied: auto (fastest measured per layer), dequantize (f32 gemm) or quantized (smallest RAM).
+    #[arg(long, default_value = "auto")]
     matmul: String,
     /// Hide the progress bar.
     #[arg(long, short)]
@@ -94,7 +94,7 @@ fn parse_dtype(s: &str) -> Result<DType, Error> {
 
 fn generate(a: GenerateArgs) -> Result<(), Error> {
     let matmul = MatmulMode::parse(&a.matmul)
-        .ok_or_else(|| Error::Input(format!("unknown matmul mode {:?}; use dequantize or quantized", a.matmul)))?;
+        .ok_or_else(|| Error::Input(format!("unknown matmul mode {:?}; use auto, dequantize or quantized", a.matmul)))?;
     let opts = EngineOptions { threads: a.threads, dtype: a.dtype.as_deref().map(parse_dtype).transpose()?, matmul };
     let sampler = SamplerOptions {
         strategy: Strategy::parse(&a.sampler)?,

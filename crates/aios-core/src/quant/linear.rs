@@ -4,27 +4,43 @@ use candle_core::quantized::QMatMul;
 use candle_core::{Module, Tensor};
 
 use crate::error::{Error, Result};
-use crate::format::WeightFile;
+use crate::format::{DType, WeightFile};
 
 /// How a quantised weight is multiplied. Chosen by measurement
-/// (`cargo bench --bench matmul`, see bench/RESULTS.md): on a whole diffusion
-/// canvas (L rows at once) a dense gemm beats candle's row-at-a-time
-/// quantised kernels, at the cost of f32 memory for the weights.
+/// (`cargo bench -p aios-core --bench matmul`, see bench/RESULTS.md): on a
+/// whole diffusion canvas (64-128 rows at once) f32 gemm on weights
+/// dequantised at load wins for small matrices, where candle's quantised
+/// kernel has a fixed overhead; for large Q8_0/Q4_K matrices the quantised
+/// kernel wins (it reads 4-8x fewer bytes); for Q2_K the f32 gemm wins.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum MatmulMode {
-    /// Dequantise once when the model loads; f32 gemm at run time.
+    /// Per layer, whichever the benchmark found faster for its size and dtype.
     #[default]
+    Auto,
+    /// Dequantise once when the model loads; f32 gemm at run time.
     DequantizeAtLoad,
     /// Keep the blocks in memory and use candle's quantised matmul (smallest RAM).
     Quantized,
 }
 
+/// Below this many weights, dequantised f32 gemm beats QMatMul (bench/RESULTS.md).
+const AUTO_QMATMUL_MIN_NUMEL: usize = 1 << 20;
+
 impl MatmulMode {
     pub fn parse(s: &str) -> Option<Self> {
         match s {
+            "auto" => Some(Self::Auto),
             "dequantize" | "dequantize-at-load" => Some(Self::DequantizeAtLoad),
             "quantized" => Some(Self::Quantized),
             _ => None,
+        }
+    }
+
+    fn keeps_blocks(self, dtype: DType, numel: usize) -> bool {
+        match self {
+            MatmulMode::DequantizeAtLoad => false,
+            MatmulMode::Quantized => dtype.is_quantized(),
+            MatmulMode::Auto => matches!(dtype, DType::Q8_0 | DType::Q4K) && numel >= AUTO_QMATMUL_MIN_NUMEL,
         }
     }
 }
@@ -59,7 +75,7 @@ impl Linear {
         let wname = format!("{prefix}.weight");
         let raw = file.require(&wname)?;
         check_shape(file, &wname, &raw.shape, &[out_features, in_features])?;
-        let weight = if raw.dtype.is_quantized() && mode == MatmulMode::Quantized {
+        let weight = if mode.keeps_blocks(raw.dtype, out_features * in_features) {
             let q = super::qtensor_from_bytes(raw.dtype, &raw.shape, raw.data())?;
             Weight::Quant(QMatMul::from_qtensor(q)?)
         } else {
@@ -127,4 +143,32 @@ pub(crate) fn check_shape(file: &WeightFile, name: &str, got: &[usize], want: &[
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QTensor;
+    use candle_core::Device;
+
+    /// candle's quantised kernel must agree with f32 gemm on the dequantised
+    /// weight up to the activation quantisation (Q8_K, ~0.5% relative).
+    #[test]
+    fn qmatmul_tracks_dense_on_the_same_blocks() {
+        let dev = Device::Cpu;
+        for rows in [1usize, 7, 64] {
+            let x = Tensor::randn(0f32, 1.0, (rows, 512), &dev).unwrap();
+            let w = (Tensor::randn(0f32, 1.0, (256, 512), &dev).unwrap() * 0.05).unwrap();
+            for dt in [DType::Q8_0, DType::Q4K, DType::Q2K] {
+                let q = QTensor::quantize(&w, dt.ggml()).unwrap();
+                let dense = Linear::from_dense(q.dequantize(&dev).unwrap(), None).unwrap();
+                let quant = Linear { weight: Weight::Quant(QMatMul::from_qtensor(q).unwrap()), bias: None, in_features: 512, out_features: 256 };
+                let a = dense.forward(&x).unwrap();
+                let b = quant.forward(&x).unwrap();
+                let err = (a.clone() - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(err < 0.02 * scale, "{dt} rows {rows}: {err} vs {scale}");
+            }
+        }
+    }
 }
