@@ -1,0 +1,56 @@
+# Every routine command. `just --list` shows them.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+venv := ".venv"
+py := venv + "/bin/python"
+# The CPU build of PyTorch shipped beside the repo (PyPI's default is the multi-GB CUDA build).
+torch_wheel_dir := "../shared/wheels"
+model := "models/aios-text-tiny"
+
+# Set up and generate text with the shipped model.
+default: demo
+
+# Create .venv, install PyTorch (CPU) and the Python deps, build aios_rt and aios-run.
+setup:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    [ -x {{py}} ] || python3 -m venv {{venv}}
+    if ! {{py}} -c "import torch" 2>/dev/null; then
+        wheel=$(ls {{torch_wheel_dir}}/torch-*cpu*.whl 2>/dev/null | head -1 || true)
+        if [ -n "$wheel" ]; then
+            {{py}} -m pip install -q "$wheel"
+        else
+            {{py}} -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+        fi
+    fi
+    {{py}} -m pip install -q "maturin>=1.7,<2" numpy pyarrow tokenizers safetensors tqdm pytest hypothesis
+    {{venv}}/bin/maturin develop --release -q
+    cargo build --release -p aios-run
+    echo "setup done: aios_rt in {{venv}}, aios-run at target/release/aios-run"
+
+# Generate English text with the shipped tiny model (progress bar on stderr).
+demo prompt="The old house" *args="": setup
+    target/release/aios-run generate --model {{model}} "{{prompt}}" --length 64 --steps 32 --sampler confidence --seed 0 {{args}}
+
+# Every Rust and Python test.
+test: setup
+    cargo test --release -p aios-core -p aios-run
+    {{py}} -m pytest -q tests
+
+# Benchmarks (not tests): Rust vs PyTorch eager, the edge config, matmul strategies.
+bench: setup
+    {{py}} bench/bench_text.py
+    {{py}} bench/bench_edge.py
+    cargo bench -p aios-core --bench matmul
+
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --release --workspace --all-targets -- -D warnings
+
+fmt:
+    cargo fmt --all
+
+# Rebuild the training corpus from the offline sources (see models/aios-text-tiny/README.md).
+data: setup
+    {{py}} -m aios_train data --out data
