@@ -1,0 +1,38 @@
+"""Helpers shared by the benchmark scripts: timing medians and results output."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import time
+
+
+def median_ms(fn, runs: int = 7, warmup: int = 1) -> tuple[float, list[float]]:
+    """Median wall time of `fn()` in milliseconds over `runs` runs, after `warmup` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), times
+
+
+def machine() -> str:
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or "unknown cpu"
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        rev = "?"
+    import os
+    return f"{cpu}, {os.cpu_count()} cores, commit {rev}"
+
+
+def emit(name: str, result: dict) -> None:
+    print(f"RESULT {name} " + json.dumps(result, sort_keys=True))
