@@ -89,7 +89,10 @@ pub fn resolve_weights(path: &Path, dtype: Option<DType>) -> Result<PathBuf> {
         return Ok(path.to_path_buf());
     }
     if !path.is_dir() {
-        return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file or folder")));
+        return Err(Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file or folder"),
+        ));
     }
     let candidates: Vec<String> = match dtype {
         Some(d) => vec![format!("model.{}.parquet", d.alias())],
@@ -99,12 +102,19 @@ pub fn resolve_weights(path: &Path, dtype: Option<DType>) -> Result<PathBuf> {
             .chain(["model.parquet".to_string()])
             .collect(),
     };
-    candidates.iter().map(|c| path.join(c)).find(|p| p.is_file()).ok_or_else(|| {
-        Error::io(
-            path,
-            std::io::Error::new(std::io::ErrorKind::NotFound, format!("no weight file; looked for {}", candidates.join(", "))),
-        )
-    })
+    candidates
+        .iter()
+        .map(|c| path.join(c))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::io(
+                path,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("no weight file; looked for {}", candidates.join(", ")),
+                ),
+            )
+        })
 }
 
 impl Engine {
@@ -117,7 +127,9 @@ impl Engine {
             Some(0) => return crate::input_err!("threads must be >= 1"),
             Some(n) if n > 1024 => return crate::input_err!("threads = {n} is absurd"),
             Some(n) => n,
-            None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            None => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
         };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -126,7 +138,10 @@ impl Engine {
             .map_err(|e| Error::Input(format!("could not start {threads} threads: {e}")))?;
         let file = WeightFile::open(&weights)?;
         if file.kind != "model" {
-            return Err(Error::format(weights.display(), format!("this is a {:?} file, not a model", file.kind)));
+            return Err(Error::format(
+                weights.display(),
+                format!("this is a {:?} file, not a model", file.kind),
+            ));
         }
         let json = file
             .config_json()
@@ -171,7 +186,13 @@ impl Engine {
             backbone_params,
             head_params,
         };
-        Ok(Engine { model: Arc::new(model), tokenizer, tokenizer_path, pool, info })
+        Ok(Engine {
+            model: Arc::new(model),
+            tokenizer,
+            tokenizer_path,
+            pool,
+            info,
+        })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -187,20 +208,28 @@ impl Engine {
     }
 
     fn tokenizer(&self) -> Result<&tokenizers::Tokenizer> {
-        self.tokenizer
-            .as_ref()
-            .ok_or_else(|| Error::Tokenizer(format!("no tokenizer at {}; text calls need one", self.tokenizer_path.display())))
+        self.tokenizer.as_ref().ok_or_else(|| {
+            Error::Tokenizer(format!(
+                "no tokenizer at {}; text calls need one",
+                self.tokenizer_path.display()
+            ))
+        })
     }
 
     /// Token ids of `text` (no special tokens added; `[MASK]` in the text
     /// becomes the mask id, which is how templates mark spans to fill).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.tokenizer()?.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let enc = self
+            .tokenizer()?
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer()?.decode(ids, true).map_err(|e| Error::Tokenizer(e.to_string()))
+        self.tokenizer()?
+            .decode(ids, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
     /// Raw logits `[n, L, V]` for a batch of equal-length token sequences.
@@ -209,11 +238,19 @@ impl Engine {
     }
 
     /// Generates text for `req`, reporting each step to `on_step`.
-    pub fn generate_text(&self, req: &TextRequest, on_step: &mut (dyn FnMut(Progress) + Send)) -> Result<Generation> {
+    pub fn generate_text(
+        &self,
+        req: &TextRequest,
+        on_step: &mut (dyn FnMut(Progress) + Send),
+    ) -> Result<Generation> {
         let t_start = Instant::now();
         let cfg = &self.model.cfg;
         if req.length == 0 || req.length > cfg.max_length {
-            return crate::input_err!("length must be in 1..={} (the model's maximum), got {}", cfg.max_length, req.length);
+            return crate::input_err!(
+                "length must be in 1..={} (the model's maximum), got {}",
+                cfg.max_length,
+                req.length
+            );
         }
         req.sampler.validate()?;
         let mut prefix = vec![cfg.bos_token_id];
@@ -259,14 +296,22 @@ impl Engine {
         let t0 = Instant::now();
         let cfg = &self.model.cfg;
         if cfg.causal {
-            return Err(Error::Config("this is an autoregressive baseline (causal = true), not a diffusion model".into()));
+            return Err(Error::Config(
+                "this is an autoregressive baseline (causal = true), not a diffusion model".into(),
+            ));
         }
         if canvas.is_empty() || canvas.len() > cfg.max_length {
-            return crate::input_err!("canvas length must be in 1..={}, got {}", cfg.max_length, canvas.len());
+            return crate::input_err!(
+                "canvas length must be in 1..={}, got {}",
+                cfg.max_length,
+                canvas.len()
+            );
         }
         let given: Vec<bool> = canvas.iter().map(|&t| t != cfg.mask_token_id).collect();
         let den = ModelDenoiser { model: &self.model };
-        let s = self.pool.install(|| sampler::sample(&den, canvas, opts, on_step))?;
+        let s = self
+            .pool
+            .install(|| sampler::sample(&den, canvas, opts, on_step))?;
         Ok(Generation {
             text: String::new(),
             tokens: s.tokens,
@@ -305,7 +350,9 @@ fn forward(model: &Dit, batch: &[Vec<u32>], sigma: Option<f32>) -> Result<Vec<f3
     }
     let flat: Vec<u32> = batch.iter().flatten().copied().collect();
     let tokens = Tensor::from_vec(flat, (n, l), &Device::Cpu)?;
-    let sigma = sigma.map(|s| Tensor::full(s, n, &Device::Cpu)).transpose()?;
+    let sigma = sigma
+        .map(|s| Tensor::full(s, n, &Device::Cpu))
+        .transpose()?;
     let logits = model.forward(&tokens, sigma.as_ref())?;
     Ok(logits.flatten_all()?.to_vec1()?)
 }

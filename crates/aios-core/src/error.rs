@@ -40,10 +40,16 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn format(path: impl std::fmt::Display, msg: impl Into<String>) -> Self {
-        Error::Format { path: path.to_string(), msg: msg.into() }
+        Error::Format {
+            path: path.to_string(),
+            msg: msg.into(),
+        }
     }
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 

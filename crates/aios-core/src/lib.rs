@@ -8,12 +8,12 @@
 //!
 //! No Python here: bindings live in `aios-py`, the CLI in `aios-run`.
 
+pub mod engine;
 pub mod error;
 pub mod format;
 pub mod model;
 pub mod quant;
 pub mod sampler;
-pub mod engine;
 
 pub use engine::{Engine, EngineOptions, Generation, TextRequest};
 

@@ -16,12 +16,42 @@ use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
-create_exception!(_native, AiosError, PyException, "Base class of every aios runtime error.");
-create_exception!(_native, FormatError, AiosError, "A weight file is corrupt, truncated or inconsistent.");
-create_exception!(_native, ConfigError, AiosError, "A model configuration is invalid.");
-create_exception!(_native, InputError, AiosError, "An argument is invalid (length, steps, sampler, ...).");
-create_exception!(_native, TokenizerError, AiosError, "The tokenizer is missing or failed.");
-create_exception!(_native, AiosIOError, AiosError, "An operating-system I/O error.");
+create_exception!(
+    _native,
+    AiosError,
+    PyException,
+    "Base class of every aios runtime error."
+);
+create_exception!(
+    _native,
+    FormatError,
+    AiosError,
+    "A weight file is corrupt, truncated or inconsistent."
+);
+create_exception!(
+    _native,
+    ConfigError,
+    AiosError,
+    "A model configuration is invalid."
+);
+create_exception!(
+    _native,
+    InputError,
+    AiosError,
+    "An argument is invalid (length, steps, sampler, ...)."
+);
+create_exception!(
+    _native,
+    TokenizerError,
+    AiosError,
+    "The tokenizer is missing or failed."
+);
+create_exception!(
+    _native,
+    AiosIOError,
+    AiosError,
+    "An operating-system I/O error."
+);
 
 /// The one mapping from core errors to Python exceptions.
 fn to_py(e: Error) -> PyErr {
@@ -51,7 +81,11 @@ fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, Error> + Send) -> 
 }
 
 fn parse_dtype(s: &str) -> PyResult<DType> {
-    DType::parse(s).ok_or_else(|| InputError::new_err(format!("unknown dtype {s:?}; use f32, f16, bf16, int8, int4 or int2")))
+    DType::parse(s).ok_or_else(|| {
+        InputError::new_err(format!(
+            "unknown dtype {s:?}; use f32, f16, bf16, int8, int4 or int2"
+        ))
+    })
 }
 
 /// The result of one generation.
@@ -136,11 +170,26 @@ fn sampler_options(
 impl Engine {
     #[new]
     #[pyo3(signature = (path, threads=None, dtype=None, matmul="auto"))]
-    fn new(py: Python<'_>, path: PathBuf, threads: Option<usize>, dtype: Option<&str>, matmul: &str) -> PyResult<Self> {
-        let matmul = MatmulMode::parse(matmul)
-            .ok_or_else(|| InputError::new_err(format!("unknown matmul mode {matmul:?}; use auto, dequantize or quantized")))?;
-        let opts = EngineOptions { threads, dtype: dtype.map(parse_dtype).transpose()?, matmul };
-        Ok(Engine { inner: run(py, || CoreEngine::open(&path, &opts))? })
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        threads: Option<usize>,
+        dtype: Option<&str>,
+        matmul: &str,
+    ) -> PyResult<Self> {
+        let matmul = MatmulMode::parse(matmul).ok_or_else(|| {
+            InputError::new_err(format!(
+                "unknown matmul mode {matmul:?}; use auto, dequantize or quantized"
+            ))
+        })?;
+        let opts = EngineOptions {
+            threads,
+            dtype: dtype.map(parse_dtype).transpose()?,
+            matmul,
+        };
+        Ok(Engine {
+            inner: run(py, || CoreEngine::open(&path, &opts))?,
+        })
     }
 
     /// Generates from a prompt. `length` is the whole canvas (prompt included).
@@ -167,8 +216,21 @@ impl Engine {
                 "modality {modality:?} is not available: this model has only a text head"
             )));
         }
-        let sampler = sampler_options(sampler, steps, seed, block_length, guidance, temperature, threshold)?;
-        let req = TextRequest { prompt: prompt.to_string(), suffix, length, sampler };
+        let sampler = sampler_options(
+            sampler,
+            steps,
+            seed,
+            block_length,
+            guidance,
+            temperature,
+            threshold,
+        )?;
+        let req = TextRequest {
+            prompt: prompt.to_string(),
+            suffix,
+            length,
+            sampler,
+        };
         Ok(run(py, || self.inner.generate_text(&req, &mut |_| {}))?.into())
     }
 
@@ -189,8 +251,18 @@ impl Engine {
         temperature: f64,
         threshold: f64,
     ) -> PyResult<Generation> {
-        let opts = sampler_options(sampler, steps, seed, block_length, guidance, temperature, threshold)?;
-        let mut g = run(py, || self.inner.generate_tokens(tokens, &opts, &mut |_| {}))?;
+        let opts = sampler_options(
+            sampler,
+            steps,
+            seed,
+            block_length,
+            guidance,
+            temperature,
+            threshold,
+        )?;
+        let mut g = run(py, || {
+            self.inner.generate_tokens(tokens, &opts, &mut |_| {})
+        })?;
         if let Ok(text) = self.inner.decode(&g.tokens) {
             g.text = text;
         }
@@ -206,7 +278,11 @@ impl Engine {
         batch: Vec<Vec<u32>>,
         sigma: Option<f32>,
     ) -> PyResult<(Bound<'py, PyBytes>, Vec<usize>)> {
-        let shape = vec![batch.len(), batch.first().map_or(0, Vec::len), self.inner.config().vocab_size];
+        let shape = vec![
+            batch.len(),
+            batch.first().map_or(0, Vec::len),
+            self.inner.config().vocab_size,
+        ];
         let v = run(py, || self.inner.logits(&batch, sigma))?;
         let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         Ok((PyBytes::new(py, &bytes), shape))
@@ -245,8 +321,11 @@ impl Engine {
         d.set_item("file_bytes", i.file_bytes)?;
         d.set_item("backbone_params", i.backbone_params)?;
         d.set_item("head_params", i.head_params)?;
-        let dtypes: HashMap<String, (usize, usize)> =
-            i.dtypes.iter().map(|(dt, n, p)| (dt.as_str().to_string(), (*n, *p))).collect();
+        let dtypes: HashMap<String, (usize, usize)> = i
+            .dtypes
+            .iter()
+            .map(|(dt, n, p)| (dt.as_str().to_string(), (*n, *p)))
+            .collect();
         d.set_item("dtypes", dtypes)?;
         Ok(d)
     }
@@ -254,19 +333,34 @@ impl Engine {
 
 /// Quantises little-endian f32 `data` of `shape` into `dtype`'s bytes.
 #[pyfunction]
-fn quantize<'py>(py: Python<'py>, data: &[u8], shape: Vec<usize>, dtype: &str) -> PyResult<Bound<'py, PyBytes>> {
+fn quantize<'py>(
+    py: Python<'py>,
+    data: &[u8],
+    shape: Vec<usize>,
+    dtype: &str,
+) -> PyResult<Bound<'py, PyBytes>> {
     let d = parse_dtype(dtype)?;
-    if data.len() % 4 != 0 {
-        return Err(InputError::new_err("f32 data length must be a multiple of 4"));
+    if !data.len().is_multiple_of(4) {
+        return Err(InputError::new_err(
+            "f32 data length must be a multiple of 4",
+        ));
     }
-    let values: Vec<f32> = data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let values: Vec<f32> = data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     let out = run(py, || quant::quantize(&values, &shape, d))?;
     Ok(PyBytes::new(py, &out))
 }
 
 /// Decodes `dtype` bytes of `shape` to little-endian f32 bytes.
 #[pyfunction]
-fn dequantize<'py>(py: Python<'py>, data: &[u8], shape: Vec<usize>, dtype: &str) -> PyResult<Bound<'py, PyBytes>> {
+fn dequantize<'py>(
+    py: Python<'py>,
+    data: &[u8],
+    shape: Vec<usize>,
+    dtype: &str,
+) -> PyResult<Bound<'py, PyBytes>> {
     let d = parse_dtype(dtype)?;
     let values = run(py, || quant::dequantize(data, &shape, d))?;
     let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -287,7 +381,10 @@ fn read_tensors_raw<'py>(
             let v = quant::dequantize(t.data(), &t.shape, t.dtype)?;
             out.push((t.name.clone(), t.dtype, t.shape.clone(), v));
         }
-        Ok((out, f.metadata.clone().into_iter().collect::<HashMap<_, _>>()))
+        Ok((
+            out,
+            f.metadata.clone().into_iter().collect::<HashMap<_, _>>(),
+        ))
     })?;
     let d = PyDict::new(py);
     for (name, dtype, shape, v) in tensors {
@@ -299,13 +396,22 @@ fn read_tensors_raw<'py>(
 
 /// Quantises a whole model file; returns {"in_bytes", "out_bytes", "dtypes": {name: dtype}}.
 #[pyfunction]
-fn quantize_file<'py>(py: Python<'py>, input: PathBuf, output: PathBuf, dtype: &str) -> PyResult<Bound<'py, PyDict>> {
+fn quantize_file<'py>(
+    py: Python<'py>,
+    input: PathBuf,
+    output: PathBuf,
+    dtype: &str,
+) -> PyResult<Bound<'py, PyDict>> {
     let d = parse_dtype(dtype)?;
     let r = run(py, || quant::quantize_file(&input, &output, d))?;
     let out = PyDict::new(py);
     out.set_item("in_bytes", r.in_bytes)?;
     out.set_item("out_bytes", r.out_bytes)?;
-    let dtypes: HashMap<String, &str> = r.tensors.iter().map(|(n, t)| (n.clone(), t.as_str())).collect();
+    let dtypes: HashMap<String, &str> = r
+        .tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.as_str()))
+        .collect();
     out.set_item("dtypes", dtypes)?;
     Ok(out)
 }
@@ -313,10 +419,18 @@ fn quantize_file<'py>(py: Python<'py>, input: PathBuf, output: PathBuf, dtype: &
 /// Writes a model with random weights (tests and benchmarks).
 #[pyfunction]
 #[pyo3(signature = (path, config_json, seed=0, dtype="f32"))]
-fn write_random_model(py: Python<'_>, path: PathBuf, config_json: &str, seed: u64, dtype: &str) -> PyResult<()> {
+fn write_random_model(
+    py: Python<'_>,
+    path: PathBuf,
+    config_json: &str,
+    seed: u64,
+    dtype: &str,
+) -> PyResult<()> {
     let d = parse_dtype(dtype)?;
     let cfg = aios_core::model::ModelConfig::from_json(config_json).map_err(to_py)?;
-    run(py, || aios_core::model::random::write_random_model(&path, &cfg, seed, d))
+    run(py, || {
+        aios_core::model::random::write_random_model(&path, &cfg, seed, d)
+    })
 }
 
 #[pymodule]

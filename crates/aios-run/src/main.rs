@@ -15,7 +15,11 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
-#[command(name = "aios-run", version, about = "Run small diffusion language models on the edge")]
+#[command(
+    name = "aios-run",
+    version,
+    about = "Run small diffusion language models on the edge"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -89,13 +93,25 @@ struct GenerateArgs {
 }
 
 fn parse_dtype(s: &str) -> Result<DType, Error> {
-    DType::parse(s).ok_or_else(|| Error::Input(format!("unknown dtype {s:?}; use f32, f16, int8, int4 or int2")))
+    DType::parse(s).ok_or_else(|| {
+        Error::Input(format!(
+            "unknown dtype {s:?}; use f32, f16, int8, int4 or int2"
+        ))
+    })
 }
 
 fn generate(a: GenerateArgs) -> Result<(), Error> {
-    let matmul = MatmulMode::parse(&a.matmul)
-        .ok_or_else(|| Error::Input(format!("unknown matmul mode {:?}; use auto, dequantize or quantized", a.matmul)))?;
-    let opts = EngineOptions { threads: a.threads, dtype: a.dtype.as_deref().map(parse_dtype).transpose()?, matmul };
+    let matmul = MatmulMode::parse(&a.matmul).ok_or_else(|| {
+        Error::Input(format!(
+            "unknown matmul mode {:?}; use auto, dequantize or quantized",
+            a.matmul
+        ))
+    })?;
+    let opts = EngineOptions {
+        threads: a.threads,
+        dtype: a.dtype.as_deref().map(parse_dtype).transpose()?,
+        matmul,
+    };
     let sampler = SamplerOptions {
         strategy: Strategy::parse(&a.sampler)?,
         steps: a.steps,
@@ -107,8 +123,17 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
     };
     sampler.validate()?;
     let engine = Engine::open(&a.model, &opts)?;
-    let req = TextRequest { prompt: a.prompt, suffix: a.suffix, length: a.length, sampler };
-    let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(req.sampler.steps as u64) };
+    let req = TextRequest {
+        prompt: a.prompt,
+        suffix: a.suffix,
+        length: a.length,
+        sampler,
+    };
+    let bar = if a.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(req.sampler.steps as u64)
+    };
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{bar:30}] step {pos}/{len} {msg} ({elapsed})")
             .expect("static template")
@@ -121,7 +146,13 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
     bar.finish_and_clear();
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{}", g.text);
-    let generated: Vec<f32> = g.confidence.iter().zip(&g.given).filter(|(_, &gv)| !gv).map(|(c, _)| *c).collect();
+    let generated: Vec<f32> = g
+        .confidence
+        .iter()
+        .zip(&g.given)
+        .filter(|(_, &gv)| !gv)
+        .map(|(c, _)| *c)
+        .collect();
     let mean_conf = generated.iter().sum::<f32>() / generated.len().max(1) as f32;
     if !a.quiet {
         eprintln!(
@@ -138,10 +169,18 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
 }
 
 fn info(model: PathBuf, dtype: Option<String>) -> Result<(), Error> {
-    let opts = EngineOptions { dtype: dtype.as_deref().map(parse_dtype).transpose()?, threads: Some(1), ..Default::default() };
+    let opts = EngineOptions {
+        dtype: dtype.as_deref().map(parse_dtype).transpose()?,
+        threads: Some(1),
+        ..Default::default()
+    };
     let engine = Engine::open(&model, &opts)?;
     let i = engine.info();
-    println!("file: {} ({:.2} MB)", i.path.display(), i.file_bytes as f64 / 1e6);
+    println!(
+        "file: {} ({:.2} MB)",
+        i.path.display(),
+        i.file_bytes as f64 / 1e6
+    );
     println!("config: {}", i.config.to_json());
     for (d, n, p) in &i.dtypes {
         println!("dtype {d}: {n} tensors, {p} parameters");
@@ -160,7 +199,11 @@ fn info(model: PathBuf, dtype: Option<String>) -> Result<(), Error> {
 fn quantize(input: PathBuf, output: PathBuf, dtype: String) -> Result<(), Error> {
     let d = parse_dtype(&dtype)?;
     let r = quantize_file(&input, &output, d)?;
-    let quantised = r.tensors.iter().filter(|(_, t)| t.is_quantized() || *t == d).count();
+    let quantised = r
+        .tensors
+        .iter()
+        .filter(|(_, t)| t.is_quantized() || *t == d)
+        .count();
     println!(
         "{} -> {}: {} of {} tensors as {}, {:.2} MB -> {:.2} MB",
         input.display(),
@@ -189,7 +232,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(a) => generate(a),
         Command::Info { model, dtype } => info(model, dtype),
-        Command::Quantize { input, output, dtype } => quantize(input, output, dtype),
+        Command::Quantize {
+            input,
+            output,
+            dtype,
+        } => quantize(input, output, dtype),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

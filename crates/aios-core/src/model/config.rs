@@ -62,8 +62,8 @@ const MAX_VOCAB: usize = 1 << 20;
 
 impl ModelConfig {
     pub fn from_json(s: &str) -> Result<Self> {
-        let cfg: ModelConfig =
-            serde_json::from_str(s).map_err(|e| Error::Config(format!("invalid aios.config JSON: {e}")))?;
+        let cfg: ModelConfig = serde_json::from_str(s)
+            .map_err(|e| Error::Config(format!("invalid aios.config JSON: {e}")))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -79,7 +79,10 @@ impl ModelConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         if self.arch != "dit" {
-            return bad(format!("unknown arch {:?} (this build runs \"dit\")", self.arch));
+            return bad(format!(
+                "unknown arch {:?} (this build runs \"dit\")",
+                self.arch
+            ));
         }
         for (name, v, max) in [
             ("vocab_size", self.vocab_size, MAX_VOCAB),
@@ -94,7 +97,7 @@ impl ModelConfig {
                 return bad(format!("{name} = {v} is outside 1..={max}"));
             }
         }
-        if self.hidden_size % self.n_heads != 0 || self.head_dim() % 2 != 0 {
+        if !self.hidden_size.is_multiple_of(self.n_heads) || !self.head_dim().is_multiple_of(2) {
             return bad(format!(
                 "hidden_size {} must split into {} heads of even size",
                 self.hidden_size, self.n_heads
@@ -107,10 +110,14 @@ impl ModelConfig {
             ("eos_token_id", self.eos_token_id),
         ] {
             if id as usize >= self.vocab_size {
-                return bad(format!("{name} {id} is outside the vocabulary of {}", self.vocab_size));
+                return bad(format!(
+                    "{name} {id} is outside the vocabulary of {}",
+                    self.vocab_size
+                ));
             }
         }
-        if !(self.rope_base.is_finite() && self.rope_base > 1.0) || !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        if !(positive(self.rope_base) && self.rope_base > 1.0 && positive(self.norm_eps)) {
             return bad("rope_base and norm_eps must be finite and positive".into());
         }
         Ok(())
@@ -142,7 +149,10 @@ mod tests {
             base().replace("}", ",\"surprise\":1}"),
             "{not json".to_string(),
         ] {
-            assert!(matches!(ModelConfig::from_json(&bad), Err(Error::Config(_))), "{bad}");
+            assert!(
+                matches!(ModelConfig::from_json(&bad), Err(Error::Config(_))),
+                "{bad}"
+            );
         }
     }
 }

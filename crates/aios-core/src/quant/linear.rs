@@ -40,7 +40,9 @@ impl MatmulMode {
         match self {
             MatmulMode::DequantizeAtLoad => false,
             MatmulMode::Quantized => dtype.is_quantized(),
-            MatmulMode::Auto => matches!(dtype, DType::Q8_0 | DType::Q4K) && numel >= AUTO_QMATMUL_MIN_NUMEL,
+            MatmulMode::Auto => {
+                matches!(dtype, DType::Q8_0 | DType::Q4K) && numel >= AUTO_QMATMUL_MIN_NUMEL
+            }
         }
     }
 }
@@ -89,13 +91,23 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { weight, bias, in_features, out_features })
+        Ok(Linear {
+            weight,
+            bias,
+            in_features,
+            out_features,
+        })
     }
 
     /// Builds from an f32 weight `[out, in]` (used by tests and adapters).
     pub fn from_dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
-        Ok(Linear { weight: Weight::Dense(weight), bias, in_features, out_features })
+        Ok(Linear {
+            weight: Weight::Dense(weight),
+            bias,
+            in_features,
+            out_features,
+        })
     }
 
     pub fn is_quantized(&self) -> bool {
@@ -116,9 +128,14 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
-        let last = *dims.last().ok_or_else(|| Error::Input("linear input has no dimensions".into()))?;
+        let last = *dims
+            .last()
+            .ok_or_else(|| Error::Input("linear input has no dimensions".into()))?;
         if last != self.in_features {
-            return Err(Error::Input(format!("linear expects {} inputs, got {last}", self.in_features)));
+            return Err(Error::Input(format!(
+                "linear expects {} inputs, got {last}",
+                self.in_features
+            )));
         }
         let rows = x.elem_count() / last;
         let x2 = x.reshape((rows, last))?;
@@ -135,7 +152,12 @@ impl Linear {
     }
 }
 
-pub(crate) fn check_shape(file: &WeightFile, name: &str, got: &[usize], want: &[usize]) -> Result<()> {
+pub(crate) fn check_shape(
+    file: &WeightFile,
+    name: &str,
+    got: &[usize],
+    want: &[usize],
+) -> Result<()> {
     if got != want {
         return Err(Error::format(
             file.path.display(),
@@ -162,11 +184,29 @@ mod tests {
             for dt in [DType::Q8_0, DType::Q4K, DType::Q2K] {
                 let q = QTensor::quantize(&w, dt.ggml()).unwrap();
                 let dense = Linear::from_dense(q.dequantize(&dev).unwrap(), None).unwrap();
-                let quant = Linear { weight: Weight::Quant(QMatMul::from_qtensor(q).unwrap()), bias: None, in_features: 512, out_features: 256 };
+                let quant = Linear {
+                    weight: Weight::Quant(QMatMul::from_qtensor(q).unwrap()),
+                    bias: None,
+                    in_features: 512,
+                    out_features: 256,
+                };
                 let a = dense.forward(&x).unwrap();
                 let b = quant.forward(&x).unwrap();
-                let err = (a.clone() - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-                let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let err = (a.clone() - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let scale = a
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
                 assert!(err < 0.02 * scale, "{dt} rows {rows}: {err} vs {scale}");
             }
         }

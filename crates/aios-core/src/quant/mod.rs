@@ -2,8 +2,8 @@
 //! kernels), conversion of stored tensors to candle tensors, and the linear
 //! layer that runs over either f32 or quantised weights.
 
-pub(crate) mod linear;
 pub(crate) mod file;
+pub(crate) mod linear;
 
 pub use file::{quantize_file, QuantizeReport};
 pub use linear::{Linear, MatmulMode};
@@ -19,9 +19,18 @@ use crate::format::{DType, RawTensor};
 /// Decodes little-endian float bytes of any float dtype into f32.
 fn floats_to_f32(dtype: DType, data: &[u8]) -> Vec<f32> {
     match dtype {
-        DType::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        DType::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        DType::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        DType::F32 => data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DType::F16 => data
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        DType::BF16 => data
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
         _ => unreachable!("floats_to_f32 called on a quantised dtype"),
     }
 }
@@ -33,16 +42,20 @@ pub fn qtensor_from_bytes(dtype: DType, shape: &[usize], data: &[u8]) -> Result<
     debug_assert!(dtype.is_quantized());
     let expected = dtype.byte_len(shape).map_err(Error::Input)?;
     if data.len() != expected {
-        return Err(Error::Input(format!("{dtype}{shape:?} needs {expected} bytes, got {}", data.len())));
+        return Err(Error::Input(format!(
+            "{dtype}{shape:?} needs {expected} bytes, got {}",
+            data.len()
+        )));
     }
     // Every GGML block struct has alignment <= 8; a u64 buffer satisfies it.
     let mut words: Vec<u64> = Vec::new();
-    let aligned: &[u8] = if (data.as_ptr() as usize) % std::mem::align_of::<u64>() == 0 {
+    let aligned: &[u8] = if (data.as_ptr() as usize).is_multiple_of(std::mem::align_of::<u64>()) {
         data
     } else {
         words.resize(data.len().div_ceil(8), 0);
         // SAFETY: the u64 buffer is at least data.len() bytes and u8 has no alignment needs.
-        let buf = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, data.len()) };
+        let buf =
+            unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, data.len()) };
         buf.copy_from_slice(data);
         buf
     };
@@ -56,7 +69,11 @@ pub fn tensor_f32(raw: &RawTensor) -> Result<Tensor> {
         let q = qtensor_from_bytes(raw.dtype, &raw.shape, raw.data())?;
         Ok(q.dequantize(&Device::Cpu)?)
     } else {
-        Ok(Tensor::from_vec(floats_to_f32(raw.dtype, raw.data()), raw.shape.clone(), &Device::Cpu)?)
+        Ok(Tensor::from_vec(
+            floats_to_f32(raw.dtype, raw.data()),
+            raw.shape.clone(),
+            &Device::Cpu,
+        )?)
     }
 }
 
@@ -64,15 +81,27 @@ pub fn tensor_f32(raw: &RawTensor) -> Result<Tensor> {
 pub fn quantize(values: &[f32], shape: &[usize], dtype: DType) -> Result<Vec<u8>> {
     let numel: usize = shape.iter().product();
     if values.len() != numel {
-        return Err(Error::Input(format!("{} values for shape {shape:?}", values.len())));
+        return Err(Error::Input(format!(
+            "{} values for shape {shape:?}",
+            values.len()
+        )));
     }
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        return Err(Error::Input(format!("value {} at index {i} is not finite", values[i])));
+        return Err(Error::Input(format!(
+            "value {} at index {i} is not finite",
+            values[i]
+        )));
     }
     match dtype {
         DType::F32 => Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        DType::F16 => Ok(values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect()),
-        DType::BF16 => Ok(values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect()),
+        DType::F16 => Ok(values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect()),
+        DType::BF16 => Ok(values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect()),
         _ => {
             dtype.byte_len(shape).map_err(Error::Input)?;
             let t = Tensor::from_slice(values, shape, &Device::Cpu)?;
@@ -86,7 +115,10 @@ pub fn quantize(values: &[f32], shape: &[usize], dtype: DType) -> Result<Vec<u8>
 pub fn dequantize(data: &[u8], shape: &[usize], dtype: DType) -> Result<Vec<f32>> {
     let expected = dtype.byte_len(shape).map_err(Error::Input)?;
     if data.len() != expected {
-        return Err(Error::Input(format!("{dtype}{shape:?} needs {expected} bytes, got {}", data.len())));
+        return Err(Error::Input(format!(
+            "{dtype}{shape:?} needs {expected} bytes, got {}",
+            data.len()
+        )));
     }
     if !dtype.is_quantized() {
         return Ok(floats_to_f32(dtype, data));
@@ -100,7 +132,9 @@ mod tests {
     use super::*;
 
     fn ramp(n: usize) -> Vec<f32> {
-        (0..n).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1).collect()
+        (0..n)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1)
+            .collect()
     }
 
     #[test]
@@ -112,10 +146,15 @@ mod tests {
             let b = quantize(&x, &shape, d).unwrap();
             assert_eq!(b.len(), d.byte_len(&shape).unwrap());
             let y = dequantize(&b, &shape, d).unwrap();
-            let rms = (x.iter().zip(&y).map(|(a, b)| (a - b).powi(2)).sum::<f32>() / x.len() as f32).sqrt();
+            let rms = (x.iter().zip(&y).map(|(a, b)| (a - b).powi(2)).sum::<f32>()
+                / x.len() as f32)
+                .sqrt();
             errs.push(rms);
         }
-        assert!(errs[0] < errs[1] && errs[1] < errs[2] && errs[2] < errs[3], "{errs:?}");
+        assert!(
+            errs[0] < errs[1] && errs[1] < errs[2] && errs[2] < errs[3],
+            "{errs:?}"
+        );
         assert!(errs[3] < 0.05, "{errs:?}"); // Q2_K on values in [-0.1, 0.1]
     }
 
