@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Dict, Tuple
 
 import numpy as np
@@ -21,6 +22,7 @@ from ._native import (
     FormatError,
     Generation,
     InputError,
+    NumericError,
     TokenizerError,
     __version__,
     dequantize as _dequantize,
@@ -37,6 +39,7 @@ __all__ = [
     "ConfigError",
     "FormatError",
     "InputError",
+    "NumericError",
     "TokenizerError",
     "SAMPLERS",
     "quantize",
@@ -59,7 +62,8 @@ class Engine(_native.Engine):
         """Raw logits ``[n, L, V]`` (float32) for equal-length token sequences."""
         if len(batch) and isinstance(batch[0], (int, np.integer)):
             batch = [batch]
-        batch = [[int(t) for t in seq] for seq in batch]
+        # operator.index semantics: 1.5 is an error, not silently 1.
+        batch = [[operator.index(t) if not isinstance(t, float) else t for t in seq] for seq in batch]
         raw, shape = self.logits_raw(batch, sigma)
         return np.frombuffer(raw, dtype="<f4").reshape(shape)
 

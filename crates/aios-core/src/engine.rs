@@ -89,10 +89,7 @@ pub fn resolve_weights(path: &Path, dtype: Option<DType>) -> Result<PathBuf> {
         return Ok(path.to_path_buf());
     }
     if !path.is_dir() {
-        return Err(Error::io(
-            path,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file or folder"),
-        ));
+        return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file or folder")));
     }
     let candidates: Vec<String> = match dtype {
         Some(d) => vec![format!("model.{}.parquet", d.alias())],
@@ -102,19 +99,15 @@ pub fn resolve_weights(path: &Path, dtype: Option<DType>) -> Result<PathBuf> {
             .chain(["model.parquet".to_string()])
             .collect(),
     };
-    candidates
-        .iter()
-        .map(|c| path.join(c))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            Error::io(
-                path,
-                std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    format!("no weight file; looked for {}", candidates.join(", ")),
-                ),
-            )
-        })
+    candidates.iter().map(|c| path.join(c)).find(|p| p.is_file()).ok_or_else(|| {
+        Error::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no weight file; looked for {}", candidates.join(", ")),
+            ),
+        )
+    })
 }
 
 impl Engine {
@@ -127,9 +120,7 @@ impl Engine {
             Some(0) => return crate::input_err!("threads must be >= 1"),
             Some(n) if n > 1024 => return crate::input_err!("threads = {n} is absurd"),
             Some(n) => n,
-            None => std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
+            None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -138,14 +129,10 @@ impl Engine {
             .map_err(|e| Error::Input(format!("could not start {threads} threads: {e}")))?;
         let file = WeightFile::open(&weights)?;
         if file.kind != "model" {
-            return Err(Error::format(
-                weights.display(),
-                format!("this is a {:?} file, not a model", file.kind),
-            ));
+            return Err(Error::format(weights.display(), format!("this is a {:?} file, not a model", file.kind)));
         }
-        let json = file
-            .config_json()
-            .ok_or_else(|| Error::format(weights.display(), "missing aios.config metadata"))?;
+        let json =
+            file.config_json().ok_or_else(|| Error::format(weights.display(), "missing aios.config metadata"))?;
         let config = ModelConfig::from_json(json)?;
         let model = pool.install(|| Dit::load(&file, config.clone(), opts.matmul))?;
         let (backbone_params, head_params) = model.parameter_split();
@@ -178,21 +165,9 @@ impl Engine {
                 )));
             }
         }
-        let info = ModelInfo {
-            path: weights,
-            config,
-            file_bytes: file.file_bytes,
-            dtypes,
-            backbone_params,
-            head_params,
-        };
-        Ok(Engine {
-            model: Arc::new(model),
-            tokenizer,
-            tokenizer_path,
-            pool,
-            info,
-        })
+        let info =
+            ModelInfo { path: weights, config, file_bytes: file.file_bytes, dtypes, backbone_params, head_params };
+        Ok(Engine { model: Arc::new(model), tokenizer, tokenizer_path, pool, info })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -209,27 +184,23 @@ impl Engine {
 
     fn tokenizer(&self) -> Result<&tokenizers::Tokenizer> {
         self.tokenizer.as_ref().ok_or_else(|| {
-            Error::Tokenizer(format!(
-                "no tokenizer at {}; text calls need one",
-                self.tokenizer_path.display()
-            ))
+            Error::Tokenizer(format!("no tokenizer at {}; text calls need one", self.tokenizer_path.display()))
         })
     }
 
     /// Token ids of `text` (no special tokens added; `[MASK]` in the text
     /// becomes the mask id, which is how templates mark spans to fill).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .tokenizer()?
-            .encode(text, false)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let enc = self.tokenizer()?.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer()?
-            .decode(ids, true)
-            .map_err(|e| Error::Tokenizer(e.to_string()))
+        let vocab = self.model.cfg.vocab_size;
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+            return crate::input_err!("token id {bad} is outside the vocabulary of {vocab}");
+        }
+        self.tokenizer()?.decode(ids, true).map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
     /// Raw logits `[n, L, V]` for a batch of equal-length token sequences.
@@ -238,11 +209,7 @@ impl Engine {
     }
 
     /// Generates text for `req`, reporting each step to `on_step`.
-    pub fn generate_text(
-        &self,
-        req: &TextRequest,
-        on_step: &mut (dyn FnMut(Progress) + Send),
-    ) -> Result<Generation> {
+    pub fn generate_text(&self, req: &TextRequest, on_step: &mut (dyn FnMut(Progress) + Send)) -> Result<Generation> {
         let t_start = Instant::now();
         let cfg = &self.model.cfg;
         if req.length == 0 || req.length > cfg.max_length {
@@ -272,13 +239,16 @@ impl Engine {
         let tokenize_ms = t_start.elapsed().as_secs_f64() * 1e3;
         let mut generation = self.generate_tokens(canvas, &req.sampler, on_step)?;
         let t_dec = Instant::now();
-        // Cut at the first end-of-sequence after the prompt: what follows is
-        // a new document in the training format.
-        let end = generation.tokens[prefix.len()..]
+        // Cut the generated span at its first end-of-sequence (what follows is
+        // a new document in the training format), but keep a caller's suffix.
+        let gen_end = req.length - suffix.len();
+        let cut = generation.tokens[prefix.len()..gen_end]
             .iter()
             .position(|&t| t == cfg.eos_token_id)
-            .map_or(generation.tokens.len(), |p| p + prefix.len());
-        generation.text = self.decode(&generation.tokens[..end])?;
+            .map_or(gen_end, |p| p + prefix.len());
+        let mut shown = generation.tokens[..cut].to_vec();
+        shown.extend(&generation.tokens[gen_end..]);
+        generation.text = self.decode(&shown)?;
         generation.timings.tokenize_ms = tokenize_ms;
         generation.timings.decode_ms = t_dec.elapsed().as_secs_f64() * 1e3;
         generation.timings.total_ms = t_start.elapsed().as_secs_f64() * 1e3;
@@ -301,17 +271,11 @@ impl Engine {
             ));
         }
         if canvas.is_empty() || canvas.len() > cfg.max_length {
-            return crate::input_err!(
-                "canvas length must be in 1..={}, got {}",
-                cfg.max_length,
-                canvas.len()
-            );
+            return crate::input_err!("canvas length must be in 1..={}, got {}", cfg.max_length, canvas.len());
         }
         let given: Vec<bool> = canvas.iter().map(|&t| t != cfg.mask_token_id).collect();
         let den = ModelDenoiser { model: &self.model };
-        let s = self
-            .pool
-            .install(|| sampler::sample(&den, canvas, opts, on_step))?;
+        let s = self.pool.install(|| sampler::sample(&den, canvas, opts, on_step))?;
         Ok(Generation {
             text: String::new(),
             tokens: s.tokens,
@@ -350,9 +314,7 @@ fn forward(model: &Dit, batch: &[Vec<u32>], sigma: Option<f32>) -> Result<Vec<f3
     }
     let flat: Vec<u32> = batch.iter().flatten().copied().collect();
     let tokens = Tensor::from_vec(flat, (n, l), &Device::Cpu)?;
-    let sigma = sigma
-        .map(|s| Tensor::full(s, n, &Device::Cpu))
-        .transpose()?;
+    let sigma = sigma.map(|s| Tensor::full(s, n, &Device::Cpu)).transpose()?;
     let logits = model.forward(&tokens, sigma.as_ref())?;
     Ok(logits.flatten_all()?.to_vec1()?)
 }

@@ -22,6 +22,10 @@ pub enum Error {
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
 
+    /// The model produced NaN/inf (broken or overflowing weights).
+    #[error("numeric error: {0}")]
+    Numeric(String),
+
     /// Operating-system I/O error, with the path involved.
     #[error("I/O error on {path}: {source}")]
     Io {
@@ -40,16 +44,10 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn format(path: impl std::fmt::Display, msg: impl Into<String>) -> Self {
-        Error::Format {
-            path: path.to_string(),
-            msg: msg.into(),
-        }
+        Error::Format { path: path.to_string(), msg: msg.into() }
     }
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 }
 

@@ -27,14 +27,7 @@ fn logits_identical_on_one_and_two_threads() {
         let p = model(dir.path(), tc, DType::F32);
         let toks: Vec<u32> = (0..40).map(|i| (i * 5 % 64) as u32).collect();
         let run = |threads| {
-            let e = Engine::open(
-                &p,
-                &EngineOptions {
-                    threads: Some(threads),
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+            let e = Engine::open(&p, &EngineOptions { threads: Some(threads), ..Default::default() }).unwrap();
             e.logits(std::slice::from_ref(&toks), Some(0.3)).unwrap()
         };
         let (a, b) = (run(1), run(2));
@@ -52,29 +45,11 @@ fn generation_is_deterministic_and_fills_every_mask() {
     canvas[0] = 1;
     canvas[10] = 20;
     canvas[31] = 2;
-    for strategy in [
-        Strategy::Ancestral,
-        Strategy::Confidence,
-        Strategy::Threshold,
-    ] {
-        let opts = SamplerOptions {
-            strategy,
-            steps: 8,
-            seed: 5,
-            block_length: Some(16),
-            ..Default::default()
-        };
+    for strategy in [Strategy::Ancestral, Strategy::Confidence, Strategy::Threshold] {
+        let opts = SamplerOptions { strategy, steps: 8, seed: 5, block_length: Some(16), ..Default::default() };
         let run = |threads| {
-            let e = Engine::open(
-                &p,
-                &EngineOptions {
-                    threads: Some(threads),
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-            e.generate_tokens(canvas.clone(), &opts, &mut |_| {})
-                .unwrap()
+            let e = Engine::open(&p, &EngineOptions { threads: Some(threads), ..Default::default() }).unwrap();
+            e.generate_tokens(canvas.clone(), &opts, &mut |_| {}).unwrap()
         };
         let (a, b) = (run(1), run(2));
         assert_eq!(a.tokens, b.tokens);
@@ -88,11 +63,7 @@ fn quantised_logits_track_f32() {
     let dir = tempfile::tempdir().unwrap();
     let toks: Vec<u32> = (0..48).map(|i| (i * 11 % 64) as u32).collect();
     let f32_logits = {
-        let e = Engine::open(
-            model(dir.path(), false, DType::F32),
-            &EngineOptions::default(),
-        )
-        .unwrap();
+        let e = Engine::open(model(dir.path(), false, DType::F32), &EngineOptions::default()).unwrap();
         e.logits(std::slice::from_ref(&toks), None).unwrap()
     };
     let scale = f32_logits.iter().map(|x| x.abs()).fold(0f32, f32::max);
@@ -100,12 +71,7 @@ fn quantised_logits_track_f32() {
     for d in [DType::Q8_0, DType::Q4K, DType::Q2K] {
         let e = Engine::open(model(dir.path(), false, d), &EngineOptions::default()).unwrap();
         let q = e.logits(std::slice::from_ref(&toks), None).unwrap();
-        let err = f32_logits
-            .iter()
-            .zip(&q)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max)
-            / scale;
+        let err = f32_logits.iter().zip(&q).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
         assert!(err < 0.5 && err >= last, "{d}: relative max error {err}");
         last = err;
     }
@@ -117,45 +83,16 @@ fn bad_requests_are_clear_errors() {
     let p = model(dir.path(), false, DType::F32);
     let e = Engine::open(&p, &EngineOptions::default()).unwrap();
     let opts = SamplerOptions::default();
-    assert!(matches!(
-        e.generate_tokens(vec![], &opts, &mut |_| {}),
-        Err(Error::Input(_))
-    ));
-    assert!(matches!(
-        e.generate_tokens(vec![3; 49], &opts, &mut |_| {}),
-        Err(Error::Input(_))
-    ));
-    assert!(matches!(
-        e.generate_tokens(vec![99; 4], &opts, &mut |_| {}),
-        Err(Error::Input(_))
-    ));
-    assert!(matches!(
-        e.logits(&[vec![1, 2], vec![1]], None),
-        Err(Error::Input(_))
-    ));
+    assert!(matches!(e.generate_tokens(vec![], &opts, &mut |_| {}), Err(Error::Input(_))));
+    assert!(matches!(e.generate_tokens(vec![3; 49], &opts, &mut |_| {}), Err(Error::Input(_))));
+    assert!(matches!(e.generate_tokens(vec![99; 4], &opts, &mut |_| {}), Err(Error::Input(_))));
+    assert!(matches!(e.logits(&[vec![1, 2], vec![1]], None), Err(Error::Input(_))));
     // Text calls without a tokenizer say so.
-    let req = aios_core::TextRequest {
-        prompt: "hi".into(),
-        suffix: None,
-        length: 8,
-        sampler: opts,
-    };
+    let req = aios_core::TextRequest { prompt: "hi".into(), suffix: None, length: 8, sampler: opts };
+    assert!(matches!(e.generate_text(&req, &mut |_| {}), Err(Error::Tokenizer(_))));
+    assert!(matches!(Engine::open(dir.path().join("nope"), &EngineOptions::default()), Err(Error::Io { .. })));
     assert!(matches!(
-        e.generate_text(&req, &mut |_| {}),
-        Err(Error::Tokenizer(_))
-    ));
-    assert!(matches!(
-        Engine::open(dir.path().join("nope"), &EngineOptions::default()),
-        Err(Error::Io { .. })
-    ));
-    assert!(matches!(
-        Engine::open(
-            &p,
-            &EngineOptions {
-                threads: Some(0),
-                ..Default::default()
-            }
-        ),
+        Engine::open(&p, &EngineOptions { threads: Some(0), ..Default::default() }),
         Err(Error::Input(_))
     ));
 }

@@ -16,42 +16,13 @@ use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
-create_exception!(
-    _native,
-    AiosError,
-    PyException,
-    "Base class of every aios runtime error."
-);
-create_exception!(
-    _native,
-    FormatError,
-    AiosError,
-    "A weight file is corrupt, truncated or inconsistent."
-);
-create_exception!(
-    _native,
-    ConfigError,
-    AiosError,
-    "A model configuration is invalid."
-);
-create_exception!(
-    _native,
-    InputError,
-    AiosError,
-    "An argument is invalid (length, steps, sampler, ...)."
-);
-create_exception!(
-    _native,
-    TokenizerError,
-    AiosError,
-    "The tokenizer is missing or failed."
-);
-create_exception!(
-    _native,
-    AiosIOError,
-    AiosError,
-    "An operating-system I/O error."
-);
+create_exception!(_native, AiosError, PyException, "Base class of every aios runtime error.");
+create_exception!(_native, FormatError, AiosError, "A weight file is corrupt, truncated or inconsistent.");
+create_exception!(_native, ConfigError, AiosError, "A model configuration is invalid.");
+create_exception!(_native, InputError, AiosError, "An argument is invalid (length, steps, sampler, ...).");
+create_exception!(_native, TokenizerError, AiosError, "The tokenizer is missing or failed.");
+create_exception!(_native, AiosIOError, AiosError, "An operating-system I/O error.");
+create_exception!(_native, NumericError, AiosError, "The model produced NaN or infinite values.");
 
 /// The one mapping from core errors to Python exceptions.
 fn to_py(e: Error) -> PyErr {
@@ -62,6 +33,7 @@ fn to_py(e: Error) -> PyErr {
         Error::Input(_) => InputError::new_err(msg),
         Error::Tokenizer(_) => TokenizerError::new_err(msg),
         Error::Io { .. } => AiosIOError::new_err(msg),
+        Error::Numeric(_) => NumericError::new_err(msg),
         Error::Backend(_) => AiosError::new_err(msg),
     }
 }
@@ -80,12 +52,41 @@ fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, Error> + Send) -> 
         .map_err(to_py)
 }
 
+/// A non-negative integer argument, as an `InputError` (not an
+/// `OverflowError`) when it is negative, too large or not an integer.
+fn count(v: &Bound<'_, PyAny>, name: &str) -> PyResult<usize> {
+    v.extract::<u64>()
+        .ok()
+        .and_then(|x| usize::try_from(x).ok())
+        .ok_or_else(|| InputError::new_err(format!("{name} must be a non-negative integer, got {v}")))
+}
+
+fn opt_count(v: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<Option<usize>> {
+    v.filter(|v| !v.is_none()).map(|v| count(v, name)).transpose()
+}
+
+/// Integer arguments arrive as objects (defaults applied here) so that a
+/// negative or non-integer value is an `InputError`, not an `OverflowError`.
+fn count_or(v: Option<&Bound<'_, PyAny>>, default: usize, name: &str) -> PyResult<usize> {
+    Ok(opt_count(v, name)?.unwrap_or(default))
+}
+
+const DEFAULT_LENGTH: usize = 64;
+const DEFAULT_STEPS: usize = 16;
+
+fn token_ids(v: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+    let ids: Vec<Bound<'_, PyAny>> =
+        v.extract().map_err(|_| InputError::new_err("tokens must be a sequence of ints"))?;
+    ids.iter()
+        .map(|t| {
+            t.extract::<u32>().map_err(|_| InputError::new_err(format!("token id {t} is not a valid id (0..2^32)")))
+        })
+        .collect()
+}
+
 fn parse_dtype(s: &str) -> PyResult<DType> {
-    DType::parse(s).ok_or_else(|| {
-        InputError::new_err(format!(
-            "unknown dtype {s:?}; use f32, f16, bf16, int8, int4 or int2"
-        ))
-    })
+    DType::parse(s)
+        .ok_or_else(|| InputError::new_err(format!("unknown dtype {s:?}; use f32, f16, bf16, int8, int4 or int2")))
 }
 
 /// The result of one generation.
@@ -146,21 +147,26 @@ struct Engine {
 #[allow(clippy::too_many_arguments)]
 fn sampler_options(
     sampler: &str,
-    steps: usize,
-    seed: u64,
-    block_length: Option<usize>,
+    steps: Option<&Bound<'_, PyAny>>,
+    seed: Option<&Bound<'_, PyAny>>,
+    block_length: Option<&Bound<'_, PyAny>>,
     guidance: f64,
     temperature: f64,
     threshold: f64,
 ) -> PyResult<SamplerOptions> {
     let o = SamplerOptions {
         strategy: Strategy::parse(sampler).map_err(to_py)?,
-        steps,
+        steps: count_or(steps, DEFAULT_STEPS, "steps")?,
         temperature,
-        block_length,
+        block_length: opt_count(block_length, "block_length")?,
         guidance,
         threshold,
-        seed,
+        seed: match seed.filter(|s| !s.is_none()) {
+            None => 0,
+            Some(s) => s
+                .extract::<u64>()
+                .map_err(|_| InputError::new_err(format!("seed must be an integer in 0..2^64, got {s}")))?,
+        },
     };
     o.validate().map_err(to_py)?;
     Ok(o)
@@ -170,30 +176,16 @@ fn sampler_options(
 impl Engine {
     #[new]
     #[pyo3(signature = (path, threads=None, dtype=None, matmul="auto"))]
-    fn new(
-        py: Python<'_>,
-        path: PathBuf,
-        threads: Option<usize>,
-        dtype: Option<&str>,
-        matmul: &str,
-    ) -> PyResult<Self> {
+    fn new(py: Python<'_>, path: PathBuf, threads: Option<usize>, dtype: Option<&str>, matmul: &str) -> PyResult<Self> {
         let matmul = MatmulMode::parse(matmul).ok_or_else(|| {
-            InputError::new_err(format!(
-                "unknown matmul mode {matmul:?}; use auto, dequantize or quantized"
-            ))
+            InputError::new_err(format!("unknown matmul mode {matmul:?}; use auto, dequantize or quantized"))
         })?;
-        let opts = EngineOptions {
-            threads,
-            dtype: dtype.map(parse_dtype).transpose()?,
-            matmul,
-        };
-        Ok(Engine {
-            inner: run(py, || CoreEngine::open(&path, &opts))?,
-        })
+        let opts = EngineOptions { threads, dtype: dtype.map(parse_dtype).transpose()?, matmul };
+        Ok(Engine { inner: run(py, || CoreEngine::open(&path, &opts))? })
     }
 
     /// Generates from a prompt. `length` is the whole canvas (prompt included).
-    #[pyo3(signature = (prompt="", modality="text", length=64, steps=16, sampler="confidence", seed=0,
+    #[pyo3(signature = (prompt="", modality="text", length=None, steps=None, sampler="confidence", seed=None,
                         block_length=None, guidance=0.0, temperature=1.0, threshold=0.9, suffix=None))]
     #[allow(clippy::too_many_arguments)]
     fn diffuse(
@@ -201,11 +193,11 @@ impl Engine {
         py: Python<'_>,
         prompt: &str,
         modality: &str,
-        length: usize,
-        steps: usize,
+        length: Option<&Bound<'_, PyAny>>,
+        steps: Option<&Bound<'_, PyAny>>,
         sampler: &str,
-        seed: u64,
-        block_length: Option<usize>,
+        seed: Option<&Bound<'_, PyAny>>,
+        block_length: Option<&Bound<'_, PyAny>>,
         guidance: f64,
         temperature: f64,
         threshold: f64,
@@ -216,19 +208,11 @@ impl Engine {
                 "modality {modality:?} is not available: this model has only a text head"
             )));
         }
-        let sampler = sampler_options(
-            sampler,
-            steps,
-            seed,
-            block_length,
-            guidance,
-            temperature,
-            threshold,
-        )?;
+        let sampler = sampler_options(sampler, steps, seed, block_length, guidance, temperature, threshold)?;
         let req = TextRequest {
             prompt: prompt.to_string(),
             suffix,
-            length,
+            length: count_or(length, DEFAULT_LENGTH, "length")?,
             sampler,
         };
         Ok(run(py, || self.inner.generate_text(&req, &mut |_| {}))?.into())
@@ -236,33 +220,24 @@ impl Engine {
 
     /// Generates on a token canvas: every `mask_token_id` is filled, all other
     /// tokens are kept (infilling anywhere).
-    #[pyo3(signature = (tokens, steps=16, sampler="confidence", seed=0, block_length=None, guidance=0.0,
+    #[pyo3(signature = (tokens, steps=None, sampler="confidence", seed=None, block_length=None, guidance=0.0,
                         temperature=1.0, threshold=0.9))]
     #[allow(clippy::too_many_arguments)]
     fn diffuse_tokens(
         &self,
         py: Python<'_>,
-        tokens: Vec<u32>,
-        steps: usize,
+        tokens: &Bound<'_, PyAny>,
+        steps: Option<&Bound<'_, PyAny>>,
         sampler: &str,
-        seed: u64,
-        block_length: Option<usize>,
+        seed: Option<&Bound<'_, PyAny>>,
+        block_length: Option<&Bound<'_, PyAny>>,
         guidance: f64,
         temperature: f64,
         threshold: f64,
     ) -> PyResult<Generation> {
-        let opts = sampler_options(
-            sampler,
-            steps,
-            seed,
-            block_length,
-            guidance,
-            temperature,
-            threshold,
-        )?;
-        let mut g = run(py, || {
-            self.inner.generate_tokens(tokens, &opts, &mut |_| {})
-        })?;
+        let opts = sampler_options(sampler, steps, seed, block_length, guidance, temperature, threshold)?;
+        let tokens = token_ids(tokens)?;
+        let mut g = run(py, || self.inner.generate_tokens(tokens, &opts, &mut |_| {}))?;
         if let Ok(text) = self.inner.decode(&g.tokens) {
             g.text = text;
         }
@@ -275,14 +250,13 @@ impl Engine {
     fn logits_raw<'py>(
         &self,
         py: Python<'py>,
-        batch: Vec<Vec<u32>>,
+        batch: &Bound<'py, PyAny>,
         sigma: Option<f32>,
     ) -> PyResult<(Bound<'py, PyBytes>, Vec<usize>)> {
-        let shape = vec![
-            batch.len(),
-            batch.first().map_or(0, Vec::len),
-            self.inner.config().vocab_size,
-        ];
+        let rows: Vec<Bound<'py, PyAny>> =
+            batch.extract().map_err(|_| InputError::new_err("batch must be a sequence of token sequences"))?;
+        let batch = rows.iter().map(token_ids).collect::<PyResult<Vec<_>>>()?;
+        let shape = vec![batch.len(), batch.first().map_or(0, Vec::len), self.inner.config().vocab_size];
         let v = run(py, || self.inner.logits(&batch, sigma))?;
         let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         Ok((PyBytes::new(py, &bytes), shape))
@@ -292,7 +266,8 @@ impl Engine {
         run(py, || self.inner.encode(text))
     }
 
-    fn decode(&self, py: Python<'_>, ids: Vec<u32>) -> PyResult<String> {
+    fn decode(&self, py: Python<'_>, ids: &Bound<'_, PyAny>) -> PyResult<String> {
+        let ids = token_ids(ids)?;
         run(py, || self.inner.decode(&ids))
     }
 
@@ -321,11 +296,8 @@ impl Engine {
         d.set_item("file_bytes", i.file_bytes)?;
         d.set_item("backbone_params", i.backbone_params)?;
         d.set_item("head_params", i.head_params)?;
-        let dtypes: HashMap<String, (usize, usize)> = i
-            .dtypes
-            .iter()
-            .map(|(dt, n, p)| (dt.as_str().to_string(), (*n, *p)))
-            .collect();
+        let dtypes: HashMap<String, (usize, usize)> =
+            i.dtypes.iter().map(|(dt, n, p)| (dt.as_str().to_string(), (*n, *p))).collect();
         d.set_item("dtypes", dtypes)?;
         Ok(d)
     }
@@ -333,34 +305,19 @@ impl Engine {
 
 /// Quantises little-endian f32 `data` of `shape` into `dtype`'s bytes.
 #[pyfunction]
-fn quantize<'py>(
-    py: Python<'py>,
-    data: &[u8],
-    shape: Vec<usize>,
-    dtype: &str,
-) -> PyResult<Bound<'py, PyBytes>> {
+fn quantize<'py>(py: Python<'py>, data: &[u8], shape: Vec<usize>, dtype: &str) -> PyResult<Bound<'py, PyBytes>> {
     let d = parse_dtype(dtype)?;
     if !data.len().is_multiple_of(4) {
-        return Err(InputError::new_err(
-            "f32 data length must be a multiple of 4",
-        ));
+        return Err(InputError::new_err("f32 data length must be a multiple of 4"));
     }
-    let values: Vec<f32> = data
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    let values: Vec<f32> = data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     let out = run(py, || quant::quantize(&values, &shape, d))?;
     Ok(PyBytes::new(py, &out))
 }
 
 /// Decodes `dtype` bytes of `shape` to little-endian f32 bytes.
 #[pyfunction]
-fn dequantize<'py>(
-    py: Python<'py>,
-    data: &[u8],
-    shape: Vec<usize>,
-    dtype: &str,
-) -> PyResult<Bound<'py, PyBytes>> {
+fn dequantize<'py>(py: Python<'py>, data: &[u8], shape: Vec<usize>, dtype: &str) -> PyResult<Bound<'py, PyBytes>> {
     let d = parse_dtype(dtype)?;
     let values = run(py, || quant::dequantize(data, &shape, d))?;
     let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -370,10 +327,7 @@ fn dequantize<'py>(
 /// Reads and validates a container: `(tensors, metadata)` where tensors maps
 /// name -> (stored dtype, shape, f32 bytes dequantised).
 #[pyfunction]
-fn read_tensors_raw<'py>(
-    py: Python<'py>,
-    path: PathBuf,
-) -> PyResult<(Bound<'py, PyDict>, HashMap<String, String>)> {
+fn read_tensors_raw<'py>(py: Python<'py>, path: PathBuf) -> PyResult<(Bound<'py, PyDict>, HashMap<String, String>)> {
     let (tensors, meta) = run(py, || {
         let f = WeightFile::open(&path)?;
         let mut out = vec![];
@@ -381,10 +335,7 @@ fn read_tensors_raw<'py>(
             let v = quant::dequantize(t.data(), &t.shape, t.dtype)?;
             out.push((t.name.clone(), t.dtype, t.shape.clone(), v));
         }
-        Ok((
-            out,
-            f.metadata.clone().into_iter().collect::<HashMap<_, _>>(),
-        ))
+        Ok((out, f.metadata.clone().into_iter().collect::<HashMap<_, _>>()))
     })?;
     let d = PyDict::new(py);
     for (name, dtype, shape, v) in tensors {
@@ -396,22 +347,13 @@ fn read_tensors_raw<'py>(
 
 /// Quantises a whole model file; returns {"in_bytes", "out_bytes", "dtypes": {name: dtype}}.
 #[pyfunction]
-fn quantize_file<'py>(
-    py: Python<'py>,
-    input: PathBuf,
-    output: PathBuf,
-    dtype: &str,
-) -> PyResult<Bound<'py, PyDict>> {
+fn quantize_file<'py>(py: Python<'py>, input: PathBuf, output: PathBuf, dtype: &str) -> PyResult<Bound<'py, PyDict>> {
     let d = parse_dtype(dtype)?;
     let r = run(py, || quant::quantize_file(&input, &output, d))?;
     let out = PyDict::new(py);
     out.set_item("in_bytes", r.in_bytes)?;
     out.set_item("out_bytes", r.out_bytes)?;
-    let dtypes: HashMap<String, &str> = r
-        .tensors
-        .iter()
-        .map(|(n, t)| (n.clone(), t.as_str()))
-        .collect();
+    let dtypes: HashMap<String, &str> = r.tensors.iter().map(|(n, t)| (n.clone(), t.as_str())).collect();
     out.set_item("dtypes", dtypes)?;
     Ok(out)
 }
@@ -419,18 +361,10 @@ fn quantize_file<'py>(
 /// Writes a model with random weights (tests and benchmarks).
 #[pyfunction]
 #[pyo3(signature = (path, config_json, seed=0, dtype="f32"))]
-fn write_random_model(
-    py: Python<'_>,
-    path: PathBuf,
-    config_json: &str,
-    seed: u64,
-    dtype: &str,
-) -> PyResult<()> {
+fn write_random_model(py: Python<'_>, path: PathBuf, config_json: &str, seed: u64, dtype: &str) -> PyResult<()> {
     let d = parse_dtype(dtype)?;
     let cfg = aios_core::model::ModelConfig::from_json(config_json).map_err(to_py)?;
-    run(py, || {
-        aios_core::model::random::write_random_model(&path, &cfg, seed, d)
-    })
+    run(py, || aios_core::model::random::write_random_model(&path, &cfg, seed, d))
 }
 
 #[pymodule]
@@ -449,6 +383,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("InputError", py.get_type::<InputError>())?;
     m.add("TokenizerError", py.get_type::<TokenizerError>())?;
     m.add("AiosIOError", py.get_type::<AiosIOError>())?;
+    m.add("NumericError", py.get_type::<NumericError>())?;
     m.add("SAMPLERS", Strategy::NAMES.to_vec())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -1,7 +1,7 @@
 //! `aios-run`: the standalone runtime for edge devices.
 //!
 //! Exit codes: 0 success, 2 bad command line, 3 invalid input, 4 corrupt or
-//! inconsistent model file/config, 5 I/O error, 6 tokenizer error, 1 other.
+//! inconsistent model file/config (or NaN output), 5 I/O error, 6 tokenizer error, 1 other.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -15,11 +15,7 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
-#[command(
-    name = "aios-run",
-    version,
-    about = "Run small diffusion language models on the edge"
-)]
+#[command(name = "aios-run", version, about = "Run small diffusion language models on the edge")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -93,25 +89,14 @@ struct GenerateArgs {
 }
 
 fn parse_dtype(s: &str) -> Result<DType, Error> {
-    DType::parse(s).ok_or_else(|| {
-        Error::Input(format!(
-            "unknown dtype {s:?}; use f32, f16, int8, int4 or int2"
-        ))
-    })
+    DType::parse(s).ok_or_else(|| Error::Input(format!("unknown dtype {s:?}; use f32, f16, int8, int4 or int2")))
 }
 
 fn generate(a: GenerateArgs) -> Result<(), Error> {
     let matmul = MatmulMode::parse(&a.matmul).ok_or_else(|| {
-        Error::Input(format!(
-            "unknown matmul mode {:?}; use auto, dequantize or quantized",
-            a.matmul
-        ))
+        Error::Input(format!("unknown matmul mode {:?}; use auto, dequantize or quantized", a.matmul))
     })?;
-    let opts = EngineOptions {
-        threads: a.threads,
-        dtype: a.dtype.as_deref().map(parse_dtype).transpose()?,
-        matmul,
-    };
+    let opts = EngineOptions { threads: a.threads, dtype: a.dtype.as_deref().map(parse_dtype).transpose()?, matmul };
     let sampler = SamplerOptions {
         strategy: Strategy::parse(&a.sampler)?,
         steps: a.steps,
@@ -123,17 +108,8 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
     };
     sampler.validate()?;
     let engine = Engine::open(&a.model, &opts)?;
-    let req = TextRequest {
-        prompt: a.prompt,
-        suffix: a.suffix,
-        length: a.length,
-        sampler,
-    };
-    let bar = if a.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(req.sampler.steps as u64)
-    };
+    let req = TextRequest { prompt: a.prompt, suffix: a.suffix, length: a.length, sampler };
+    let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(req.sampler.steps as u64) };
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{bar:30}] step {pos}/{len} {msg} ({elapsed})")
             .expect("static template")
@@ -146,13 +122,7 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
     bar.finish_and_clear();
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{}", g.text);
-    let generated: Vec<f32> = g
-        .confidence
-        .iter()
-        .zip(&g.given)
-        .filter(|(_, &gv)| !gv)
-        .map(|(c, _)| *c)
-        .collect();
+    let generated: Vec<f32> = g.confidence.iter().zip(&g.given).filter(|(_, &gv)| !gv).map(|(c, _)| *c).collect();
     let mean_conf = generated.iter().sum::<f32>() / generated.len().max(1) as f32;
     if !a.quiet {
         eprintln!(
@@ -169,18 +139,11 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
 }
 
 fn info(model: PathBuf, dtype: Option<String>) -> Result<(), Error> {
-    let opts = EngineOptions {
-        dtype: dtype.as_deref().map(parse_dtype).transpose()?,
-        threads: Some(1),
-        ..Default::default()
-    };
+    let opts =
+        EngineOptions { dtype: dtype.as_deref().map(parse_dtype).transpose()?, threads: Some(1), ..Default::default() };
     let engine = Engine::open(&model, &opts)?;
     let i = engine.info();
-    println!(
-        "file: {} ({:.2} MB)",
-        i.path.display(),
-        i.file_bytes as f64 / 1e6
-    );
+    println!("file: {} ({:.2} MB)", i.path.display(), i.file_bytes as f64 / 1e6);
     println!("config: {}", i.config.to_json());
     for (d, n, p) in &i.dtypes {
         println!("dtype {d}: {n} tensors, {p} parameters");
@@ -199,11 +162,7 @@ fn info(model: PathBuf, dtype: Option<String>) -> Result<(), Error> {
 fn quantize(input: PathBuf, output: PathBuf, dtype: String) -> Result<(), Error> {
     let d = parse_dtype(&dtype)?;
     let r = quantize_file(&input, &output, d)?;
-    let quantised = r
-        .tensors
-        .iter()
-        .filter(|(_, t)| t.is_quantized() || *t == d)
-        .count();
+    let quantised = r.tensors.iter().filter(|(_, t)| t.is_quantized() || *t == d).count();
     println!(
         "{} -> {}: {} of {} tensors as {}, {:.2} MB -> {:.2} MB",
         input.display(),
@@ -220,7 +179,7 @@ fn quantize(input: PathBuf, output: PathBuf, dtype: String) -> Result<(), Error>
 fn exit_code(e: &Error) -> u8 {
     match e {
         Error::Input(_) => 3,
-        Error::Format { .. } | Error::Config(_) => 4,
+        Error::Format { .. } | Error::Config(_) | Error::Numeric(_) => 4,
         Error::Io { .. } => 5,
         Error::Tokenizer(_) => 6,
         Error::Backend(_) => 1,
@@ -232,11 +191,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(a) => generate(a),
         Command::Info { model, dtype } => info(model, dtype),
-        Command::Quantize {
-            input,
-            output,
-            dtype,
-        } => quantize(input, output, dtype),
+        Command::Quantize { input, output, dtype } => quantize(input, output, dtype),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -19,14 +19,7 @@ pub enum DType {
 }
 
 impl DType {
-    pub const ALL: [DType; 6] = [
-        DType::F32,
-        DType::F16,
-        DType::BF16,
-        DType::Q8_0,
-        DType::Q4K,
-        DType::Q2K,
-    ];
+    pub const ALL: [DType; 6] = [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4K, DType::Q2K];
 
     /// Name as stored in the `dtype` column.
     pub fn as_str(self) -> &'static str {
@@ -97,9 +90,7 @@ impl DType {
             .ok_or_else(|| format!("shape {shape:?} overflows"))?;
         let bs = self.block_size();
         if bs > 1 {
-            let last = *shape
-                .last()
-                .ok_or("a quantised tensor needs at least one dimension")?;
+            let last = *shape.last().ok_or("a quantised tensor needs at least one dimension")?;
             if last % bs != 0 {
                 return Err(format!(
                     "last dimension {last} is not a multiple of the {} block size {bs}",
@@ -107,9 +98,7 @@ impl DType {
                 ));
             }
         }
-        (numel / bs)
-            .checked_mul(self.block_bytes())
-            .ok_or_else(|| format!("shape {shape:?} overflows"))
+        (numel / bs).checked_mul(self.block_bytes()).ok_or_else(|| format!("shape {shape:?} overflows"))
     }
 }
 

@@ -34,14 +34,7 @@ impl RawTensor {
 
 impl std::fmt::Debug for RawTensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} {}{:?} ({} bytes)",
-            self.name,
-            self.dtype,
-            self.shape,
-            self.data().len()
-        )
+        write!(f, "{} {}{:?} ({} bytes)", self.name, self.dtype, self.shape, self.data().len())
     }
 }
 
@@ -68,10 +61,7 @@ impl WeightFile {
         let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
         let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
         if len < 12 {
-            return Err(Error::format(
-                path.display(),
-                format!("file is {len} bytes, too short to be Parquet"),
-            ));
+            return Err(Error::format(path.display(), format!("file is {len} bytes, too short to be Parquet")));
         }
         // SAFETY: the mapping is read-only; like safetensors and candle we
         // accept that another process truncating the file under us is UB-adjacent
@@ -82,12 +72,7 @@ impl WeightFile {
         let parsed = std::panic::catch_unwind(|| parse(bytes, &shown));
         let (metadata, tensors) = match parsed {
             Ok(r) => r?,
-            Err(_) => {
-                return Err(Error::format(
-                    &shown,
-                    "the Parquet decoder rejected the file (corrupt data)",
-                ))
-            }
+            Err(_) => return Err(Error::format(&shown, "the Parquet decoder rejected the file (corrupt data)")),
         };
         Self::from_parts(path, len, metadata, tensors)
     }
@@ -101,18 +86,15 @@ impl WeightFile {
         let shown = path.display().to_string();
         let version: u32 = metadata
             .get(KEY_VERSION)
-            .ok_or_else(|| {
-                Error::format(
-                    &shown,
-                    format!("missing metadata key {KEY_VERSION}: not an aios file"),
-                )
-            })?
+            .ok_or_else(|| Error::format(&shown, format!("missing metadata key {KEY_VERSION}: not an aios file")))?
             .parse()
             .map_err(|_| Error::format(&shown, format!("{KEY_VERSION} is not an integer")))?;
         if version > FORMAT_VERSION || version == 0 {
             return Err(Error::format(
                 &shown,
-                format!("format version {version} is not supported (this build reads 1..={FORMAT_VERSION}); upgrade aios"),
+                format!(
+                    "format version {version} is not supported (this build reads 1..={FORMAT_VERSION}); upgrade aios"
+                ),
             ));
         }
         let kind = metadata
@@ -122,21 +104,10 @@ impl WeightFile {
         let mut index = BTreeMap::new();
         for (i, t) in tensors.iter().enumerate() {
             if index.insert(t.name.clone(), i).is_some() {
-                return Err(Error::format(
-                    &shown,
-                    format!("duplicate tensor name {:?}", t.name),
-                ));
+                return Err(Error::format(&shown, format!("duplicate tensor name {:?}", t.name)));
             }
         }
-        Ok(WeightFile {
-            path,
-            kind,
-            format_version: version,
-            metadata,
-            tensors,
-            index,
-            file_bytes,
-        })
+        Ok(WeightFile { path, kind, format_version: version, metadata, tensors, index, file_bytes })
     }
 
     pub fn get(&self, name: &str) -> Option<&RawTensor> {
@@ -145,8 +116,7 @@ impl WeightFile {
 
     /// The tensor, or a format error naming what is missing.
     pub fn require(&self, name: &str) -> Result<&RawTensor> {
-        self.get(name)
-            .ok_or_else(|| Error::format(self.path.display(), format!("missing tensor {name:?}")))
+        self.get(name).ok_or_else(|| Error::format(self.path.display(), format!("missing tensor {name:?}")))
     }
 
     /// The `aios.config` JSON, if the file has one.
@@ -165,17 +135,26 @@ fn parse(bytes: Bytes, shown: &str) -> Result<Parsed> {
     for kv in meta.key_value_metadata().into_iter().flatten() {
         metadata.insert(kv.key.clone(), kv.value.clone().unwrap_or_default());
     }
-    let fields: Vec<&str> = meta
-        .schema()
-        .get_fields()
-        .iter()
-        .map(|f| f.name())
-        .collect();
+    let fields: Vec<&str> = meta.schema().get_fields().iter().map(|f| f.name()).collect();
     if fields != ["name", "dtype", "shape", "data"] {
-        return Err(Error::format(
-            shown,
-            format!("columns are {fields:?}, expected [name, dtype, shape, data]"),
-        ));
+        return Err(Error::format(shown, format!("columns are {fields:?}, expected [name, dtype, shape, data]")));
+    }
+    // Payloads are read as slices of the mapping, so pages must be stored
+    // uncompressed; say so instead of failing inside a codec.
+    for rg in reader.metadata().row_groups() {
+        for col in rg.columns() {
+            if col.compression() != parquet::basic::Compression::UNCOMPRESSED {
+                return Err(Error::format(
+                    shown,
+                    format!(
+                        "column {} is compressed with {}; aios weight files must be written uncompressed \
+                         (pyarrow: compression='none')",
+                        col.column_path(),
+                        col.compression()
+                    ),
+                ));
+            }
+        }
     }
     let mut tensors = Vec::new();
     for row in reader.get_row_iter(None).map_err(perr)? {
@@ -184,49 +163,28 @@ fn parse(bytes: Bytes, shown: &str) -> Result<Parsed> {
         let dtype_name = row.get_string(1).map_err(perr)?;
         let dtype = DType::parse(dtype_name)
             .filter(|d| d.as_str() == dtype_name)
-            .ok_or_else(|| {
-                Error::format(
-                    shown,
-                    format!("tensor {name:?} has unknown dtype {dtype_name:?}"),
-                )
-            })?;
+            .ok_or_else(|| Error::format(shown, format!("tensor {name:?} has unknown dtype {dtype_name:?}")))?;
         let mut shape = Vec::new();
         for el in row.get_list(2).map_err(perr)?.elements() {
             match el {
                 Field::Long(d) if *d >= 0 => shape.push(*d as usize),
                 other => {
-                    return Err(Error::format(
-                        shown,
-                        format!("tensor {name:?} has invalid dimension {other}"),
-                    ));
+                    return Err(Error::format(shown, format!("tensor {name:?} has invalid dimension {other}")));
                 }
             }
         }
         let data = row.get_bytes(3).map_err(perr)?.clone();
-        let expected = dtype
-            .byte_len(&shape)
-            .map_err(|m| Error::format(shown, format!("tensor {name:?}: {m}")))?;
+        let expected = dtype.byte_len(&shape).map_err(|m| Error::format(shown, format!("tensor {name:?}: {m}")))?;
         if data.len() != expected {
             return Err(Error::format(
                 shown,
-                format!(
-                    "tensor {name:?} ({dtype}{shape:?}) has {} bytes of data, expected {expected}",
-                    data.len()
-                ),
+                format!("tensor {name:?} ({dtype}{shape:?}) has {} bytes of data, expected {expected}", data.len()),
             ));
         }
         if expected > MAX_TENSOR_BYTES {
-            return Err(Error::format(
-                shown,
-                format!("tensor {name:?} exceeds the 2 GiB limit"),
-            ));
+            return Err(Error::format(shown, format!("tensor {name:?} exceeds the 2 GiB limit")));
         }
-        tensors.push(RawTensor {
-            name,
-            dtype,
-            shape,
-            data,
-        });
+        tensors.push(RawTensor { name, dtype, shape, data });
     }
     Ok((metadata, tensors))
 }

@@ -16,18 +16,8 @@ fn write_sample(path: &std::path::Path) {
         "model",
         &meta,
         &[
-            TensorToWrite {
-                name: "a",
-                dtype: DType::F32,
-                shape: &[2, 3],
-                data: &a,
-            },
-            TensorToWrite {
-                name: "b",
-                dtype: DType::F32,
-                shape: &[],
-                data: &b,
-            },
+            TensorToWrite { name: "a", dtype: DType::F32, shape: &[2, 3], data: &a },
+            TensorToWrite { name: "b", dtype: DType::F32, shape: &[], data: &b },
         ],
     )
     .unwrap();
@@ -44,10 +34,7 @@ fn round_trip() {
     assert_eq!(f.config_json(), Some("{\"x\":1}"));
     let a = f.require("a").unwrap();
     assert_eq!(a.shape, vec![2, 3]);
-    assert_eq!(
-        a.data(),
-        f32_bytes(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).as_slice()
-    );
+    assert_eq!(a.data(), f32_bytes(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).as_slice());
     assert_eq!(f.require("b").unwrap().shape, Vec::<usize>::new());
     assert!(matches!(f.require("zzz"), Err(Error::Format { .. })));
 }
@@ -57,34 +44,13 @@ fn writer_rejects_bad_tensors() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("w.parquet");
     let d = f32_bytes(&[1.0, 2.0]);
-    let wrong_len = [TensorToWrite {
-        name: "a",
-        dtype: DType::F32,
-        shape: &[3],
-        data: &d,
-    }];
-    assert!(matches!(
-        write_weight_file(&p, "model", &BTreeMap::new(), &wrong_len),
-        Err(Error::Input(_))
-    ));
+    let wrong_len = [TensorToWrite { name: "a", dtype: DType::F32, shape: &[3], data: &d }];
+    assert!(matches!(write_weight_file(&p, "model", &BTreeMap::new(), &wrong_len), Err(Error::Input(_))));
     let dup = [
-        TensorToWrite {
-            name: "a",
-            dtype: DType::F32,
-            shape: &[2],
-            data: &d,
-        },
-        TensorToWrite {
-            name: "a",
-            dtype: DType::F32,
-            shape: &[2],
-            data: &d,
-        },
+        TensorToWrite { name: "a", dtype: DType::F32, shape: &[2], data: &d },
+        TensorToWrite { name: "a", dtype: DType::F32, shape: &[2], data: &d },
     ];
-    assert!(matches!(
-        write_weight_file(&p, "model", &BTreeMap::new(), &dup),
-        Err(Error::Input(_))
-    ));
+    assert!(matches!(write_weight_file(&p, "model", &BTreeMap::new(), &dup), Err(Error::Input(_))));
     assert!(!p.exists(), "a refused write must not leave a file");
 }
 
@@ -102,10 +68,7 @@ fn truncated_and_garbage_files_are_format_errors() {
     }
     std::fs::write(&q, b"definitely not a parquet file at all").unwrap();
     assert!(matches!(WeightFile::open(&q), Err(Error::Format { .. })));
-    assert!(matches!(
-        WeightFile::open(dir.path().join("missing.parquet")),
-        Err(Error::Io { .. })
-    ));
+    assert!(matches!(WeightFile::open(dir.path().join("missing.parquet")), Err(Error::Io { .. })));
 }
 
 /// Flipping any single byte must give either a valid file or a clean error,

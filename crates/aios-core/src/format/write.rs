@@ -47,10 +47,7 @@ pub fn write_weight_file(
     let shown = path.display().to_string();
     let mut seen = std::collections::HashSet::new();
     for t in tensors {
-        let expected = t
-            .dtype
-            .byte_len(t.shape)
-            .map_err(|m| Error::Input(format!("tensor {}: {m}", t.name)))?;
+        let expected = t.dtype.byte_len(t.shape).map_err(|m| Error::Input(format!("tensor {}: {m}", t.name)))?;
         if expected != t.data.len() {
             return Err(Error::Input(format!(
                 "tensor {} has {} bytes, {}{:?} needs {expected}",
@@ -61,10 +58,7 @@ pub fn write_weight_file(
             )));
         }
         if expected > MAX_TENSOR_BYTES {
-            return Err(Error::Input(format!(
-                "tensor {} exceeds the 2 GiB limit",
-                t.name
-            )));
+            return Err(Error::Input(format!("tensor {} exceeds the 2 GiB limit", t.name)));
         }
         if !seen.insert(t.name) {
             return Err(Error::Input(format!("duplicate tensor name {}", t.name)));
@@ -79,39 +73,41 @@ pub fn write_weight_file(
             kv.push(KeyValue::new(k.clone(), v.clone()));
         }
     }
-    let props = WriterProperties::builder()
+    let tmp = path.with_extension("parquet.tmp");
+    let written = write_to(&tmp, &shown, WriterProperties::builder().set_key_value_metadata(Some(kv)), tensors)
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    if written.is_err() {
+        // Never leave a half-written temp file behind.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+fn write_to(
+    tmp: &Path,
+    shown: &str,
+    props: parquet::file::properties::WriterPropertiesBuilder,
+    tensors: &[TensorToWrite<'_>],
+) -> Result<()> {
+    let props = props
         .set_compression(Compression::UNCOMPRESSED)
         .set_dictionary_enabled(false)
         .set_encoding(Encoding::PLAIN)
         .set_statistics_enabled(EnabledStatistics::None)
         .set_write_batch_size(1)
-        .set_key_value_metadata(Some(kv))
         .build();
     let schema = Arc::new(parse_message_type(SCHEMA).expect("static schema parses"));
-    let tmp = path.with_extension("parquet.tmp");
-    let perr =
-        |e: parquet::errors::ParquetError| Error::format(&shown, format!("write failed: {e}"));
-    let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let perr = |e: parquet::errors::ParquetError| Error::format(&shown, format!("write failed: {e}"));
+    let file = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
     let mut writer = SerializedFileWriter::new(file, schema, Arc::new(props)).map_err(perr)?;
     let mut rg = writer.next_row_group().map_err(perr)?;
 
     let strings = |f: fn(&TensorToWrite) -> String| -> Vec<ByteArray> {
-        tensors
-            .iter()
-            .map(|t| ByteArray::from(f(t).into_bytes()))
-            .collect()
+        tensors.iter().map(|t| ByteArray::from(f(t).into_bytes())).collect()
     };
-    for values in [
-        strings(|t| t.name.to_string()),
-        strings(|t| t.dtype.as_str().to_string()),
-    ] {
-        let mut col = rg
-            .next_column()
-            .map_err(perr)?
-            .expect("schema has 4 columns");
-        col.typed::<ByteArrayType>()
-            .write_batch(&values, None, None)
-            .map_err(perr)?;
+    for values in [strings(|t| t.name.to_string()), strings(|t| t.dtype.as_str().to_string())] {
+        let mut col = rg.next_column().map_err(perr)?.expect("schema has 4 columns");
+        col.typed::<ByteArrayType>().write_batch(&values, None, None).map_err(perr)?;
         col.close().map_err(perr)?;
     }
     // A required list of required int64: definition level 1 for a present
@@ -128,30 +124,14 @@ pub fn write_weight_file(
             rep.push(if i == 0 { 0 } else { 1 });
         }
     }
-    let mut col = rg
-        .next_column()
-        .map_err(perr)?
-        .expect("schema has 4 columns");
-    col.typed::<Int64Type>()
-        .write_batch(&dims, Some(&def), Some(&rep))
-        .map_err(perr)?;
+    let mut col = rg.next_column().map_err(perr)?.expect("schema has 4 columns");
+    col.typed::<Int64Type>().write_batch(&dims, Some(&def), Some(&rep)).map_err(perr)?;
     col.close().map_err(perr)?;
-    let data: Vec<ByteArray> = tensors
-        .iter()
-        .map(|t| ByteArray::from(t.data.to_vec()))
-        .collect();
-    let mut col = rg
-        .next_column()
-        .map_err(perr)?
-        .expect("schema has 4 columns");
-    col.typed::<ByteArrayType>()
-        .write_batch(&data, None, None)
-        .map_err(perr)?;
+    let data: Vec<ByteArray> = tensors.iter().map(|t| ByteArray::from(t.data.to_vec())).collect();
+    let mut col = rg.next_column().map_err(perr)?.expect("schema has 4 columns");
+    col.typed::<ByteArrayType>().write_batch(&data, None, None).map_err(perr)?;
     col.close().map_err(perr)?;
     rg.close().map_err(perr)?;
     let file = writer.into_inner().map_err(perr)?;
-    file.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    Ok(())
+    file.sync_all().map_err(|e| Error::io(tmp, e))
 }

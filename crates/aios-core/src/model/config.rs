@@ -62,8 +62,8 @@ const MAX_VOCAB: usize = 1 << 20;
 
 impl ModelConfig {
     pub fn from_json(s: &str) -> Result<Self> {
-        let cfg: ModelConfig = serde_json::from_str(s)
-            .map_err(|e| Error::Config(format!("invalid aios.config JSON: {e}")))?;
+        let cfg: ModelConfig =
+            serde_json::from_str(s).map_err(|e| Error::Config(format!("invalid aios.config JSON: {e}")))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -79,10 +79,7 @@ impl ModelConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         if self.arch != "dit" {
-            return bad(format!(
-                "unknown arch {:?} (this build runs \"dit\")",
-                self.arch
-            ));
+            return bad(format!("unknown arch {:?} (this build runs \"dit\")", self.arch));
         }
         for (name, v, max) in [
             ("vocab_size", self.vocab_size, MAX_VOCAB),
@@ -110,10 +107,7 @@ impl ModelConfig {
             ("eos_token_id", self.eos_token_id),
         ] {
             if id as usize >= self.vocab_size {
-                return bad(format!(
-                    "{name} {id} is outside the vocabulary of {}",
-                    self.vocab_size
-                ));
+                return bad(format!("{name} {id} is outside the vocabulary of {}", self.vocab_size));
             }
         }
         let positive = |x: f64| x.is_finite() && x > 0.0;
@@ -149,10 +143,7 @@ mod tests {
             base().replace("}", ",\"surprise\":1}"),
             "{not json".to_string(),
         ] {
-            assert!(
-                matches!(ModelConfig::from_json(&bad), Err(Error::Config(_))),
-                "{bad}"
-            );
+            assert!(matches!(ModelConfig::from_json(&bad), Err(Error::Config(_))), "{bad}");
         }
     }
 }

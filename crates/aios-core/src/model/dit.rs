@@ -26,26 +26,17 @@ struct LayerNorm {
 impl LayerNorm {
     fn load(file: &WeightFile, name: &str, dim: usize, eps: f64) -> Result<Self> {
         let weight = load_vector(file, name, dim)?;
-        Ok(LayerNorm {
-            zeros: weight.zeros_like()?,
-            weight,
-            eps: eps as f32,
-        })
+        Ok(LayerNorm { zeros: weight.zeros_like()?, weight, eps: eps as f32 })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(
-            x,
-            &self.weight,
-            &self.zeros,
-            self.eps,
-        )?)
+        Ok(candle_nn::ops::layer_norm(x, &self.weight, &self.zeros, self.eps)?)
     }
 }
 
 fn load_vector(file: &WeightFile, name: &str, dim: usize) -> Result<Tensor> {
     let raw = file.require(name)?;
     quant::linear::check_shape(file, name, &raw.shape, &[dim])?;
-    quant::tensor_f32(raw)
+    quant::load_f32(file, raw)
 }
 
 /// `x * (1 + scale) + shift`, with shift/scale `[B, 1, D]`.
@@ -56,9 +47,7 @@ fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
 /// Sinusoidal timestep features `cat(cos, sin)`, `[B, 256]`.
 fn timestep_features(sigma: &Tensor) -> Result<Tensor> {
     let half = FREQ_EMBED_DIM / 2;
-    let freqs: Vec<f32> = (0..half)
-        .map(|i| (-(MAX_PERIOD.ln()) * i as f64 / half as f64).exp() as f32)
-        .collect();
+    let freqs: Vec<f32> = (0..half).map(|i| (-(MAX_PERIOD.ln()) * i as f64 / half as f64).exp() as f32).collect();
     let freqs = Tensor::from_vec(freqs, (1, half), sigma.device())?;
     let args = sigma.unsqueeze(1)?.broadcast_mul(&freqs)?;
     Ok(Tensor::cat(&[args.cos()?, args.sin()?], 1)?)
@@ -93,10 +82,7 @@ impl Modulation {
     fn compute(ada: &Linear, c: &Tensor, parts: usize) -> Result<Self> {
         let m = ada.forward(c)?.unsqueeze(1)?; // [B, 1, parts*D]
         Ok(Modulation(
-            m.chunk(parts, D::Minus1)?
-                .into_iter()
-                .map(|t| t.contiguous())
-                .collect::<candle_core::Result<_>>()?,
+            m.chunk(parts, D::Minus1)?.into_iter().map(|t| t.contiguous()).collect::<candle_core::Result<_>>()?,
         ))
     }
 }
@@ -122,54 +108,23 @@ impl Block {
             attn_qkv: Linear::load(file, &format!("{p}.attn_qkv"), 3 * d, d, false, mode)?,
             attn_out: Linear::load(file, &format!("{p}.attn_out"), d, d, false, mode)?,
             norm2: LayerNorm::load(file, &format!("{p}.norm2.weight"), d, cfg.norm_eps)?,
-            mlp_in: Linear::load(
-                file,
-                &format!("{p}.mlp.0"),
-                cfg.mlp_ratio * d,
-                d,
-                true,
-                mode,
-            )?,
-            mlp_out: Linear::load(
-                file,
-                &format!("{p}.mlp.2"),
-                d,
-                cfg.mlp_ratio * d,
-                true,
-                mode,
-            )?,
-            ada: Linear::load(
-                file,
-                &format!("{p}.adaLN_modulation"),
-                6 * d,
-                cond,
-                true,
-                mode,
-            )?,
+            mlp_in: Linear::load(file, &format!("{p}.mlp.0"), cfg.mlp_ratio * d, d, true, mode)?,
+            mlp_out: Linear::load(file, &format!("{p}.mlp.2"), d, cfg.mlp_ratio * d, true, mode)?,
+            ada: Linear::load(file, &format!("{p}.adaLN_modulation"), 6 * d, cond, true, mode)?,
             n_heads: cfg.n_heads,
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        m: &Modulation,
-        rope: &Rope,
-        mask: Option<&Tensor>,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, m: &Modulation, rope: &Rope, mask: Option<&Tensor>) -> Result<Tensor> {
         let [shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp] = &m.0[..] else {
             return Err(Error::Config("block modulation must have 6 parts".into()));
         };
         let (b, l, d) = x.dims3()?;
         let hd = d / self.n_heads;
         let h = modulate(&self.norm1.forward(x)?, shift_msa, scale_msa)?;
-        let qkv = self
-            .attn_qkv
-            .forward(&h)?
-            .reshape((b, l, 3, self.n_heads, hd))?;
+        let qkv = self.attn_qkv.forward(&h)?.reshape((b, l, 3, self.n_heads, hd))?;
         // [B, L, H, hd] -> [B, H, L, hd]
-        let head =
-            |i: usize| -> Result<Tensor> { Ok(qkv.i((.., .., i))?.transpose(1, 2)?.contiguous()?) };
+        let head = |i: usize| -> Result<Tensor> { Ok(qkv.i((.., .., i))?.transpose(1, 2)?.contiguous()?) };
         let q = rope.apply(&head(0)?, l)?;
         let k = rope.apply(&head(1)?, l)?;
         let v = head(2)?;
@@ -197,17 +152,13 @@ struct Rope {
 impl Rope {
     fn new(cfg: &ModelConfig) -> Result<Self> {
         let hd = cfg.head_dim();
-        let inv: Vec<f32> = (0..hd / 2)
-            .map(|i| (1.0 / cfg.rope_base.powf(2.0 * i as f64 / hd as f64)) as f32)
-            .collect();
+        let inv: Vec<f32> =
+            (0..hd / 2).map(|i| (1.0 / cfg.rope_base.powf(2.0 * i as f64 / hd as f64)) as f32).collect();
         let t: Vec<f32> = (0..cfg.max_length).map(|p| p as f32).collect();
         let t = Tensor::from_vec(t, (cfg.max_length, 1), &Device::Cpu)?;
         let inv = Tensor::from_vec(inv, (1, hd / 2), &Device::Cpu)?;
         let freqs = t.broadcast_mul(&inv)?;
-        Ok(Rope {
-            cos: freqs.cos()?,
-            sin: freqs.sin()?,
-        })
+        Ok(Rope { cos: freqs.cos()?, sin: freqs.sin()? })
     }
     fn apply(&self, x: &Tensor, l: usize) -> Result<Tensor> {
         let cos = self.cos.narrow(0, 0, l)?.contiguous()?;
@@ -236,51 +187,39 @@ impl Dit {
     /// Loads and checks every tensor the config needs.
     pub fn load(file: &WeightFile, cfg: ModelConfig, mode: MatmulMode) -> Result<Self> {
         cfg.validate()?;
+        // A tensor the config does not use means the config and the weights
+        // disagree (e.g. n_layers edited): refuse rather than drop weights.
+        let wanted: std::collections::HashSet<String> =
+            super::random::tensor_shapes(&cfg).into_iter().map(|(n, _)| n).collect();
+        let unexpected: Vec<&str> =
+            file.tensors.iter().map(|t| t.name.as_str()).filter(|n| !wanted.contains(*n)).collect();
+        if !unexpected.is_empty() {
+            return Err(Error::format(
+                file.path.display(),
+                format!("tensors not used by the config: {unexpected:?} (does aios.config match the weights?)"),
+            ));
+        }
         let (v, d) = (cfg.vocab_size, cfg.hidden_size);
         let raw = file.require("vocab_embed.embedding")?;
         quant::linear::check_shape(file, "vocab_embed.embedding", &raw.shape, &[v, d])?;
-        let embedding = quant::tensor_f32(raw)?;
+        let embedding = quant::load_f32(file, raw)?;
         let sigma_map = TimestepEmbedder::load(file, cfg.cond_dim, mode)?;
-        let blocks = (0..cfg.n_layers)
-            .map(|i| Block::load(file, i, &cfg, mode))
-            .collect::<Result<Vec<_>>>()?;
+        let blocks = (0..cfg.n_layers).map(|i| Block::load(file, i, &cfg, mode)).collect::<Result<Vec<_>>>()?;
         let final_norm = LayerNorm::load(file, "output_layer.norm_final.weight", d, cfg.norm_eps)?;
-        let final_ada = Linear::load(
-            file,
-            "output_layer.adaLN_modulation",
-            2 * d,
-            cfg.cond_dim,
-            true,
-            mode,
-        )?;
+        let final_ada = Linear::load(file, "output_layer.adaLN_modulation", 2 * d, cfg.cond_dim, true, mode)?;
         let output = Linear::load(file, "output_layer.linear", v, d, true, mode)?;
         let rope = Rope::new(&cfg)?;
-        let mut model = Dit {
-            cfg,
-            embedding,
-            sigma_map,
-            blocks,
-            final_norm,
-            final_ada,
-            output,
-            rope,
-            constant_modulation: None,
-        };
+        let mut model =
+            Dit { cfg, embedding, sigma_map, blocks, final_norm, final_ada, output, rope, constant_modulation: None };
         if !model.cfg.time_conditioning {
-            let c = model
-                .sigma_map
-                .forward(&Tensor::zeros(1, CDType::F32, &Device::Cpu)?)?;
+            let c = model.sigma_map.forward(&Tensor::zeros(1, CDType::F32, &Device::Cpu)?)?;
             model.constant_modulation = Some(model.modulations(&c)?);
         }
         Ok(model)
     }
 
     fn modulations(&self, c: &Tensor) -> Result<(Vec<Modulation>, Modulation)> {
-        let blocks = self
-            .blocks
-            .iter()
-            .map(|b| Modulation::compute(&b.ada, c, 6))
-            .collect::<Result<Vec<_>>>()?;
+        let blocks = self.blocks.iter().map(|b| Modulation::compute(&b.ada, c, 6)).collect::<Result<Vec<_>>>()?;
         Ok((blocks, Modulation::compute(&self.final_ada, c, 2)?))
     }
 
@@ -289,10 +228,7 @@ impl Dit {
     pub fn forward(&self, tokens: &Tensor, sigma: Option<&Tensor>) -> Result<Tensor> {
         let (b, l) = tokens.dims2()?;
         if l == 0 || l > self.cfg.max_length {
-            return Err(Error::Input(format!(
-                "sequence length {l} is outside 1..={}",
-                self.cfg.max_length
-            )));
+            return Err(Error::Input(format!("sequence length {l} is outside 1..={}", self.cfg.max_length)));
         }
         let computed;
         let (block_mods, final_mod) = match &self.constant_modulation {
@@ -306,21 +242,12 @@ impl Dit {
                 (&computed.0, &computed.1)
             }
         };
-        let mut x = self
-            .embedding
-            .index_select(&tokens.flatten_all()?, 0)?
-            .reshape((b, l, self.cfg.hidden_size))?;
-        let mask = if self.cfg.causal {
-            Some(causal_mask(l)?)
-        } else {
-            None
-        };
+        let mut x = self.embedding.index_select(&tokens.flatten_all()?, 0)?.reshape((b, l, self.cfg.hidden_size))?;
+        let mask = if self.cfg.causal { Some(causal_mask(l)?) } else { None };
         for (block, m) in self.blocks.iter().zip(block_mods) {
             x = block.forward(&x, m, &self.rope, mask.as_ref())?;
         }
-        let [shift, scale] = &final_mod.0[..] else {
-            unreachable!("final modulation has 2 parts")
-        };
+        let [shift, scale] = &final_mod.0[..] else { unreachable!("final modulation has 2 parts") };
         let h = modulate(&self.final_norm.forward(&x)?, shift, scale)?;
         self.output.forward(&h)
     }
@@ -329,8 +256,7 @@ impl Dit {
     pub fn parameter_split(&self) -> (usize, usize) {
         let cfg = &self.cfg;
         let (d, c, v, r) = (cfg.hidden_size, cfg.cond_dim, cfg.vocab_size, cfg.mlp_ratio);
-        let block =
-            2 * d + 3 * d * d + d * d + (r * d * d + r * d) + (r * d * d + d) + (6 * d * c + 6 * d);
+        let block = 2 * d + 3 * d * d + d * d + (r * d * d + r * d) + (r * d * d + d) + (6 * d * c + 6 * d);
         let sigma = FREQ_EMBED_DIM * c + c + c * c + c;
         let final_ada = 2 * d * c + 2 * d + d;
         let backbone = cfg.n_layers * block + sigma + final_ada;
@@ -340,8 +266,6 @@ impl Dit {
 }
 
 fn causal_mask(l: usize) -> Result<Tensor> {
-    let m: Vec<f32> = (0..l)
-        .flat_map(|i| (0..l).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
+    let m: Vec<f32> = (0..l).flat_map(|i| (0..l).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
     Ok(Tensor::from_vec(m, (1, 1, l, l), &Device::Cpu)?)
 }

@@ -37,10 +37,7 @@ pub fn tensor_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     }
     s.extend([
         ("output_layer.norm_final.weight".into(), vec![d]),
-        (
-            "output_layer.adaLN_modulation.weight".into(),
-            vec![2 * d, c],
-        ),
+        ("output_layer.adaLN_modulation.weight".into(), vec![2 * d, c]),
         ("output_layer.adaLN_modulation.bias".into(), vec![2 * d]),
         ("output_layer.linear.weight".into(), vec![v, d]),
         ("output_layer.linear.bias".into(), vec![v]),
@@ -50,12 +47,7 @@ pub fn tensor_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
 
 /// Writes a model with uniform random weights scaled by 1/sqrt(fan_in)
 /// (norm weights near 1), every eligible matrix stored as `dtype`.
-pub fn write_random_model(
-    path: impl AsRef<Path>,
-    cfg: &ModelConfig,
-    seed: u64,
-    dtype: DType,
-) -> Result<()> {
+pub fn write_random_model(path: impl AsRef<Path>, cfg: &ModelConfig, seed: u64, dtype: DType) -> Result<()> {
     cfg.validate()?;
     let mut encoded = vec![];
     for (idx, (name, shape)) in tensor_shapes(cfg).into_iter().enumerate() {
@@ -73,15 +65,8 @@ pub fn write_random_model(
         let bytes = quant::quantize(&values, &shape, d)?;
         encoded.push((name, d, shape, bytes));
     }
-    let tensors: Vec<TensorToWrite> = encoded
-        .iter()
-        .map(|(n, d, s, b)| TensorToWrite {
-            name: n,
-            dtype: *d,
-            shape: s,
-            data: b,
-        })
-        .collect();
+    let tensors: Vec<TensorToWrite> =
+        encoded.iter().map(|(n, d, s, b)| TensorToWrite { name: n, dtype: *d, shape: s, data: b }).collect();
     let meta = BTreeMap::from([(KEY_CONFIG.to_string(), cfg.to_json())]);
     write_weight_file(path, "model", &meta, &tensors)
 }

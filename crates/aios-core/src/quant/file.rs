@@ -30,63 +30,36 @@ pub fn dtype_for(shape: &[usize], target: DType) -> DType {
     if !target.is_quantized() {
         return target;
     }
-    [target, DType::Q8_0]
-        .into_iter()
-        .find(|d| shape[1].is_multiple_of(d.block_size()))
-        .unwrap_or(DType::F32)
+    [target, DType::Q8_0].into_iter().find(|d| shape[1].is_multiple_of(d.block_size())).unwrap_or(DType::F32)
 }
 
 /// Rewrites `input` with every eligible matrix stored as `target`.
 /// Metadata (config, kind) is carried over unchanged.
-pub fn quantize_file(
-    input: impl AsRef<Path>,
-    output: impl AsRef<Path>,
-    target: DType,
-) -> Result<QuantizeReport> {
+pub fn quantize_file(input: impl AsRef<Path>, output: impl AsRef<Path>, target: DType) -> Result<QuantizeReport> {
     let (input, output) = (input.as_ref(), output.as_ref());
     if input == output {
-        return Err(Error::Input(
-            "quantize: output must differ from input".into(),
-        ));
+        return Err(Error::Input("quantize: output must differ from input".into()));
     }
     let src = WeightFile::open(input)?;
-    let mut encoded: Vec<(String, DType, Vec<usize>, Vec<u8>)> =
-        Vec::with_capacity(src.tensors.len());
+    let mut encoded: Vec<(String, DType, Vec<usize>, Vec<u8>)> = Vec::with_capacity(src.tensors.len());
     for t in &src.tensors {
         let dtype = dtype_for(&t.shape, target);
         let bytes = if dtype == t.dtype {
             t.data().to_vec()
         } else {
             let values = super::dequantize(t.data(), &t.shape, t.dtype)?;
-            super::quantize(&values, &t.shape, dtype).map_err(|e| {
-                Error::format(src.path.display(), format!("tensor {:?}: {e}", t.name))
-            })?
+            super::quantize(&values, &t.shape, dtype)
+                .map_err(|e| Error::format(src.path.display(), format!("tensor {:?}: {e}", t.name)))?
         };
         encoded.push((t.name.clone(), dtype, t.shape.clone(), bytes));
     }
-    let to_write: Vec<TensorToWrite> = encoded
-        .iter()
-        .map(|(name, dtype, shape, data)| TensorToWrite {
-            name,
-            dtype: *dtype,
-            shape,
-            data,
-        })
-        .collect();
+    let to_write: Vec<TensorToWrite> =
+        encoded.iter().map(|(name, dtype, shape, data)| TensorToWrite { name, dtype: *dtype, shape, data }).collect();
     let mut meta = src.metadata.clone();
     meta.retain(|k, _| k == KEY_CONFIG || !k.starts_with("aios.") || k == "aios.fingerprint");
-    meta.insert(
-        "aios.quantized_from".into(),
-        src.path
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into(),
-    );
+    meta.insert("aios.quantized_from".into(), src.path.file_name().unwrap_or_default().to_string_lossy().into());
     write_weight_file(output, &src.kind, &meta, &to_write)?;
-    let out_bytes = std::fs::metadata(output)
-        .map_err(|e| Error::io(output, e))?
-        .len();
+    let out_bytes = std::fs::metadata(output).map_err(|e| Error::io(output, e))?.len();
     Ok(QuantizeReport {
         tensors: encoded.into_iter().map(|(n, d, _, _)| (n, d)).collect(),
         in_bytes: src.file_bytes,

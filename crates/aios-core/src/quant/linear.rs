@@ -40,9 +40,7 @@ impl MatmulMode {
         match self {
             MatmulMode::DequantizeAtLoad => false,
             MatmulMode::Quantized => dtype.is_quantized(),
-            MatmulMode::Auto => {
-                matches!(dtype, DType::Q8_0 | DType::Q4K) && numel >= AUTO_QMATMUL_MIN_NUMEL
-            }
+            MatmulMode::Auto => matches!(dtype, DType::Q8_0 | DType::Q4K) && numel >= AUTO_QMATMUL_MIN_NUMEL,
         }
     }
 }
@@ -77,37 +75,31 @@ impl Linear {
         let wname = format!("{prefix}.weight");
         let raw = file.require(&wname)?;
         check_shape(file, &wname, &raw.shape, &[out_features, in_features])?;
+        // Dequantising also checks every value is finite, so do it even when
+        // the blocks are kept.
+        let dense = super::load_f32(file, raw)?;
         let weight = if mode.keeps_blocks(raw.dtype, out_features * in_features) {
+            drop(dense);
             let q = super::qtensor_from_bytes(raw.dtype, &raw.shape, raw.data())?;
             Weight::Quant(QMatMul::from_qtensor(q)?)
         } else {
-            Weight::Dense(super::tensor_f32(raw)?)
+            Weight::Dense(dense)
         };
         let bias = if has_bias {
             let bname = format!("{prefix}.bias");
             let raw = file.require(&bname)?;
             check_shape(file, &bname, &raw.shape, &[out_features])?;
-            Some(super::tensor_f32(raw)?)
+            Some(super::load_f32(file, raw)?)
         } else {
             None
         };
-        Ok(Linear {
-            weight,
-            bias,
-            in_features,
-            out_features,
-        })
+        Ok(Linear { weight, bias, in_features, out_features })
     }
 
     /// Builds from an f32 weight `[out, in]` (used by tests and adapters).
     pub fn from_dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
-        Ok(Linear {
-            weight: Weight::Dense(weight),
-            bias,
-            in_features,
-            out_features,
-        })
+        Ok(Linear { weight: Weight::Dense(weight), bias, in_features, out_features })
     }
 
     pub fn is_quantized(&self) -> bool {
@@ -128,14 +120,9 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
-        let last = *dims
-            .last()
-            .ok_or_else(|| Error::Input("linear input has no dimensions".into()))?;
+        let last = *dims.last().ok_or_else(|| Error::Input("linear input has no dimensions".into()))?;
         if last != self.in_features {
-            return Err(Error::Input(format!(
-                "linear expects {} inputs, got {last}",
-                self.in_features
-            )));
+            return Err(Error::Input(format!("linear expects {} inputs, got {last}", self.in_features)));
         }
         let rows = x.elem_count() / last;
         let x2 = x.reshape((rows, last))?;
@@ -152,12 +139,7 @@ impl Linear {
     }
 }
 
-pub(crate) fn check_shape(
-    file: &WeightFile,
-    name: &str,
-    got: &[usize],
-    want: &[usize],
-) -> Result<()> {
+pub(crate) fn check_shape(file: &WeightFile, name: &str, got: &[usize], want: &[usize]) -> Result<()> {
     if got != want {
         return Err(Error::format(
             file.path.display(),
@@ -192,21 +174,8 @@ mod tests {
                 };
                 let a = dense.forward(&x).unwrap();
                 let b = quant.forward(&x).unwrap();
-                let err = (a.clone() - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                let scale = a
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let err = (a.clone() - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                 assert!(err < 0.02 * scale, "{dt} rows {rows}: {err} vs {scale}");
             }
         }

@@ -19,18 +19,9 @@ use crate::format::{DType, RawTensor};
 /// Decodes little-endian float bytes of any float dtype into f32.
 fn floats_to_f32(dtype: DType, data: &[u8]) -> Vec<f32> {
     match dtype {
-        DType::F32 => data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        DType::F16 => data
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        DType::BF16 => data
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
+        DType::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        DType::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        DType::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         _ => unreachable!("floats_to_f32 called on a quantised dtype"),
     }
 }
@@ -42,10 +33,7 @@ pub fn qtensor_from_bytes(dtype: DType, shape: &[usize], data: &[u8]) -> Result<
     debug_assert!(dtype.is_quantized());
     let expected = dtype.byte_len(shape).map_err(Error::Input)?;
     if data.len() != expected {
-        return Err(Error::Input(format!(
-            "{dtype}{shape:?} needs {expected} bytes, got {}",
-            data.len()
-        )));
+        return Err(Error::Input(format!("{dtype}{shape:?} needs {expected} bytes, got {}", data.len())));
     }
     // Every GGML block struct has alignment <= 8; a u64 buffer satisfies it.
     let mut words: Vec<u64> = Vec::new();
@@ -54,8 +42,7 @@ pub fn qtensor_from_bytes(dtype: DType, shape: &[usize], data: &[u8]) -> Result<
     } else {
         words.resize(data.len().div_ceil(8), 0);
         // SAFETY: the u64 buffer is at least data.len() bytes and u8 has no alignment needs.
-        let buf =
-            unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, data.len()) };
+        let buf = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, data.len()) };
         buf.copy_from_slice(data);
         buf
     };
@@ -64,44 +51,40 @@ pub fn qtensor_from_bytes(dtype: DType, shape: &[usize], data: &[u8]) -> Result<
 }
 
 /// Any stored tensor as an f32 candle tensor (dequantising if needed).
+/// NaN or infinite weights are a format error: they would otherwise surface
+/// only later, as garbage or as a failed generation.
 pub fn tensor_f32(raw: &RawTensor) -> Result<Tensor> {
-    if raw.dtype.is_quantized() {
-        let q = qtensor_from_bytes(raw.dtype, &raw.shape, raw.data())?;
-        Ok(q.dequantize(&Device::Cpu)?)
-    } else {
-        Ok(Tensor::from_vec(
-            floats_to_f32(raw.dtype, raw.data()),
-            raw.shape.clone(),
-            &Device::Cpu,
-        )?)
+    let values = dequantize(raw.data(), &raw.shape, raw.dtype)?;
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(Error::format(
+            "weights",
+            format!("tensor {:?} has a non-finite value ({}) at index {i}", raw.name, values[i]),
+        ));
     }
+    Ok(Tensor::from_vec(values, raw.shape.clone(), &Device::Cpu)?)
+}
+
+/// [`tensor_f32`] with errors naming the file the tensor came from.
+pub fn load_f32(file: &crate::format::WeightFile, raw: &RawTensor) -> Result<Tensor> {
+    tensor_f32(raw).map_err(|e| match e {
+        Error::Format { msg, .. } => Error::format(file.path.display(), msg),
+        other => other,
+    })
 }
 
 /// Quantises f32 values of `shape` to `dtype`'s block bytes.
 pub fn quantize(values: &[f32], shape: &[usize], dtype: DType) -> Result<Vec<u8>> {
     let numel: usize = shape.iter().product();
     if values.len() != numel {
-        return Err(Error::Input(format!(
-            "{} values for shape {shape:?}",
-            values.len()
-        )));
+        return Err(Error::Input(format!("{} values for shape {shape:?}", values.len())));
     }
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        return Err(Error::Input(format!(
-            "value {} at index {i} is not finite",
-            values[i]
-        )));
+        return Err(Error::Input(format!("value {} at index {i} is not finite", values[i])));
     }
     match dtype {
         DType::F32 => Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        DType::F16 => Ok(values
-            .iter()
-            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-            .collect()),
-        DType::BF16 => Ok(values
-            .iter()
-            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-            .collect()),
+        DType::F16 => Ok(values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect()),
+        DType::BF16 => Ok(values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect()),
         _ => {
             dtype.byte_len(shape).map_err(Error::Input)?;
             let t = Tensor::from_slice(values, shape, &Device::Cpu)?;
@@ -115,10 +98,7 @@ pub fn quantize(values: &[f32], shape: &[usize], dtype: DType) -> Result<Vec<u8>
 pub fn dequantize(data: &[u8], shape: &[usize], dtype: DType) -> Result<Vec<f32>> {
     let expected = dtype.byte_len(shape).map_err(Error::Input)?;
     if data.len() != expected {
-        return Err(Error::Input(format!(
-            "{dtype}{shape:?} needs {expected} bytes, got {}",
-            data.len()
-        )));
+        return Err(Error::Input(format!("{dtype}{shape:?} needs {expected} bytes, got {}", data.len())));
     }
     if !dtype.is_quantized() {
         return Ok(floats_to_f32(dtype, data));
@@ -132,9 +112,7 @@ mod tests {
     use super::*;
 
     fn ramp(n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1)
-            .collect()
+        (0..n).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1).collect()
     }
 
     #[test]
@@ -146,15 +124,10 @@ mod tests {
             let b = quantize(&x, &shape, d).unwrap();
             assert_eq!(b.len(), d.byte_len(&shape).unwrap());
             let y = dequantize(&b, &shape, d).unwrap();
-            let rms = (x.iter().zip(&y).map(|(a, b)| (a - b).powi(2)).sum::<f32>()
-                / x.len() as f32)
-                .sqrt();
+            let rms = (x.iter().zip(&y).map(|(a, b)| (a - b).powi(2)).sum::<f32>() / x.len() as f32).sqrt();
             errs.push(rms);
         }
-        assert!(
-            errs[0] < errs[1] && errs[1] < errs[2] && errs[2] < errs[3],
-            "{errs:?}"
-        );
+        assert!(errs[0] < errs[1] && errs[1] < errs[2] && errs[2] < errs[3], "{errs:?}");
         assert!(errs[3] < 0.05, "{errs:?}"); // Q2_K on values in [-0.1, 0.1]
     }
 

@@ -34,8 +34,7 @@ pub enum Strategy {
 }
 
 impl Strategy {
-    pub const NAMES: [&'static str; 5] =
-        ["ancestral", "confidence", "entropy", "margin", "threshold"];
+    pub const NAMES: [&'static str; 5] = ["ancestral", "confidence", "entropy", "margin", "threshold"];
 
     pub fn parse(s: &str) -> Result<Self> {
         Ok(match s {
@@ -93,10 +92,7 @@ impl SamplerOptions {
             return crate::input_err!("steps must be in 1..={MAX_STEPS}, got {}", self.steps);
         }
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return crate::input_err!(
-                "temperature must be finite and >= 0, got {}",
-                self.temperature
-            );
+            return crate::input_err!("temperature must be finite and >= 0, got {}", self.temperature);
         }
         if !(self.guidance.is_finite() && self.guidance >= 0.0) {
             return crate::input_err!("guidance must be finite and >= 0, got {}", self.guidance);
@@ -152,9 +148,7 @@ pub struct Sampled {
 /// Number of commits per step when `n` masked tokens must be revealed in
 /// `steps` steps: evenly, the remainder going to the first steps (LLaDA).
 pub fn commit_schedule(n: usize, steps: usize) -> Vec<usize> {
-    (0..steps)
-        .map(|i| n / steps + usize::from(i < n % steps))
-        .collect()
+    (0..steps).map(|i| n / steps + usize::from(i < n % steps)).collect()
 }
 
 /// Runs the sampler on `canvas` (mask id = still to generate).
@@ -190,10 +184,7 @@ pub fn sample(
     }
     let mut out = Sampled {
         tokens: canvas,
-        confidence: given
-            .iter()
-            .map(|&g| if g { 1.0 } else { f32::NAN })
-            .collect(),
+        confidence: given.iter().map(|&g| if g { 1.0 } else { f32::NAN }).collect(),
         entropy: vec![0.0; len],
         commit_step: vec![None; len],
         ..Default::default()
@@ -226,18 +217,9 @@ pub fn sample(
                 .par_iter()
                 .map(|&i| {
                     let mut rng = Stream::new(opts.seed, global_step as u64, i as u64);
-                    score_row(
-                        &logits[i * vocab..(i + 1) * vocab],
-                        mask,
-                        opts.temperature,
-                        &mut rng,
-                    )
-                    .map(|sc| (i, sc))
-                    .ok_or_else(|| {
-                        Error::Input(format!(
-                            "the model produced non-finite logits at position {i}"
-                        ))
-                    })
+                    score_row(&logits[i * vocab..(i + 1) * vocab], mask, opts.temperature, &mut rng)
+                        .map(|sc| (i, sc))
+                        .ok_or_else(|| Error::Numeric(format!("the model produced non-finite logits at position {i}")))
                 })
                 .collect::<Result<_>>()?;
             let commits = choose(opts, &scored, s, block_steps, scheduled, global_step)?;
@@ -268,31 +250,16 @@ pub fn sample(
 
 /// Logits for the canvas, with classifier-free guidance if `w > 0`: the
 /// unconditional canvas is the same canvas with every given token masked.
-fn guided_logits(
-    den: &dyn Denoiser,
-    tokens: &[u32],
-    given: &[bool],
-    mask: u32,
-    t: f64,
-    w: f64,
-) -> Result<Vec<f32>> {
+fn guided_logits(den: &dyn Denoiser, tokens: &[u32], given: &[bool], mask: u32, t: f64, w: f64) -> Result<Vec<f32>> {
     if w == 0.0 || !given.iter().any(|&g| g) {
         return den.logits(&[tokens.to_vec()], t);
     }
-    let uncond: Vec<u32> = tokens
-        .iter()
-        .zip(given)
-        .map(|(&tok, &g)| if g { mask } else { tok })
-        .collect();
+    let uncond: Vec<u32> = tokens.iter().zip(given).map(|(&tok, &g)| if g { mask } else { tok }).collect();
     let both = den.logits(&[tokens.to_vec(), uncond], t)?;
     let half = both.len() / 2;
     let (cond, un) = both.split_at(half);
     let w = w as f32;
-    Ok(cond
-        .iter()
-        .zip(un)
-        .map(|(&c, &u)| u + (w + 1.0) * (c - u))
-        .collect())
+    Ok(cond.iter().zip(un).map(|(&c, &u)| u + (w + 1.0) * (c - u)).collect())
 }
 
 /// Picks which scored positions to commit this step.
@@ -328,17 +295,13 @@ fn choose(
                 .copied()
                 .filter(|&(i, _)| {
                     // A stream separate from the token draw (position offset by 2^40).
-                    Stream::new(opts.seed, global_step as u64, (1u64 << 40) + i as u64).uniform()
-                        < p
+                    Stream::new(opts.seed, global_step as u64, (1u64 << 40) + i as u64).uniform() < p
                 })
                 .collect();
             return Ok(picked);
         }
         Strategy::Threshold => {
-            let above = ranked
-                .iter()
-                .filter(|(_, sc)| sc.prob as f64 >= opts.threshold)
-                .count();
+            let above = ranked.iter().filter(|(_, sc)| sc.prob as f64 >= opts.threshold).count();
             above.max(remaining.div_ceil(steps_left)).max(1)
         }
         _ => scheduled.max(remaining.div_ceil(steps_left)),

@@ -19,9 +19,7 @@ pub struct Stream {
 
 impl Stream {
     pub fn new(seed: u64, step: u64, position: u64) -> Self {
-        let key = splitmix64(
-            splitmix64(splitmix64(seed) ^ step.wrapping_mul(0xA24B_AED4_963E_E407)) ^ position,
-        );
+        let key = splitmix64(splitmix64(splitmix64(seed) ^ step.wrapping_mul(0xA24B_AED4_963E_E407)) ^ position);
         Stream { key, counter: 0 }
     }
 

@@ -18,12 +18,7 @@ pub struct PositionScore {
 
 /// Scores one row of logits. Returns `None` if the row has no finite logit
 /// (a broken model), which the caller reports as an error.
-pub fn score_row(
-    row: &[f32],
-    mask_id: u32,
-    temperature: f64,
-    rng: &mut Stream,
-) -> Option<PositionScore> {
+pub fn score_row(row: &[f32], mask_id: u32, temperature: f64, rng: &mut Stream) -> Option<PositionScore> {
     let mask = mask_id as usize;
     let valid = |i: usize| i != mask;
     let mut max = f32::NEG_INFINITY;
@@ -60,23 +55,14 @@ pub fn score_row(
             p2 = p;
         }
         // Gumbel-max sampling at temperature T: argmax(logit/T + G).
-        let key = if temperature > 0.0 {
-            x as f64 / temperature + rng.gumbel()
-        } else {
-            x as f64
-        };
+        let key = if temperature > 0.0 { x as f64 / temperature + rng.gumbel() } else { x as f64 };
         if key > best_key {
             best_key = key;
             best = i;
         }
     }
     let prob = (row[best] as f64 - log_z).exp();
-    Some(PositionScore {
-        token: best as u32,
-        prob: prob as f32,
-        entropy: entropy as f32,
-        margin: (p1 - p2) as f32,
-    })
+    Some(PositionScore { token: best as u32, prob: prob as f32, entropy: entropy as f32, margin: (p1 - p2) as f32 })
 }
 
 #[cfg(test)]
@@ -110,12 +96,6 @@ mod tests {
     fn non_finite_rows_are_rejected() {
         let mut rng = Stream::new(0, 0, 0);
         assert!(score_row(&[f32::NAN, 1.0, 0.0], 2, 1.0, &mut rng).is_none());
-        assert!(score_row(
-            &[f32::NEG_INFINITY, f32::NEG_INFINITY, 0.0],
-            2,
-            1.0,
-            &mut rng
-        )
-        .is_none());
+        assert!(score_row(&[f32::NEG_INFINITY, f32::NEG_INFINITY, 0.0], 2, 1.0, &mut rng).is_none());
     }
 }

@@ -15,13 +15,7 @@ struct Stub {
 
 impl Stub {
     fn new(vocab: usize, sharp: f32) -> Self {
-        Stub {
-            vocab,
-            calls: AtomicUsize::new(0),
-            sharp,
-            nan: false,
-            peaked: false,
-        }
+        Stub { vocab, calls: AtomicUsize::new(0), sharp, nan: false, peaked: false }
     }
 }
 
@@ -36,9 +30,7 @@ impl Denoiser for Stub {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let mut out = Vec::new();
         for c in canvases {
-            let h: u64 = c.iter().fold(1469598103934665603u64, |h, &t| {
-                (h ^ t as u64).wrapping_mul(1099511628211)
-            });
+            let h: u64 = c.iter().fold(1469598103934665603u64, |h, &t| (h ^ t as u64).wrapping_mul(1099511628211));
             for (i, _) in c.iter().enumerate() {
                 for v in 0..self.vocab {
                     let x = ((h >> (v % 17)) as usize + i * 31 + v * 7) % 13;
@@ -69,33 +61,15 @@ fn canvas() -> Vec<u32> {
 }
 
 fn opts(strategy: Strategy) -> SamplerOptions {
-    SamplerOptions {
-        strategy,
-        steps: 8,
-        seed: 42,
-        ..Default::default()
-    }
+    SamplerOptions { strategy, steps: 8, seed: 42, ..Default::default() }
 }
 
 fn all_variants() -> Vec<SamplerOptions> {
     let mut v = vec![];
-    for s in [
-        Strategy::Ancestral,
-        Strategy::Confidence,
-        Strategy::Entropy,
-        Strategy::Margin,
-        Strategy::Threshold,
-    ] {
+    for s in [Strategy::Ancestral, Strategy::Confidence, Strategy::Entropy, Strategy::Margin, Strategy::Threshold] {
         v.push(opts(s));
-        v.push(SamplerOptions {
-            block_length: Some(4),
-            ..opts(s)
-        });
-        v.push(SamplerOptions {
-            guidance: 1.5,
-            temperature: 0.0,
-            ..opts(s)
-        });
+        v.push(SamplerOptions { block_length: Some(4), ..opts(s) });
+        v.push(SamplerOptions { guidance: 1.5, temperature: 0.0, ..opts(s) });
     }
     v
 }
@@ -126,10 +100,7 @@ fn confidence_runs_one_forward_per_step() {
     assert_eq!(stub.calls.load(Ordering::SeqCst), 8);
     // Guidance batches cond+uncond into one call per step.
     let stub = Stub::new(20, 4.0);
-    let o = SamplerOptions {
-        guidance: 2.0,
-        ..opts(Strategy::Confidence)
-    };
+    let o = SamplerOptions { guidance: 2.0, ..opts(Strategy::Confidence) };
     sample(&stub, canvas(), &o, &mut |_| {}).unwrap();
     assert_eq!(stub.calls.load(Ordering::SeqCst), 8);
 }
@@ -139,10 +110,7 @@ fn ancestral_cache_skips_forward_passes() {
     // 12 masks over 64 steps: most steps reveal nothing, so most forward
     // passes are served from the cache.
     let stub = Stub::new(20, 4.0);
-    let o = SamplerOptions {
-        steps: 64,
-        ..opts(Strategy::Ancestral)
-    };
+    let o = SamplerOptions { steps: 64, ..opts(Strategy::Ancestral) };
     let r = sample(&stub, canvas(), &o, &mut |_| {}).unwrap();
     // It stops early once the block is fully revealed.
     assert!(r.steps_run <= 64);
@@ -154,11 +122,7 @@ fn ancestral_cache_skips_forward_passes() {
 fn threshold_finishes_early_when_confident() {
     let mut stub = Stub::new(20, 1.0);
     stub.peaked = true;
-    let o = SamplerOptions {
-        steps: 12,
-        threshold: 0.5,
-        ..opts(Strategy::Threshold)
-    };
+    let o = SamplerOptions { steps: 12, threshold: 0.5, ..opts(Strategy::Threshold) };
     let r = sample(&stub, canvas(), &o, &mut |_| {}).unwrap();
     assert_eq!(r.steps_run, 1);
 }
@@ -167,44 +131,23 @@ fn threshold_finishes_early_when_confident() {
 fn same_seed_same_output_on_1_and_2_threads() {
     for o in all_variants() {
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             pool.install(|| sample(&Stub::new(20, 2.0), canvas(), &o, &mut |_| {}).unwrap())
         };
         let (a, b) = (run(1), run(2));
         assert_eq!(a.tokens, b.tokens);
         assert_eq!(a.confidence, b.confidence);
     }
-    let a = sample(
-        &Stub::new(20, 1.0),
-        canvas(),
-        &opts(Strategy::Confidence),
-        &mut |_| {},
-    )
-    .unwrap();
-    let o = SamplerOptions {
-        seed: 43,
-        ..opts(Strategy::Confidence)
-    };
+    let a = sample(&Stub::new(20, 1.0), canvas(), &opts(Strategy::Confidence), &mut |_| {}).unwrap();
+    let o = SamplerOptions { seed: 43, ..opts(Strategy::Confidence) };
     let b = sample(&Stub::new(20, 1.0), canvas(), &o, &mut |_| {}).unwrap();
-    assert_ne!(
-        a.tokens, b.tokens,
-        "different seeds should differ at temperature 1"
-    );
+    assert_ne!(a.tokens, b.tokens, "different seeds should differ at temperature 1");
 }
 
 #[test]
 fn progress_reports_every_step() {
     let mut seen = vec![];
-    sample(
-        &Stub::new(20, 4.0),
-        canvas(),
-        &opts(Strategy::Confidence),
-        &mut |p| seen.push(p.masked_left),
-    )
-    .unwrap();
+    sample(&Stub::new(20, 4.0), canvas(), &opts(Strategy::Confidence), &mut |p| seen.push(p.masked_left)).unwrap();
     assert_eq!(seen.len(), 8);
     assert_eq!(*seen.last().unwrap(), 0);
     assert!(seen.windows(2).all(|w| w[0] >= w[1]));
@@ -214,50 +157,19 @@ fn progress_reports_every_step() {
 fn bad_options_are_input_errors() {
     let stub = Stub::new(20, 1.0);
     let bad = [
-        SamplerOptions {
-            steps: 0,
-            ..opts(Strategy::Confidence)
-        },
-        SamplerOptions {
-            temperature: f64::NAN,
-            ..opts(Strategy::Confidence)
-        },
-        SamplerOptions {
-            guidance: -1.0,
-            ..opts(Strategy::Confidence)
-        },
-        SamplerOptions {
-            threshold: 0.0,
-            ..opts(Strategy::Threshold)
-        },
-        SamplerOptions {
-            block_length: Some(0),
-            ..opts(Strategy::Confidence)
-        },
-        SamplerOptions {
-            block_length: Some(1),
-            steps: 3,
-            ..opts(Strategy::Confidence)
-        },
+        SamplerOptions { steps: 0, ..opts(Strategy::Confidence) },
+        SamplerOptions { temperature: f64::NAN, ..opts(Strategy::Confidence) },
+        SamplerOptions { guidance: -1.0, ..opts(Strategy::Confidence) },
+        SamplerOptions { threshold: 0.0, ..opts(Strategy::Threshold) },
+        SamplerOptions { block_length: Some(0), ..opts(Strategy::Confidence) },
+        SamplerOptions { block_length: Some(1), steps: 3, ..opts(Strategy::Confidence) },
     ];
     for o in bad {
-        assert!(
-            matches!(
-                sample(&stub, canvas(), &o, &mut |_| {}),
-                Err(Error::Input(_))
-            ),
-            "{o:?}"
-        );
+        assert!(matches!(sample(&stub, canvas(), &o, &mut |_| {}), Err(Error::Input(_))), "{o:?}");
     }
     assert!(matches!(Strategy::parse("nope"), Err(Error::Input(_))));
-    assert!(matches!(
-        sample(&stub, vec![], &opts(Strategy::Confidence), &mut |_| {}),
-        Err(Error::Input(_))
-    ));
-    assert!(matches!(
-        sample(&stub, vec![0, 99], &opts(Strategy::Confidence), &mut |_| {}),
-        Err(Error::Input(_))
-    ));
+    assert!(matches!(sample(&stub, vec![], &opts(Strategy::Confidence), &mut |_| {}), Err(Error::Input(_))));
+    assert!(matches!(sample(&stub, vec![0, 99], &opts(Strategy::Confidence), &mut |_| {}), Err(Error::Input(_))));
     let mut nan = Stub::new(20, 1.0);
     nan.nan = true;
     assert!(sample(&nan, canvas(), &opts(Strategy::Confidence), &mut |_| {}).is_err());
