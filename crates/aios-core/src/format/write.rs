@@ -97,7 +97,7 @@ fn write_to(
         .set_write_batch_size(1)
         .build();
     let schema = Arc::new(parse_message_type(SCHEMA).expect("static schema parses"));
-    let perr = |e: parquet::errors::ParquetError| Error::format(&shown, format!("write failed: {e}"));
+    let perr = |e: parquet::errors::ParquetError| Error::format(shown, format!("write failed: {e}"));
     let file = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
     let mut writer = SerializedFileWriter::new(file, schema, Arc::new(props)).map_err(perr)?;
     let mut rg = writer.next_row_group().map_err(perr)?;
