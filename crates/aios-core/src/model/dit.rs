@@ -137,7 +137,7 @@ impl Block {
         let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, l, d))?;
         let x = (x + self.attn_out.forward(&o)?.broadcast_mul(gate_msa)?)?;
         let h = modulate(&self.norm2.forward(&x)?, shift_mlp, scale_mlp)?;
-        let h = self.mlp_out.forward(&self.mlp_in.forward(&h)?.gelu()?)?; // gelu() is the tanh approximation
+        let h = self.mlp_out.forward(&super::ops::gelu_tanh(&self.mlp_in.forward(&h)?)?)?;
         Ok((x + h.broadcast_mul(gate_mlp)?)?)
     }
 }

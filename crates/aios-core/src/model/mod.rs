@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod dit;
+pub mod ops;
 pub mod random;
 
 pub use config::ModelConfig;
