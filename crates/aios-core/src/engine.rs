@@ -205,7 +205,7 @@ impl Engine {
 
     /// Raw logits `[n, L, V]` for a batch of equal-length token sequences.
     pub fn logits(&self, batch: &[Vec<u32>], sigma: Option<f32>) -> Result<Vec<f32>> {
-        self.pool.install(|| forward(&self.model, batch, sigma))
+        self.pool.install(|| forward(&self.model, batch, sigma, None))
     }
 
     /// Generates text for `req`, reporting each step to `on_step`.
@@ -294,7 +294,7 @@ impl Engine {
     }
 }
 
-fn forward(model: &Dit, batch: &[Vec<u32>], sigma: Option<f32>) -> Result<Vec<f32>> {
+fn forward(model: &Dit, batch: &[Vec<u32>], sigma: Option<f32>, positions: Option<&[usize]>) -> Result<Vec<f32>> {
     let n = batch.len();
     let l = batch.first().map_or(0, Vec::len);
     if n == 0 || l == 0 {
@@ -315,7 +315,7 @@ fn forward(model: &Dit, batch: &[Vec<u32>], sigma: Option<f32>) -> Result<Vec<f3
     let flat: Vec<u32> = batch.iter().flatten().copied().collect();
     let tokens = Tensor::from_vec(flat, (n, l), &Device::Cpu)?;
     let sigma = sigma.map(|s| Tensor::full(s, n, &Device::Cpu)).transpose()?;
-    let logits = model.forward(&tokens, sigma.as_ref())?;
+    let logits = model.forward_at(&tokens, sigma.as_ref(), positions)?;
     Ok(logits.flatten_all()?.to_vec1()?)
 }
 
@@ -336,8 +336,8 @@ impl Denoiser for ModelDenoiser<'_> {
     fn mask_id(&self) -> u32 {
         self.model.cfg.mask_token_id
     }
-    fn logits(&self, canvases: &[Vec<u32>], t: f64) -> Result<Vec<f32>> {
-        forward(self.model, canvases, Some(log_linear_sigma(t)))
+    fn logits(&self, canvases: &[Vec<u32>], t: f64, positions: &[usize]) -> Result<Vec<f32>> {
+        forward(self.model, canvases, Some(log_linear_sigma(t)), Some(positions))
     }
     fn time_conditioned(&self) -> bool {
         self.model.cfg.time_conditioning

@@ -226,6 +226,12 @@ impl Dit {
     /// Raw logits `[B, L, V]` for tokens `[B, L]`. `sigma` (`[B]`, the noise
     /// level) is used only when the model is time-conditioned.
     pub fn forward(&self, tokens: &Tensor, sigma: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_at(tokens, sigma, None)
+    }
+
+    /// Like [`Dit::forward`], but the output layer runs only at `positions`
+    /// (all if None): logits `[B, positions.len(), V]`.
+    pub fn forward_at(&self, tokens: &Tensor, sigma: Option<&Tensor>, positions: Option<&[usize]>) -> Result<Tensor> {
         let (b, l) = tokens.dims2()?;
         if l == 0 || l > self.cfg.max_length {
             return Err(Error::Input(format!("sequence length {l} is outside 1..={}", self.cfg.max_length)));
@@ -246,6 +252,15 @@ impl Dit {
         let mask = if self.cfg.causal { Some(causal_mask(l)?) } else { None };
         for (block, m) in self.blocks.iter().zip(block_mods) {
             x = block.forward(&x, m, &self.rope, mask.as_ref())?;
+        }
+        if let Some(pos) = positions {
+            if let Some(&bad) = pos.iter().find(|&&p| p >= l) {
+                return Err(Error::Input(format!("position {bad} is outside the sequence of length {l}")));
+            }
+            if pos.len() < l {
+                let idx = Tensor::from_vec(pos.iter().map(|&p| p as u32).collect::<Vec<_>>(), pos.len(), &Device::Cpu)?;
+                x = x.index_select(&idx, 1)?;
+            }
         }
         let [shift, scale] = &final_mod.0[..] else { unreachable!("final modulation has 2 parts") };
         let h = modulate(&self.final_norm.forward(&x)?, shift, scale)?;

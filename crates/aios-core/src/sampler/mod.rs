@@ -111,10 +111,13 @@ impl SamplerOptions {
 pub trait Denoiser: Sync {
     fn vocab_size(&self) -> usize;
     fn mask_id(&self) -> u32;
-    /// Logits for `canvases.len()` canvases of equal length L, flattened
-    /// `[n, L, V]`. `t` in [0, 1] is the fraction still masked (the diffusion
-    /// time), used only by time-conditioned models.
-    fn logits(&self, canvases: &[Vec<u32>], t: f64) -> Result<Vec<f32>>;
+    /// Logits at `positions` of `canvases.len()` canvases of equal length,
+    /// flattened `[n, positions.len(), V]`. Only the positions a step can
+    /// commit are asked for, so the output projection (a quarter of the tiny
+    /// model's compute) skips everything already decided. `t` in [0, 1] is the
+    /// fraction still masked (the diffusion time), used only by
+    /// time-conditioned models.
+    fn logits(&self, canvases: &[Vec<u32>], t: f64, positions: &[usize]) -> Result<Vec<f32>>;
     /// Whether `logits` depends on `t` (then logits cannot be cached).
     fn time_conditioned(&self) -> bool;
 }
@@ -206,18 +209,21 @@ pub fn sample(
                 Some(l) => l,
                 None => {
                     let t0 = Instant::now();
-                    let l = guided_logits(den, &out.tokens, &given, mask, t, opts.guidance)?;
+                    let l = guided_logits(den, &out.tokens, &given, mask, t, opts.guidance, &eligible)?;
                     out.forward_ms += t0.elapsed().as_secs_f64() * 1e3;
                     out.forward_passes += 1;
                     l
                 }
             };
             let t0 = Instant::now();
+            // Row j of `logits` is position eligible[j]; with the cache this
+            // holds because a step that commits nothing leaves `eligible` as is.
             let scored: Vec<(usize, PositionScore)> = eligible
                 .par_iter()
-                .map(|&i| {
+                .enumerate()
+                .map(|(j, &i)| {
                     let mut rng = Stream::new(opts.seed, global_step as u64, i as u64);
-                    score_row(&logits[i * vocab..(i + 1) * vocab], mask, opts.temperature, &mut rng)
+                    score_row(&logits[j * vocab..(j + 1) * vocab], mask, opts.temperature, &mut rng)
                         .map(|sc| (i, sc))
                         .ok_or_else(|| Error::Numeric(format!("the model produced non-finite logits at position {i}")))
                 })
@@ -250,12 +256,20 @@ pub fn sample(
 
 /// Logits for the canvas, with classifier-free guidance if `w > 0`: the
 /// unconditional canvas is the same canvas with every given token masked.
-fn guided_logits(den: &dyn Denoiser, tokens: &[u32], given: &[bool], mask: u32, t: f64, w: f64) -> Result<Vec<f32>> {
+fn guided_logits(
+    den: &dyn Denoiser,
+    tokens: &[u32],
+    given: &[bool],
+    mask: u32,
+    t: f64,
+    w: f64,
+    positions: &[usize],
+) -> Result<Vec<f32>> {
     if w == 0.0 || !given.iter().any(|&g| g) {
-        return den.logits(&[tokens.to_vec()], t);
+        return den.logits(&[tokens.to_vec()], t, positions);
     }
     let uncond: Vec<u32> = tokens.iter().zip(given).map(|(&tok, &g)| if g { mask } else { tok }).collect();
-    let both = den.logits(&[tokens.to_vec(), uncond], t)?;
+    let both = den.logits(&[tokens.to_vec(), uncond], t, positions)?;
     let half = both.len() / 2;
     let (cond, un) = both.split_at(half);
     let w = w as f32;

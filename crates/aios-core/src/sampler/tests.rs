@@ -26,12 +26,12 @@ impl Denoiser for Stub {
     fn mask_id(&self) -> u32 {
         0
     }
-    fn logits(&self, canvases: &[Vec<u32>], _t: f64) -> Result<Vec<f32>> {
+    fn logits(&self, canvases: &[Vec<u32>], _t: f64, positions: &[usize]) -> Result<Vec<f32>> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let mut out = Vec::new();
         for c in canvases {
             let h: u64 = c.iter().fold(1469598103934665603u64, |h, &t| (h ^ t as u64).wrapping_mul(1099511628211));
-            for (i, _) in c.iter().enumerate() {
+            for &i in positions {
                 for v in 0..self.vocab {
                     let x = ((h >> (v % 17)) as usize + i * 31 + v * 7) % 13;
                     let x = if self.peaked {
