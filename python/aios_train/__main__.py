@@ -1,0 +1,182 @@
+"""aios_train command line: data, tokenizer, train, export, eval, convert-mdlm, sample.
+
+Run `python -m aios_train <command> --help` for the options of each command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def cmd_data(a) -> None:
+    from .data import build_corpus
+    summary = build_corpus(a.out, seed=a.seed, valid_fraction=a.valid_fraction, sources=a.sources)
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_tokenizer(a) -> None:
+    from .tokenizer import train_tokenizer
+    tok = train_tokenizer(a.train, a.out, vocab_size=a.vocab_size, min_frequency=a.min_frequency)
+    print(f"wrote {a.out} (vocab {tok.get_vocab_size()})")
+
+
+def cmd_train(a) -> None:
+    import torch
+    from .tokenizer import MASK_ID, load_tokenizer
+    from .train import TrainArgs, train
+    from .windows import windows_from_jsonl
+
+    torch.set_num_threads(a.threads)
+    tok = load_tokenizer(a.tokenizer)
+    tw = windows_from_jsonl(a.train, tok, a.max_length)
+    vw = windows_from_jsonl(a.valid, tok, a.max_length) if a.valid else None
+    print(f"train windows {tw.shape}, valid windows {None if vw is None else vw.shape}", file=sys.stderr)
+    args = TrainArgs(out=a.out, train_windows=tw, valid_windows=vw, vocab_size=tok.get_vocab_size(),
+                     hidden_size=a.hidden_size, n_layers=a.n_layers, n_heads=a.n_heads, cond_dim=a.cond_dim,
+                     max_length=a.max_length, mask_token_id=MASK_ID, time_conditioning=a.time_conditioning,
+                     ar=a.ar, steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup,
+                     min_lr_ratio=a.min_lr_ratio, grad_clip=a.grad_clip, ema=a.ema, seed=a.seed, threads=a.threads,
+                     eval_every=a.eval_every, eval_windows=a.eval_windows, ckpt_every=a.ckpt_every,
+                     time_limit_min=a.time_limit_min)
+    r = train(args, resume=not a.no_resume)
+    print(json.dumps({k: r[k] for k in ("steps", "tokens", "elapsed_s", "stopped_early")}))
+
+
+def cmd_export(a) -> None:
+    from .export import save_model
+    from .train import load_ema_model
+    model, cfg = load_ema_model(a.checkpoint, use_ema=not a.no_ema)
+    save_model(model, cfg, a.out, dtype=a.dtype)
+    print(f"wrote {a.out} ({'raw' if a.no_ema else 'EMA'} weights, {a.dtype}, {model.num_parameters():,} params)")
+
+
+def cmd_eval(a) -> None:
+    from .evaluate import evaluate_file
+    import torch
+    torch.set_num_threads(a.threads)
+    r = evaluate_file(a.model, a.data, a.tokenizer, n_t=a.n_t, seed=a.seed, batch_size=a.batch_size, max_windows=a.max_windows)
+    print(json.dumps(r, indent=2))
+
+
+def cmd_convert(a) -> None:
+    from .convert_mdlm import convert_mdlm
+    cfg = convert_mdlm(a.checkpoint, a.config, a.out, mask_token_id=a.mask_token_id, use_ema=a.ema,
+                       vocab_size=a.vocab_size, pad_token_id=a.pad_token_id, bos_token_id=a.bos_token_id,
+                       eos_token_id=a.eos_token_id)
+    print(f"wrote {a.out}: {cfg.to_json()}")
+
+
+def cmd_sample(a) -> None:
+    import torch
+    from .export import load_model
+    from .sample import sample_texts
+    from .tokenizer import load_tokenizer
+    torch.set_num_threads(a.threads)
+    model, cfg = load_model(a.model)
+    tok = load_tokenizer(a.tokenizer)
+    for t in sample_texts(model, cfg, tok, n=a.n, length=a.length, steps=a.steps, seed=a.seed, prompt=a.prompt):
+        print(json.dumps(t, ensure_ascii=False))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m aios_train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("data", help="fetch the offline sources and build data/corpus/{train,valid}.jsonl")
+    s.add_argument("--out", default="data", help="output folder (raw/ cache and corpus/)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the document-level split")
+    s.add_argument("--valid-fraction", type=float, default=0.02)
+    s.add_argument("--sources", nargs="*", help="subset of: wikipedia austen bible-kjv fortunes")
+    s.set_defaults(fn=cmd_data)
+
+    s = sub.add_parser("tokenizer", help="train the byte-level BPE ([PAD]=0 [BOS]=1 [EOS]=2 [MASK]=3)")
+    s.add_argument("--train", default="data/corpus/train.jsonl")
+    s.add_argument("--out", default="data/tokenizer.json")
+    s.add_argument("--vocab-size", type=int, default=4096)
+    s.add_argument("--min-frequency", type=int, default=2)
+    s.set_defaults(fn=cmd_tokenizer)
+
+    s = sub.add_parser("train", help="MDLM masked-diffusion pretraining (or --ar for the causal baseline)")
+    s.add_argument("--train", default="data/corpus/train.jsonl")
+    s.add_argument("--valid", default="data/corpus/valid.jsonl", help="'' to disable periodic validation")
+    s.add_argument("--tokenizer", default="data/tokenizer.json")
+    s.add_argument("--out", required=True, help="run folder (checkpoints in OUT/ckpt, log in OUT/log.jsonl)")
+    s.add_argument("--ar", action="store_true", help="autoregressive baseline: causal attention, next-token loss")
+    s.add_argument("--hidden-size", type=int, default=256)
+    s.add_argument("--n-layers", type=int, default=4)
+    s.add_argument("--n-heads", type=int, default=4)
+    s.add_argument("--cond-dim", type=int, default=128)
+    s.add_argument("--max-length", type=int, default=128)
+    s.add_argument("--time-conditioning", action="store_true")
+    s.add_argument("--steps", type=int, default=1000)
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--warmup", type=int, default=100)
+    s.add_argument("--min-lr-ratio", type=float, default=0.1)
+    s.add_argument("--grad-clip", type=float, default=1.0)
+    s.add_argument("--ema", type=float, default=0.999)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    s.add_argument("--eval-every", type=int, default=250)
+    s.add_argument("--eval-windows", type=int, default=64)
+    s.add_argument("--ckpt-every", type=int, default=100)
+    s.add_argument("--time-limit-min", type=float, default=None, help="safety stop with a checkpoint")
+    s.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("export", help="training checkpoint -> aios Parquet (EMA weights by default)")
+    s.add_argument("checkpoint", help="run folder or its ckpt/ folder")
+    s.add_argument("--out", required=True)
+    s.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"])
+    s.add_argument("--no-ema", action="store_true", help="export the raw (non-EMA) weights")
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("eval", help="diffusion perplexity bound (NELBO) or AR perplexity on held-out data")
+    s.add_argument("model", help="aios .parquet model")
+    s.add_argument("--data", default="data/corpus/valid.jsonl")
+    s.add_argument("--tokenizer", default="data/tokenizer.json")
+    s.add_argument("--n-t", type=int, default=16, help="stratified t samples per window (diffusion)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--max-windows", type=int, default=None)
+    s.add_argument("--threads", type=int, default=1)
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("convert-mdlm", help="MDLM checkpoint (.safetensors / .pt / .ckpt) -> aios Parquet")
+    s.add_argument("checkpoint")
+    s.add_argument("--config", required=True, help="MDLM config (JSON or YAML) with model.hidden_size etc.")
+    s.add_argument("--mask-token-id", type=int, required=True)
+    s.add_argument("--vocab-size", type=int, default=None, help="checked against the embedding shape")
+    s.add_argument("--pad-token-id", type=int, default=0)
+    s.add_argument("--bos-token-id", type=int, default=1, help="MDLM-OWT (GPT-2): 50256")
+    s.add_argument("--eos-token-id", type=int, default=2, help="MDLM-OWT (GPT-2): 50256")
+    s.add_argument("--ema", action="store_true", help="use the EMA shadow weights of a Lightning .ckpt")
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_convert)
+
+    s = sub.add_parser("sample", help="a few generations with a simple Python sampler (reference only)")
+    s.add_argument("model")
+    s.add_argument("--tokenizer", default="data/tokenizer.json")
+    s.add_argument("--n", type=int, default=4)
+    s.add_argument("--length", type=int, default=128)
+    s.add_argument("--steps", type=int, default=128)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--prompt", default=None)
+    s.add_argument("--threads", type=int, default=1)
+    s.set_defaults(fn=cmd_sample)
+
+    a = p.parse_args(argv)
+    try:
+        a.fn(a)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
