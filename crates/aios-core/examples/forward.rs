@@ -1,4 +1,4 @@
-//! Times forward passes of a model file: `cargo run --release --example forward -- MODEL [LEN] [N]`.
+//! Times forward passes of a model file: `cargo run --release --example forward -- MODEL [LEN] [N] [THREADS]`.
 //! Handy under `perf` or `valgrind --tool=callgrind`.
 
 use aios_core::{Engine, EngineOptions};
@@ -8,7 +8,8 @@ fn main() -> aios_core::Result<()> {
     let path = args.get(1).map(String::as_str).unwrap_or("models/aios-text-tiny");
     let len: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(64);
     let n: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(16);
-    let e = Engine::open(path, &EngineOptions { threads: Some(1), ..Default::default() })?;
+    let threads: Option<usize> = args.get(4).and_then(|s| s.parse().ok());
+    let e = Engine::open(path, &EngineOptions { threads, ..Default::default() })?;
     let toks: Vec<u32> = (0..len as u32).map(|i| (i * 7 + 1) % e.config().vocab_size as u32).collect();
     e.logits(std::slice::from_ref(&toks), None)?;
     let t = std::time::Instant::now();

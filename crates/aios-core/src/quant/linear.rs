@@ -126,13 +126,30 @@ impl Linear {
         }
         let rows = x.elem_count() / last;
         let x2 = x.reshape((rows, last))?;
-        let mut y = match &self.weight {
-            Weight::Dense(w) => x2.matmul(&w.t()?)?,
-            Weight::Quant(q) => q.forward(&x2)?,
+        let y = match &self.weight {
+            Weight::Dense(w) => {
+                let xs = x2.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                let ws = w.flatten_all()?;
+                let (wg, wl) = ws.storage_and_layout();
+                let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(wv)) = &*wg else {
+                    return Err(Error::Input("linear weight must be f32 on the CPU".into()));
+                };
+                let wv = &wv[wl.start_offset()..wl.start_offset() + self.out_features * self.in_features];
+                let bias = match &self.bias {
+                    Some(b) => Some(b.to_vec1::<f32>()?),
+                    None => None,
+                };
+                let y = super::gemm::linear_f32(&xs, wv, bias.as_deref(), rows, last, self.out_features);
+                Tensor::from_vec(y, (rows, self.out_features), x.device())?
+            }
+            Weight::Quant(q) => {
+                let y = q.forward(&x2)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
         };
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.out_features;
         Ok(y.reshape(out_dims)?)
