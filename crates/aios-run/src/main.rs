@@ -162,14 +162,20 @@ fn info(model: PathBuf, dtype: Option<String>) -> Result<(), Error> {
 fn quantize(input: PathBuf, output: PathBuf, dtype: String) -> Result<(), Error> {
     let d = parse_dtype(&dtype)?;
     let r = quantize_file(&input, &output, d)?;
-    let quantised = r.tensors.iter().filter(|(_, t)| t.is_quantized() || *t == d).count();
+    let mut counts: Vec<(DType, usize)> = vec![];
+    for (_, t) in &r.tensors {
+        match counts.iter_mut().find(|(c, _)| c == t) {
+            Some(e) => e.1 += 1,
+            None => counts.push((*t, 1)),
+        }
+    }
+    let summary: Vec<String> = counts.iter().map(|(t, n)| format!("{n} {t}")).collect();
     println!(
-        "{} -> {}: {} of {} tensors as {}, {:.2} MB -> {:.2} MB",
+        "{} -> {}: {} tensors ({}), {:.2} MB -> {:.2} MB",
         input.display(),
         output.display(),
-        quantised,
         r.tensors.len(),
-        d,
+        summary.join(", "),
         r.in_bytes as f64 / 1e6,
         r.out_bytes as f64 / 1e6
     );
