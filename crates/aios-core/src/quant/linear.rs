@@ -8,13 +8,14 @@ use crate::format::{DType, WeightFile};
 
 /// How a quantised weight is multiplied. Chosen by measurement
 /// (`cargo bench -p aios-core --bench matmul`, see bench/RESULTS.md): on a
-/// whole diffusion canvas (64-128 rows at once) f32 gemm on weights
-/// dequantised at load wins for small matrices, where candle's quantised
-/// kernel has a fixed overhead; for large Q8_0/Q4_K matrices the quantised
-/// kernel wins (it reads 4-8x fewer bytes); for Q2_K the f32 gemm wins.
+/// whole diffusion canvas (64-128 rows) candle's quantised kernel (AVX-512
+/// VNNI) is 2-5x faster than f32 gemm for Q8_0 and Q4_K at every layer size
+/// measured, while for Q2_K f32 gemm on weights dequantised at load wins.
+/// Caveat: candle's kernel runs on its own spin-waiting thread pool, which
+/// degrades badly when other processes load the cores.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum MatmulMode {
-    /// Per layer, whichever the benchmark found faster for its size and dtype.
+    /// Per dtype, whichever the benchmark found faster: blocks for Q8_0/Q4_K, f32 for Q2_K.
     #[default]
     Auto,
     /// Dequantise once when the model loads; f32 gemm at run time.
@@ -22,9 +23,6 @@ pub enum MatmulMode {
     /// Keep the blocks in memory and use candle's quantised matmul (smallest RAM).
     Quantized,
 }
-
-/// Below this many weights, dequantised f32 gemm beats QMatMul (bench/RESULTS.md).
-const AUTO_QMATMUL_MIN_NUMEL: usize = 1 << 20;
 
 impl MatmulMode {
     pub fn parse(s: &str) -> Option<Self> {
@@ -36,11 +34,11 @@ impl MatmulMode {
         }
     }
 
-    fn keeps_blocks(self, dtype: DType, numel: usize) -> bool {
+    fn keeps_blocks(self, dtype: DType) -> bool {
         match self {
             MatmulMode::DequantizeAtLoad => false,
             MatmulMode::Quantized => dtype.is_quantized(),
-            MatmulMode::Auto => matches!(dtype, DType::Q8_0 | DType::Q4K) && numel >= AUTO_QMATMUL_MIN_NUMEL,
+            MatmulMode::Auto => matches!(dtype, DType::Q8_0 | DType::Q4K),
         }
     }
 }
@@ -78,7 +76,7 @@ impl Linear {
         // Dequantising also checks every value is finite, so do it even when
         // the blocks are kept.
         let dense = super::load_f32(file, raw)?;
-        let weight = if mode.keeps_blocks(raw.dtype, out_features * in_features) {
+        let weight = if mode.keeps_blocks(raw.dtype) {
             drop(dense);
             let q = super::qtensor_from_bytes(raw.dtype, &raw.shape, raw.data())?;
             Weight::Quant(QMatMul::from_qtensor(q)?)
