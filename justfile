@@ -4,8 +4,9 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 
 venv := ".venv"
 py := venv + "/bin/python"
-# The CPU build of PyTorch shipped beside the repo (PyPI's default is the multi-GB CUDA build).
-torch_wheel_dir := "../shared/wheels"
+# Where to look for a CPU build of PyTorch (PyPI's default is the multi-GB CUDA
+# build): $AIOS_WHEELS, then the team's shared/wheels beside or inside the checkout.
+torch_wheel_dirs := env_var_or_default("AIOS_WHEELS", "") + " ../shared/wheels shared/wheels"
 model := "models/aios-text-tiny"
 
 # Set up and generate text with the shipped model.
@@ -17,7 +18,11 @@ setup:
     set -euo pipefail
     [ -x {{py}} ] || python3 -m venv {{venv}}
     if ! {{py}} -c "import torch" 2>/dev/null; then
-        wheel=$(ls {{torch_wheel_dir}}/torch-*cpu*.whl 2>/dev/null | head -1 || true)
+        wheel=""
+        for d in {{torch_wheel_dirs}}; do
+            wheel=$(ls "$d"/torch-*cpu*.whl 2>/dev/null | head -1 || true)
+            [ -n "$wheel" ] && break
+        done
         if [ -n "$wheel" ]; then
             {{py}} -m pip install -q "$wheel"
         else
