@@ -36,7 +36,7 @@ setup:
 
 # Generate English text with the shipped tiny model (progress bar on stderr).
 demo prompt="The old house" *args="": setup
-    target/release/aios-run generate --model {{model}} "{{prompt}}" --length 64 --steps 32 --sampler confidence --seed 0 {{args}}
+    target/release/aios-run generate --model {{model}} "{{prompt}}" --length 64 --steps 64 --sampler ancestral --seed 0 {{args}}
 
 # Every Rust and Python test.
 test: setup
