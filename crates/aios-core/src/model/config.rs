@@ -72,6 +72,41 @@ impl ModelConfig {
         serde_json::to_string(self).expect("config serialises")
     }
 
+    /// Every tensor the model needs, with its shape, in a stable order.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (v, d, c, r) = (self.vocab_size, self.hidden_size, self.cond_dim, self.mlp_ratio);
+        let mut s: Vec<(String, Vec<usize>)> = vec![
+            ("vocab_embed.embedding".into(), vec![v, d]),
+            ("sigma_map.mlp.0.weight".into(), vec![c, 256]),
+            ("sigma_map.mlp.0.bias".into(), vec![c]),
+            ("sigma_map.mlp.2.weight".into(), vec![c, c]),
+            ("sigma_map.mlp.2.bias".into(), vec![c]),
+        ];
+        for i in 0..self.n_layers {
+            let p = format!("blocks.{i}");
+            s.extend([
+                (format!("{p}.norm1.weight"), vec![d]),
+                (format!("{p}.attn_qkv.weight"), vec![3 * d, d]),
+                (format!("{p}.attn_out.weight"), vec![d, d]),
+                (format!("{p}.norm2.weight"), vec![d]),
+                (format!("{p}.mlp.0.weight"), vec![r * d, d]),
+                (format!("{p}.mlp.0.bias"), vec![r * d]),
+                (format!("{p}.mlp.2.weight"), vec![d, r * d]),
+                (format!("{p}.mlp.2.bias"), vec![d]),
+                (format!("{p}.adaLN_modulation.weight"), vec![6 * d, c]),
+                (format!("{p}.adaLN_modulation.bias"), vec![6 * d]),
+            ]);
+        }
+        s.extend([
+            ("output_layer.norm_final.weight".into(), vec![d]),
+            ("output_layer.adaLN_modulation.weight".into(), vec![2 * d, c]),
+            ("output_layer.adaLN_modulation.bias".into(), vec![2 * d]),
+            ("output_layer.linear.weight".into(), vec![v, d]),
+            ("output_layer.linear.bias".into(), vec![v]),
+        ]);
+        s
+    }
+
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.n_heads
     }

@@ -189,8 +189,7 @@ impl Dit {
         cfg.validate()?;
         // A tensor the config does not use means the config and the weights
         // disagree (e.g. n_layers edited): refuse rather than drop weights.
-        let wanted: std::collections::HashSet<String> =
-            super::random::tensor_shapes(&cfg).into_iter().map(|(n, _)| n).collect();
+        let wanted: std::collections::HashSet<String> = cfg.tensor_shapes().into_iter().map(|(n, _)| n).collect();
         let unexpected: Vec<&str> =
             file.tensors.iter().map(|t| t.name.as_str()).filter(|n| !wanted.contains(*n)).collect();
         if !unexpected.is_empty() {
@@ -267,16 +266,17 @@ impl Dit {
         self.output.forward(&h)
     }
 
-    /// Parameter counts: (backbone, text heads = embedding + output layer).
+    /// Parameter counts: (backbone, text heads = token embedding + output projection).
     pub fn parameter_split(&self) -> (usize, usize) {
-        let cfg = &self.cfg;
-        let (d, c, v, r) = (cfg.hidden_size, cfg.cond_dim, cfg.vocab_size, cfg.mlp_ratio);
-        let block = 2 * d + 3 * d * d + d * d + (r * d * d + r * d) + (r * d * d + d) + (6 * d * c + 6 * d);
-        let sigma = FREQ_EMBED_DIM * c + c + c * c + c;
-        let final_ada = 2 * d * c + 2 * d + d;
-        let backbone = cfg.n_layers * block + sigma + final_ada;
-        let heads = v * d + (d * v + v);
-        (backbone, heads)
+        let is_head = |n: &str| n == "vocab_embed.embedding" || n.starts_with("output_layer.linear.");
+        self.cfg.tensor_shapes().iter().fold((0, 0), |(backbone, heads), (name, shape)| {
+            let n: usize = shape.iter().product();
+            if is_head(name) {
+                (backbone, heads + n)
+            } else {
+                (backbone + n, heads)
+            }
+        })
     }
 }
 

@@ -10,47 +10,12 @@ use crate::format::{write_weight_file, DType, TensorToWrite, KEY_CONFIG};
 use crate::quant;
 use crate::sampler::Stream;
 
-/// Every tensor a config needs, with its shape, in a stable order.
-pub fn tensor_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
-    let (v, d, c, r) = (cfg.vocab_size, cfg.hidden_size, cfg.cond_dim, cfg.mlp_ratio);
-    let mut s: Vec<(String, Vec<usize>)> = vec![
-        ("vocab_embed.embedding".into(), vec![v, d]),
-        ("sigma_map.mlp.0.weight".into(), vec![c, 256]),
-        ("sigma_map.mlp.0.bias".into(), vec![c]),
-        ("sigma_map.mlp.2.weight".into(), vec![c, c]),
-        ("sigma_map.mlp.2.bias".into(), vec![c]),
-    ];
-    for i in 0..cfg.n_layers {
-        let p = format!("blocks.{i}");
-        s.extend([
-            (format!("{p}.norm1.weight"), vec![d]),
-            (format!("{p}.attn_qkv.weight"), vec![3 * d, d]),
-            (format!("{p}.attn_out.weight"), vec![d, d]),
-            (format!("{p}.norm2.weight"), vec![d]),
-            (format!("{p}.mlp.0.weight"), vec![r * d, d]),
-            (format!("{p}.mlp.0.bias"), vec![r * d]),
-            (format!("{p}.mlp.2.weight"), vec![d, r * d]),
-            (format!("{p}.mlp.2.bias"), vec![d]),
-            (format!("{p}.adaLN_modulation.weight"), vec![6 * d, c]),
-            (format!("{p}.adaLN_modulation.bias"), vec![6 * d]),
-        ]);
-    }
-    s.extend([
-        ("output_layer.norm_final.weight".into(), vec![d]),
-        ("output_layer.adaLN_modulation.weight".into(), vec![2 * d, c]),
-        ("output_layer.adaLN_modulation.bias".into(), vec![2 * d]),
-        ("output_layer.linear.weight".into(), vec![v, d]),
-        ("output_layer.linear.bias".into(), vec![v]),
-    ]);
-    s
-}
-
 /// Writes a model with uniform random weights scaled by 1/sqrt(fan_in)
 /// (norm weights near 1), every eligible matrix stored as `dtype`.
 pub fn write_random_model(path: impl AsRef<Path>, cfg: &ModelConfig, seed: u64, dtype: DType) -> Result<()> {
     cfg.validate()?;
     let mut encoded = vec![];
-    for (idx, (name, shape)) in tensor_shapes(cfg).into_iter().enumerate() {
+    for (idx, (name, shape)) in cfg.tensor_shapes().into_iter().enumerate() {
         let numel: usize = shape.iter().product();
         let mut rng = Stream::new(seed, 0, idx as u64);
         let scale = 1.0 / (*shape.last().unwrap() as f64).sqrt();

@@ -45,8 +45,8 @@ impl MatmulMode {
 
 #[derive(Clone, Debug)]
 enum Weight {
-    /// `[out, in]`, f32.
-    Dense(Tensor),
+    /// `[out, in]` row-major f32, multiplied by our own column-chunked gemm.
+    Dense(Vec<f32>),
     Quant(QMatMul),
 }
 
@@ -54,7 +54,7 @@ enum Weight {
 #[derive(Clone, Debug)]
 pub struct Linear {
     weight: Weight,
-    bias: Option<Tensor>,
+    bias: Option<Vec<f32>>,
     pub in_features: usize,
     pub out_features: usize,
 }
@@ -81,23 +81,24 @@ impl Linear {
             let q = super::qtensor_from_bytes(raw.dtype, &raw.shape, raw.data())?;
             Weight::Quant(QMatMul::from_qtensor(q)?)
         } else {
-            Weight::Dense(dense)
+            Weight::Dense(dense.flatten_all()?.to_vec1()?)
         };
         let bias = if has_bias {
             let bname = format!("{prefix}.bias");
             let raw = file.require(&bname)?;
             check_shape(file, &bname, &raw.shape, &[out_features])?;
-            Some(super::load_f32(file, raw)?)
+            Some(super::load_f32(file, raw)?.to_vec1()?)
         } else {
             None
         };
         Ok(Linear { weight, bias, in_features, out_features })
     }
 
-    /// Builds from an f32 weight `[out, in]` (used by tests and adapters).
-    pub fn from_dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+    /// Builds from an f32 weight `[out, in]` and bias `[out]` (tests, adapters).
+    pub fn from_dense(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
-        Ok(Linear { weight: Weight::Dense(weight), bias, in_features, out_features })
+        let bias = bias.map(|b| b.to_vec1()).transpose()?;
+        Ok(Linear { weight: Weight::Dense(weight.flatten_all()?.to_vec1()?), bias, in_features, out_features })
     }
 
     pub fn is_quantized(&self) -> bool {
@@ -107,7 +108,9 @@ impl Linear {
     /// The weight as f32 `[out, in]` (dequantised if needed).
     pub fn dense_weight(&self) -> Result<Tensor> {
         Ok(match &self.weight {
-            Weight::Dense(w) => w.clone(),
+            Weight::Dense(w) => {
+                Tensor::from_slice(w, (self.out_features, self.in_features), &candle_core::Device::Cpu)?
+            }
             Weight::Quant(q) => match q {
                 QMatMul::QTensor(t) => t.dequantize(&candle_core::Device::Cpu)?,
                 QMatMul::Tensor(t) => t.clone(),
@@ -126,24 +129,14 @@ impl Linear {
         let x2 = x.reshape((rows, last))?;
         let y = match &self.weight {
             Weight::Dense(w) => {
-                let xs = x2.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-                let ws = w.flatten_all()?;
-                let (wg, wl) = ws.storage_and_layout();
-                let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(wv)) = &*wg else {
-                    return Err(Error::Input("linear weight must be f32 on the CPU".into()));
-                };
-                let wv = &wv[wl.start_offset()..wl.start_offset() + self.out_features * self.in_features];
-                let bias = match &self.bias {
-                    Some(b) => Some(b.to_vec1::<f32>()?),
-                    None => None,
-                };
-                let y = super::gemm::linear_f32(&xs, wv, bias.as_deref(), rows, last, self.out_features);
+                let xs = x2.flatten_all()?.to_vec1::<f32>()?;
+                let y = super::gemm::linear_f32(&xs, w, self.bias.as_deref(), rows, last, self.out_features);
                 Tensor::from_vec(y, (rows, self.out_features), x.device())?
             }
             Weight::Quant(q) => {
                 let y = q.forward(&x2)?;
                 match &self.bias {
-                    Some(b) => y.broadcast_add(b)?,
+                    Some(b) => y.broadcast_add(&Tensor::from_slice(b, self.out_features, x.device())?)?,
                     None => y,
                 }
             }
@@ -180,7 +173,7 @@ mod tests {
             let w = (Tensor::randn(0f32, 1.0, (256, 512), &dev).unwrap() * 0.05).unwrap();
             for dt in [DType::Q8_0, DType::Q4K, DType::Q2K] {
                 let q = QTensor::quantize(&w, dt.ggml()).unwrap();
-                let dense = Linear::from_dense(q.dequantize(&dev).unwrap(), None).unwrap();
+                let dense = Linear::from_dense(&q.dequantize(&dev).unwrap(), None).unwrap();
                 let quant = Linear {
                     weight: Weight::Quant(QMatMul::from_qtensor(q).unwrap()),
                     bias: None,
