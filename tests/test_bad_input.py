@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from _tiny_tokenizer import train_tiny_tokenizer
 
 import _train_path  # noqa: F401
 import aios_rt
@@ -33,13 +33,7 @@ TEXTS = ["The old house stood on the hill above the village.", "A quick brown fo
 
 
 def _tokenizer(path: Path):
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TEXTS, trainer=trainers.BpeTrainer(
-        vocab_size=300, min_frequency=2, special_tokens=["[PAD]", "[BOS]", "[EOS]", "[MASK]"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok.save(str(path))
+    train_tiny_tokenizer(path, TEXTS)
 
 
 @pytest.fixture(scope="module")

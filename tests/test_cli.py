@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from _tiny_tokenizer import train_tiny_tokenizer
 
 import _train_path  # noqa: F401
 import aios_rt
@@ -56,13 +56,7 @@ def assert_clean_failure(p, code):
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     d = tmp_path_factory.mktemp("aios_cli")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TEXTS, trainer=trainers.BpeTrainer(
-        vocab_size=300, min_frequency=2, special_tokens=["[PAD]", "[BOS]", "[EOS]", "[MASK]"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok.save(str(d / "tokenizer.json"))
+    train_tiny_tokenizer(d / "tokenizer.json", TEXTS)
     aios_rt.write_random_model(d / "model.f32.parquet", json.dumps(CFG), 0, "f32")
     return d
 

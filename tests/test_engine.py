@@ -13,7 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
+
+import _tiny_tokenizer
 
 import _train_path  # noqa: F401
 import aios_rt
@@ -37,18 +39,7 @@ TIMING_KEYS = {"tokenize_ms", "forward_ms", "sampler_ms", "decode_ms", "total_ms
 
 
 def train_tiny_tokenizer(path: Path, vocab_size: int = 300) -> Tokenizer:
-    """Same recipe as aios_train.tokenizer.train_tokenizer, without torch or a corpus file."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=2, special_tokens=["[PAD]", "[BOS]", "[EOS]", "[MASK]"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator(TEXTS, trainer=trainer)
-    assert [tok.token_to_id(t) for t in ("[PAD]", "[BOS]", "[EOS]", "[MASK]")] == [PAD, BOS, EOS, MASK]
-    tok.save(str(path))
-    return tok
+    return _tiny_tokenizer.train_tiny_tokenizer(path, TEXTS, vocab_size)
 
 
 @pytest.fixture(scope="module")

@@ -105,20 +105,6 @@ impl Linear {
         matches!(self.weight, Weight::Quant(_))
     }
 
-    /// The weight as f32 `[out, in]` (dequantised if needed).
-    pub fn dense_weight(&self) -> Result<Tensor> {
-        Ok(match &self.weight {
-            Weight::Dense(w) => {
-                Tensor::from_slice(w, (self.out_features, self.in_features), &candle_core::Device::Cpu)?
-            }
-            Weight::Quant(q) => match q {
-                QMatMul::QTensor(t) => t.dequantize(&candle_core::Device::Cpu)?,
-                QMatMul::Tensor(t) => t.clone(),
-                QMatMul::TensorF16(t) => t.to_dtype(candle_core::DType::F32)?,
-            },
-        })
-    }
-
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let last = *dims.last().ok_or_else(|| Error::Input("linear input has no dimensions".into()))?;
