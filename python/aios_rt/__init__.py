@@ -4,6 +4,9 @@
 >>> eng = aios_rt.Engine("models/aios-text-tiny")
 >>> g = eng.diffuse("The old house", length=64, steps=16, sampler="confidence", seed=0)
 >>> g.text, g.confidence, g.steps_run, g.timings
+>>> mem = aios_rt.MemoryStore("~/.aios/memory")
+>>> mem.add("Our trip to Kyoto was in April 2025.", meta={"tag": "travel"})
+>>> mem.search("when did we visit Japan?", k=5)
 """
 
 from __future__ import annotations
@@ -30,10 +33,15 @@ from ._native import (
     quantize_file,
     write_random_model,
 )
+from .memory import Embedder, Hit, MemoryStore, default_embedder_path
 
 __all__ = [
     "Engine",
     "Generation",
+    "MemoryStore",
+    "Hit",
+    "Embedder",
+    "default_embedder_path",
     "AiosError",
     "AiosIOError",
     "ConfigError",

@@ -116,17 +116,7 @@ impl Engine {
     pub fn open(path: impl AsRef<Path>, opts: &EngineOptions) -> Result<Self> {
         let path = path.as_ref();
         let weights = resolve_weights(path, opts.dtype)?;
-        let threads = match opts.threads {
-            Some(0) => return crate::input_err!("threads must be >= 1"),
-            Some(n) if n > 1024 => return crate::input_err!("threads = {n} is absurd"),
-            Some(n) => n,
-            None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("aios-{i}"))
-            .build()
-            .map_err(|e| Error::Input(format!("could not start {threads} threads: {e}")))?;
+        let pool = crate::threads::thread_pool(opts.threads, "engine")?;
         let file = WeightFile::open(&weights)?;
         if file.kind != "model" {
             return Err(Error::format(weights.display(), format!("this is a {:?} file, not a model", file.kind)));

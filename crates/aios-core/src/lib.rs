@@ -11,9 +11,11 @@
 pub mod engine;
 pub mod error;
 pub mod format;
+pub mod memory;
 pub mod model;
 pub mod quant;
 pub mod sampler;
+pub mod threads;
 
 pub use engine::{Engine, EngineOptions, Generation, TextRequest};
 

@@ -11,6 +11,8 @@ use aios_core::format::{DType, WeightFile};
 use aios_core::quant::{self, MatmulMode};
 use aios_core::sampler::{SamplerOptions, Strategy};
 use aios_core::{Engine as CoreEngine, EngineOptions, Error, TextRequest};
+mod memory;
+
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
@@ -25,7 +27,7 @@ create_exception!(_native, AiosIOError, AiosError, "An operating-system I/O erro
 create_exception!(_native, NumericError, AiosError, "The model produced NaN or infinite values.");
 
 /// The one mapping from core errors to Python exceptions.
-fn to_py(e: Error) -> PyErr {
+pub(crate) fn to_py(e: Error) -> PyErr {
     let msg = e.to_string();
     match e {
         Error::Format { .. } => FormatError::new_err(msg),
@@ -39,7 +41,7 @@ fn to_py(e: Error) -> PyErr {
 }
 
 /// Runs `f` without the GIL and with panics turned into errors.
-fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, Error> + Send) -> PyResult<T> {
+pub(crate) fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, Error> + Send) -> PyResult<T> {
     py.detach(|| catch_unwind(AssertUnwindSafe(f)))
         .map_err(|p| {
             let what = p
@@ -54,14 +56,14 @@ fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, Error> + Send) -> 
 
 /// A non-negative integer argument, as an `InputError` (not an
 /// `OverflowError`) when it is negative, too large or not an integer.
-fn count(v: &Bound<'_, PyAny>, name: &str) -> PyResult<usize> {
+pub(crate) fn count(v: &Bound<'_, PyAny>, name: &str) -> PyResult<usize> {
     v.extract::<u64>()
         .ok()
         .and_then(|x| usize::try_from(x).ok())
         .ok_or_else(|| InputError::new_err(format!("{name} must be a non-negative integer, got {v}")))
 }
 
-fn opt_count(v: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<Option<usize>> {
+pub(crate) fn opt_count(v: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<Option<usize>> {
     v.filter(|v| !v.is_none()).map(|v| count(v, name)).transpose()
 }
 
@@ -372,6 +374,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<Engine>()?;
     m.add_class::<Generation>()?;
+    m.add_class::<memory::MemoryStore>()?;
+    m.add_class::<memory::Embedder>()?;
     m.add_function(wrap_pyfunction!(quantize, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(read_tensors_raw, m)?)?;

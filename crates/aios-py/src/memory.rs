@@ -1,0 +1,233 @@
+//! Bindings for the memory store and the sentence embedder. The typed
+//! wrapper in `python/aios_rt` converts dicts to JSON and arrays to bytes;
+//! here every argument is plain and every call releases the GIL.
+
+use std::path::PathBuf;
+
+use aios_core::memory::store::Query;
+use aios_core::memory::{self as core, Filter, NewMemory, Precision};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+use crate::{count, opt_count, run, to_py, InputError};
+
+/// (id, score, text, meta JSON, created_ms)
+type HitTuple = (u64, f32, String, String, i64);
+
+fn hit_tuple(h: core::Hit) -> HitTuple {
+    (h.id, h.score, h.text, h.meta, h.created_ms)
+}
+
+/// Little-endian f32 bytes -> floats, checked against the expected count.
+fn floats(data: &[u8], what: &str) -> PyResult<Vec<f32>> {
+    if data.len() % 4 != 0 {
+        return Err(InputError::new_err(format!("{what}: {} bytes is not a whole number of f32", data.len())));
+    }
+    Ok(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
+fn to_bytes(py: Python<'_>, v: &[f32]) -> Py<PyBytes> {
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    PyBytes::new(py, &bytes).unbind()
+}
+
+fn parse_filter(filter: Option<&str>) -> PyResult<Option<Filter>> {
+    filter.map(Filter::from_json).transpose().map_err(to_py)
+}
+
+#[pyclass(frozen, module = "aios_rt._native")]
+pub struct MemoryStore {
+    inner: core::MemoryStore,
+}
+
+#[pymethods]
+impl MemoryStore {
+    #[new]
+    #[pyo3(signature = (path, dim=None, embedder=None, read_only=false, threads=None, recover=false))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        dim: Option<&Bound<'_, PyAny>>,
+        embedder: Option<PathBuf>,
+        read_only: bool,
+        threads: Option<&Bound<'_, PyAny>>,
+        recover: bool,
+    ) -> PyResult<Self> {
+        let opts = core::StoreOptions {
+            read_only,
+            dim: opt_count(dim, "dim")?,
+            embedder,
+            threads: opt_count(threads, "threads")?,
+            recover,
+        };
+        run(py, || core::MemoryStore::open(&path, opts)).map(|inner| MemoryStore { inner })
+    }
+
+    /// Adds memories; `vectors` is row-major little-endian f32 bytes or None.
+    #[pyo3(signature = (texts, metas, vectors=None))]
+    fn add_many(
+        &self,
+        py: Python<'_>,
+        texts: Vec<String>,
+        metas: Vec<Option<String>>,
+        vectors: Option<&[u8]>,
+    ) -> PyResult<Vec<u64>> {
+        if metas.len() != texts.len() {
+            return Err(InputError::new_err(format!("{} texts but {} metas", texts.len(), metas.len())));
+        }
+        let mut rows: Vec<Option<Vec<f32>>> = vec![None; texts.len()];
+        if let Some(data) = vectors {
+            let flat = floats(data, "vectors")?;
+            if texts.is_empty() || flat.len() % texts.len() != 0 {
+                return Err(InputError::new_err(format!(
+                    "{} floats do not split into {} vectors",
+                    flat.len(),
+                    texts.len()
+                )));
+            }
+            let dim = flat.len() / texts.len();
+            for (slot, v) in rows.iter_mut().zip(flat.chunks_exact(dim.max(1))) {
+                *slot = Some(v.to_vec());
+            }
+        }
+        let memories = texts
+            .into_iter()
+            .zip(metas)
+            .zip(rows)
+            .map(|((text, meta), vector)| NewMemory { text, meta, vector })
+            .collect();
+        run(py, || self.inner.add_many(memories))
+    }
+
+    #[pyo3(signature = (query, k, precision="f32", filter=None))]
+    fn search_text(
+        &self,
+        py: Python<'_>,
+        query: &str,
+        k: &Bound<'_, PyAny>,
+        precision: &str,
+        filter: Option<&str>,
+    ) -> PyResult<Vec<HitTuple>> {
+        let k = count(k, "k")?;
+        let precision: Precision = precision.parse().map_err(to_py)?;
+        let filter = parse_filter(filter)?;
+        run(py, || self.inner.search(Query::Text(query), k, precision, filter.as_ref()))
+            .map(|hits| hits.into_iter().map(hit_tuple).collect())
+    }
+
+    #[pyo3(signature = (vector, k, precision="f32", filter=None))]
+    fn search_vector(
+        &self,
+        py: Python<'_>,
+        vector: &[u8],
+        k: &Bound<'_, PyAny>,
+        precision: &str,
+        filter: Option<&str>,
+    ) -> PyResult<Vec<HitTuple>> {
+        let k = count(k, "k")?;
+        let precision: Precision = precision.parse().map_err(to_py)?;
+        let filter = parse_filter(filter)?;
+        let q = floats(vector, "query vector")?;
+        run(py, || self.inner.search(Query::Vector(&q), k, precision, filter.as_ref()))
+            .map(|hits| hits.into_iter().map(hit_tuple).collect())
+    }
+
+    fn get(&self, id: &Bound<'_, PyAny>) -> PyResult<Option<HitTuple>> {
+        let Ok(id) = id.extract::<u64>() else { return Ok(None) };
+        Ok(self.inner.get(id).map(hit_tuple))
+    }
+
+    fn delete(&self, py: Python<'_>, ids: Vec<Bound<'_, PyAny>>) -> PyResult<()> {
+        let ids: Vec<u64> = ids
+            .iter()
+            .map(|i| i.extract::<u64>().map_err(|_| InputError::new_err(format!("no memory with id {i}"))))
+            .collect::<PyResult<_>>()?;
+        run(py, || self.inner.delete(&ids))
+    }
+
+    fn compact(&self, py: Python<'_>) -> PyResult<u64> {
+        run(py, || self.inner.compact())
+    }
+
+    fn refresh(&self, py: Python<'_>) -> PyResult<bool> {
+        run(py, || self.inner.refresh())
+    }
+
+    /// Embeds texts with this store's embedder -> f32 bytes.
+    fn embed(&self, py: Python<'_>, texts: Vec<String>) -> PyResult<Py<PyBytes>> {
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let v = run(py, || self.inner.embed(&refs))?;
+        Ok(to_bytes(py, &v))
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.stats();
+        let d = PyDict::new(py);
+        d.set_item("memories", s.memories)?;
+        d.set_item("deleted", s.deleted)?;
+        d.set_item("segments", s.segments)?;
+        d.set_item("dim", s.dim)?;
+        d.set_item("source", s.source.map(|s| serde_json_string(&s)))?;
+        d.set_item("version", s.version)?;
+        d.set_item("bytes", s.bytes)?;
+        d.set_item("path", self.inner.dir().display().to_string())?;
+        Ok(d)
+    }
+
+    #[getter]
+    fn warnings(&self) -> Vec<String> {
+        self.inner.warnings().to_vec()
+    }
+
+    #[getter]
+    fn dim(&self) -> Option<usize> {
+        self.inner.dim()
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+}
+
+fn serde_json_string(s: &core::manifest::VectorSource) -> String {
+    match s {
+        core::manifest::VectorSource::Caller => "caller".to_string(),
+        core::manifest::VectorSource::Embedder { name, fingerprint } => format!("embedder:{name}:{fingerprint}"),
+    }
+}
+
+#[pyclass(frozen, module = "aios_rt._native")]
+pub struct Embedder {
+    inner: core::Embedder,
+    /// A dedicated pool so `threads=` bounds this embedder only.
+    pool: rayon::ThreadPool,
+}
+
+#[pymethods]
+impl Embedder {
+    #[new]
+    #[pyo3(signature = (path, threads=None))]
+    fn new(py: Python<'_>, path: PathBuf, threads: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+        let threads = opt_count(threads, "threads")?;
+        run(py, || {
+            let pool = aios_core::threads::thread_pool(threads, "embed")?;
+            Ok(Embedder { inner: core::Embedder::open(&path)?, pool })
+        })
+    }
+
+    fn embed(&self, py: Python<'_>, texts: Vec<String>) -> PyResult<Py<PyBytes>> {
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let v = run(py, || self.pool.install(|| self.inner.embed(&refs)))?;
+        Ok(to_bytes(py, &v))
+    }
+
+    #[getter]
+    fn dim(&self) -> usize {
+        self.inner.dim()
+    }
+
+    #[getter]
+    fn fingerprint(&self) -> String {
+        self.inner.fingerprint().to_string()
+    }
+}
