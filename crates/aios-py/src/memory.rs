@@ -167,7 +167,7 @@ impl MemoryStore {
         d.set_item("deleted", s.deleted)?;
         d.set_item("segments", s.segments)?;
         d.set_item("dim", s.dim)?;
-        d.set_item("source", s.source.map(|s| serde_json_string(&s)))?;
+        d.set_item("source", s.source.map(|s| s.to_string()))?;
         d.set_item("version", s.version)?;
         d.set_item("bytes", s.bytes)?;
         d.set_item("path", self.inner.dir().display().to_string())?;
@@ -186,13 +186,6 @@ impl MemoryStore {
 
     fn __len__(&self) -> usize {
         self.inner.len()
-    }
-}
-
-fn serde_json_string(s: &core::manifest::VectorSource) -> String {
-    match s {
-        core::manifest::VectorSource::Caller => "caller".to_string(),
-        core::manifest::VectorSource::Embedder { name, fingerprint } => format!("embedder:{name}:{fingerprint}"),
     }
 }
 

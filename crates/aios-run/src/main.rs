@@ -3,6 +3,8 @@
 //! Exit codes: 0 success, 2 bad command line, 3 invalid input, 4 corrupt or
 //! inconsistent model file/config (or NaN output), 5 I/O error, 6 tokenizer error, 1 other.
 
+mod memory;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,6 +35,8 @@ enum Command {
         #[arg(long)]
         dtype: Option<String>,
     },
+    /// The personal memory store: add, search, stats, import, delete, compact.
+    Memory(memory::MemoryArgs),
     /// Write a copy of a model with its matrices quantised.
     Quantize {
         input: PathBuf,
@@ -198,6 +202,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => generate(a),
         Command::Info { model, dtype } => info(model, dtype),
         Command::Quantize { input, output, dtype } => quantize(input, output, dtype),
+        Command::Memory(a) => memory::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

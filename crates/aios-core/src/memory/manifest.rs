@@ -25,6 +25,15 @@ pub enum VectorSource {
     Caller,
 }
 
+impl std::fmt::Display for VectorSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VectorSource::Embedder { name, fingerprint } => write!(f, "embedder:{name}:{fingerprint}"),
+            VectorSource::Caller => write!(f, "caller"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SegmentRef {
