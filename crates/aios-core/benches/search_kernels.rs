@@ -46,17 +46,28 @@ fn bench(c: &mut Criterion) {
         b.iter(|| rows.chunks_exact(DIM).map(|r| <f32 as numkong::Dot>::dot(&q, r).unwrap() as f32).sum::<f32>())
     });
     g.bench_function("f32/simsimd", |b| {
-        b.iter(|| rows.chunks_exact(DIM).map(|r| <f32 as simsimd::SpatialSimilarity>::dot(&q, r).unwrap() as f32).sum::<f32>())
+        b.iter(|| {
+            rows.chunks_exact(DIM).map(|r| <f32 as simsimd::SpatialSimilarity>::dot(&q, r).unwrap() as f32).sum::<f32>()
+        })
     });
-    g.bench_function("f32/plain", |b| b.iter(|| rows.chunks_exact(DIM).map(|r| plain_f32(black_box(&q), r)).sum::<f32>()));
+    g.bench_function("f32/plain", |b| {
+        b.iter(|| rows.chunks_exact(DIM).map(|r| plain_f32(black_box(&q), r)).sum::<f32>())
+    });
     g.throughput(Throughput::Bytes((ROWS * DIM) as u64));
     g.bench_function("i8/numkong", |b| {
         b.iter(|| rows8.chunks_exact(DIM).map(|r| <i8 as numkong::Dot>::dot(&q8, r).unwrap()).sum::<i32>())
     });
     g.bench_function("i8/simsimd", |b| {
-        b.iter(|| rows8.chunks_exact(DIM).map(|r| <i8 as simsimd::SpatialSimilarity>::dot(&q8, r).unwrap() as i64).sum::<i64>())
+        b.iter(|| {
+            rows8
+                .chunks_exact(DIM)
+                .map(|r| <i8 as simsimd::SpatialSimilarity>::dot(&q8, r).unwrap() as i64)
+                .sum::<i64>()
+        })
     });
-    g.bench_function("i8/plain", |b| b.iter(|| rows8.chunks_exact(DIM).map(|r| plain_i8(black_box(&q8), r)).sum::<i32>()));
+    g.bench_function("i8/plain", |b| {
+        b.iter(|| rows8.chunks_exact(DIM).map(|r| plain_i8(black_box(&q8), r)).sum::<i32>())
+    });
     g.finish();
 }
 

@@ -66,7 +66,8 @@ enum MemoryCommand {
 }
 
 fn open(dir: &Path, a: &MemoryArgs, read_only: bool) -> Result<MemoryStore, Error> {
-    let embedder = a.embedder.clone().or_else(|| std::env::var_os("AIOS_EMBEDDER").filter(|v| !v.is_empty()).map(PathBuf::from));
+    let embedder =
+        a.embedder.clone().or_else(|| std::env::var_os("AIOS_EMBEDDER").filter(|v| !v.is_empty()).map(PathBuf::from));
     let store = MemoryStore::open(dir, StoreOptions { read_only, embedder, threads: a.threads, ..Default::default() })?;
     for w in store.warnings() {
         eprintln!("warning: {w}");
@@ -130,7 +131,8 @@ pub fn run(a: MemoryArgs) -> Result<(), Error> {
 
 /// Parses one JSON line into a memory; `line_no` is 1-based for messages.
 fn parse_line(line: &str, line_no: usize) -> Result<NewMemory, Error> {
-    let v: Value = serde_json::from_str(line).map_err(|e| Error::Input(format!("line {line_no}: invalid JSON: {e}")))?;
+    let v: Value =
+        serde_json::from_str(line).map_err(|e| Error::Input(format!("line {line_no}: invalid JSON: {e}")))?;
     let Some(text) = v.get("text").and_then(Value::as_str) else {
         return input_err!("line {line_no}: needs a \"text\" string");
     };

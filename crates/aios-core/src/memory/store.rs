@@ -228,6 +228,10 @@ impl MemoryStore {
             snapshot.manifest.source = opts.dim.map(|_| VectorSource::Caller);
             snapshot.manifest.publish(&dir)?;
         }
+        // Never reuse a file name: after falling back from a damaged manifest,
+        // newer files on disk (kept for inspection) must not be overwritten.
+        let newest_on_disk = Self::newest_file_version(&dir)?;
+        snapshot.manifest.version = snapshot.manifest.version.max(newest_on_disk);
         let store = MemoryStore {
             dir,
             read_only: opts.read_only,
@@ -243,6 +247,20 @@ impl MemoryStore {
         }
         store.check_dim_option(opts.dim)?;
         Ok(store)
+    }
+
+    /// The highest version in any manifest or segment file name in `dir`.
+    fn newest_file_version(dir: &Path) -> Result<u64> {
+        let mut newest = Manifest::list(dir)?.first().copied().unwrap_or(0);
+        for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if let Some(v) =
+                name.strip_prefix("seg-").and_then(|n| n.strip_suffix(".arrow")).and_then(|n| n.parse().ok())
+            {
+                newest = newest.max(v);
+            }
+        }
+        Ok(newest)
     }
 
     fn check_dim_option(&self, dim: Option<usize>) -> Result<()> {

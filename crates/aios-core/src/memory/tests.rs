@@ -270,7 +270,23 @@ fn damaged_files_are_reported_never_silently_dropped() {
     let s = MemoryStore::open(dir.path(), StoreOptions { read_only: true, ..Default::default() }).unwrap();
     assert_eq!(s.warnings().len(), 1);
     assert_eq!(s.len(), 8);
+    drop(s);
+    // Writing after the fall-back never overwrites the newer files on disk.
+    let files_before: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let s = MemoryStore::open(dir.path(), opts(4)).unwrap();
+    s.add(mem("after fall-back", &[1.0; 4])).unwrap();
+    drop(s);
+    for f in files_before.iter().filter(|f| f.to_string_lossy() != "LOCK") {
+        let p = dir.path().join(f);
+        if p == path {
+            assert_eq!(fs::read(&p).unwrap(), &good[..good.len() / 2], "damaged manifest was overwritten");
+        } else {
+            assert!(p.exists(), "{f:?} was removed");
+        }
+    }
+    // Restoring the damaged manifest: it is older than the new one now.
     fs::write(&path, &good).unwrap();
+    let newest = Manifest::list(dir.path()).unwrap()[0];
 
     // A store written by a newer format is refused, not misread.
     let mut m: serde_json::Value = serde_json::from_slice(good.split(|&b| b == b'\n').next().unwrap()).unwrap();
