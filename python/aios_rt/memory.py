@@ -58,6 +58,8 @@ def _vector_bytes(v, what: str) -> bytes:
         a = np.asarray(v, dtype="<f4")
     except (TypeError, ValueError) as e:
         raise InputError(f"{what} must be numbers: {e}") from None
+    if a.ndim != 1:
+        raise InputError(f"{what} must be one vector (1-D), got shape {a.shape}")
     return np.ascontiguousarray(a).tobytes()
 
 
@@ -142,6 +144,8 @@ class MemoryStore:
         first; ties go to the older memory. ``filter`` keeps memories whose
         meta has exactly these key/values. ``precision="int8"`` scans int8
         codes (4x less memory traffic) and re-scores the best candidates."""
+        if filter is not None and not isinstance(filter, dict):
+            raise InputError(f"filter must be a dict such as {{'tag': 'travel'}}, got {type(filter).__name__}")
         f = None if filter is None else _meta_json(filter)
         if isinstance(query, str):
             hits = self._native.search_text(query, k, precision, f)
@@ -171,6 +175,17 @@ class MemoryStore:
 
     def stats(self) -> Dict[str, Any]:
         return self._native.stats()
+
+    def close(self) -> None:
+        """Releases the writer lock now (also released when the store is
+        garbage-collected); searches still work, changes are refused."""
+        self._native.close()
+
+    def __enter__(self) -> "MemoryStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def warnings(self) -> List[str]:

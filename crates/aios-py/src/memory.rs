@@ -149,6 +149,13 @@ impl MemoryStore {
         run(py, || self.inner.compact())
     }
 
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        run(py, || {
+            self.inner.close();
+            Ok(())
+        })
+    }
+
     fn refresh(&self, py: Python<'_>) -> PyResult<bool> {
         run(py, || self.inner.refresh())
     }

@@ -281,7 +281,7 @@ impl MemoryStore {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match Self::load_once(dir, previous, recover, warnings) {
+            match Self::load_once(dir, previous, recover, warnings, attempt == 5) {
                 Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound && attempt < 5 => {
                     continue
                 }
@@ -290,11 +290,14 @@ impl MemoryStore {
         }
     }
 
+    /// One attempt; on the `final_attempt` a missing segment is reported as
+    /// damage (with the recover hint) rather than as a race to retry.
     fn load_once(
         dir: &Path,
         previous: Option<&Snapshot>,
         recover: bool,
         warnings: &mut Vec<String>,
+        final_attempt: bool,
     ) -> Result<Snapshot> {
         let versions = if dir.is_dir() { Manifest::list(dir)? } else { Vec::new() };
         let mut manifest = None;
@@ -338,19 +341,27 @@ impl MemoryStore {
                     segments.push(Arc::new(seg));
                     kept_refs.push(r.clone());
                 }
-                Err(e @ Error::Io { .. }) if !recover => return Err(e),
-                Err(e) if recover => warnings.push(format!(
-                    "skipped damaged segment {} (ids {}..={}, {} rows lost): {e}",
-                    r.file, r.first_id, r.last_id, r.rows
-                )),
+                Err(e @ Error::Io { .. }) if !recover && !final_attempt => return Err(e),
+                Err(e) if recover => {
+                    warnings.push(format!(
+                        "skipped damaged segment {} (ids {}..={}, {} rows lost): {e}",
+                        r.file, r.first_id, r.last_id, r.rows
+                    ));
+                    // Its tombstones go with it, or they would count against other rows.
+                    manifest.deleted.retain(|id| *id < r.first_id || *id > r.last_id);
+                }
                 Err(e) => {
+                    let why = match e {
+                        Error::Format { msg, .. } => msg,
+                        other => other.to_string(),
+                    };
                     return Err(Error::format(
                         dir.join(&r.file).display(),
                         format!(
-                            "{e}. The store's rows {}..={} are in this file; open with recover=True to skip it",
+                            "{why}. The store's memories {}..={} are in this file; open with recover=True to skip it",
                             r.first_id, r.last_id
                         ),
-                    ))
+                    ));
                 }
             }
         }
@@ -502,7 +513,7 @@ impl MemoryStore {
             );
         };
 
-        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let writer = self.lock_writer()?;
         let snap = self.snap();
         let mut m = snap.manifest.clone();
         Self::check_source(&m, &source, dim)?;
@@ -633,19 +644,38 @@ impl MemoryStore {
         if self.read_only {
             return input_err!("this MemoryStore was opened read_only");
         }
+        if self.writer.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+            return input_err!("this MemoryStore was closed");
+        }
         Ok(())
+    }
+
+    /// The writer guard, refused on read-only or closed stores.
+    fn lock_writer(&self) -> Result<std::sync::MutexGuard<'_, Option<File>>> {
+        self.check_writable()?;
+        let guard = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            return input_err!("this MemoryStore was closed");
+        }
+        Ok(guard)
+    }
+
+    /// Releases the writer lock now (it is also released on drop). Searches
+    /// keep working on the last snapshot; changes are refused.
+    pub fn close(&self) {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
     /// Marks memories deleted (tombstones); `compact` reclaims their space.
     pub fn delete(&self, ids: &[u64]) -> Result<()> {
-        self.check_writable()?;
-        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let writer = self.lock_writer()?;
         let snap = self.snap();
         let mut unique = HashSet::new();
         for &id in ids {
-            if snap.locate(id).is_none() || !snap.is_live(id) || !unique.insert(id) {
+            if snap.locate(id).is_none() || !snap.is_live(id) {
                 return input_err!("no memory with id {id}");
             }
+            unique.insert(id);
         }
         if unique.is_empty() {
             return Ok(());
@@ -660,8 +690,7 @@ impl MemoryStore {
     /// Rewrites all segments into one without deleted rows. Returns the
     /// number of rows dropped.
     pub fn compact(&self) -> Result<u64> {
-        self.check_writable()?;
-        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let writer = self.lock_writer()?;
         let snap = self.snap();
         if snap.segments.len() <= 1 && snap.deleted.is_empty() {
             return Ok(0);
@@ -714,21 +743,21 @@ impl MemoryStore {
             return input_err!("k must be at least 1");
         }
         let snap = self.snap();
+        // Validate the query even while the store is empty.
+        match query {
+            Query::Vector(v) => {
+                normalised(v, snap.manifest.dim.unwrap_or(v.len()), "query vector")?;
+            }
+            Query::Text(t) if t.trim().is_empty() => return input_err!("the query text is empty"),
+            Query::Text(t) if t.len() > MAX_TEXT_BYTES => {
+                return input_err!("the query is {} bytes; the limit is {MAX_TEXT_BYTES}", t.len())
+            }
+            Query::Text(_) => {}
+        }
         let Some(dim) = snap.manifest.dim else { return Ok(Vec::new()) };
         let q = match query {
-            Query::Vector(v) => {
-                if matches!(snap.manifest.source, Some(VectorSource::Embedder { .. })) && v.len() != dim {
-                    return input_err!("query vector has dimension {}, but this store holds {dim}-d vectors", v.len());
-                }
-                normalised(v, dim, "query vector")?
-            }
+            Query::Vector(v) => normalised(v, dim, "query vector")?,
             Query::Text(t) => {
-                if t.trim().is_empty() {
-                    return input_err!("the query text is empty");
-                }
-                if t.len() > MAX_TEXT_BYTES {
-                    return input_err!("the query is {} bytes; the limit is {MAX_TEXT_BYTES}", t.len());
-                }
                 if matches!(snap.manifest.source, Some(VectorSource::Caller)) {
                     return input_err!("this store holds caller-supplied vectors; search with a vector");
                 }
