@@ -31,6 +31,7 @@ from ._native import (
     dequantize as _dequantize,
     quantize as _quantize,
     quantize_file,
+    write_random_lora,
     write_random_model,
 )
 from .memory import Embedder, Hit, MemoryStore, default_embedder_path
@@ -55,6 +56,7 @@ __all__ = [
     "quantize_file",
     "read_tensors",
     "write_random_model",
+    "write_random_lora",
     "__version__",
 ]
 

@@ -1,4 +1,4 @@
-"""aios_train command line: data, tokenizer, train, export, eval, convert-mdlm, sample.
+"""aios_train command line: data, tokenizer, train, export, eval, convert-mdlm, sample, lora, import-peft.
 
 Run `python -m aios_train <command> --help` for the options of each command.
 """
@@ -9,6 +9,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+DEFAULT_TARGETS = ("attn_qkv", "attn_out", "mlp.0", "mlp.2")  # = aios_train.lora.DEFAULT_TARGETS (no torch import here)
 
 
 def cmd_data(a) -> None:
@@ -57,7 +59,8 @@ def cmd_eval(a) -> None:
     from .evaluate import evaluate_file
     import torch
     torch.set_num_threads(a.threads)
-    r = evaluate_file(a.model, a.data, a.tokenizer, n_t=a.n_t, seed=a.seed, batch_size=a.batch_size, max_windows=a.max_windows)
+    r = evaluate_file(a.model, a.data, a.tokenizer, n_t=a.n_t, seed=a.seed, batch_size=a.batch_size, max_windows=a.max_windows,
+                      lora=a.lora, lora_weight=a.lora_weight, source=a.source)
     print(json.dumps(r, indent=2))
 
 
@@ -79,6 +82,27 @@ def cmd_sample(a) -> None:
     tok = load_tokenizer(a.tokenizer)
     for t in sample_texts(model, cfg, tok, n=a.n, length=a.length, steps=a.steps, seed=a.seed, prompt=a.prompt):
         print(json.dumps(t, ensure_ascii=False))
+
+
+def cmd_lora(a) -> None:
+    from .lora import LoraTrainArgs, train_lora
+    r = train_lora(LoraTrainArgs(
+        base=a.base, data=a.data, out=a.out, rank=a.rank, alpha=a.alpha, target_modules=a.target_modules,
+        use_rslora=a.rslora, dropout=a.dropout, steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup,
+        min_lr_ratio=a.min_lr_ratio, weight_decay=a.weight_decay, grad_clip=a.grad_clip, seed=a.seed,
+        threads=a.threads, valid_fraction=a.valid_fraction, valid_data=a.valid_data, source=a.source,
+        tokenizer=a.tokenizer, eval_windows=a.eval_windows, eval_n_t=a.eval_n_t, save_peft=a.save_peft,
+        time_limit_min=a.time_limit_min))
+    print(json.dumps({"out": a.out, "steps": r["steps"], "train_s": round(r["train_s"], 1),
+                      "val_nats_before": r["val_nats_before"], "val_nats_after": r["val_nats_after"],
+                      "target_modules": r["config"]["target_modules"]}))
+
+
+def cmd_import_peft(a) -> None:
+    from .lora import import_peft
+    tensors, cfg = import_peft(a.folder, a.base, a.out)
+    print(f"wrote {a.out}: rank {cfg['rank']}, alpha {cfg['alpha']}, rslora {cfg['use_rslora']}, "
+          f"{len(cfg['target_modules'])} modules, base {cfg['base_fingerprint']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--max-windows", type=int, default=None)
     s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--lora", default=None, help="evaluate the model with this LoRA adapter (.lora.parquet) applied")
+    s.add_argument("--lora-weight", type=float, default=1.0)
+    s.add_argument("--source", default=None, help="only documents whose 'source' field equals this")
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("convert-mdlm", help="MDLM checkpoint (.safetensors / .pt / .ckpt) -> aios Parquet")
@@ -168,6 +195,49 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--prompt", default=None)
     s.add_argument("--threads", type=int, default=1)
     s.set_defaults(fn=cmd_sample)
+
+    s = sub.add_parser("lora", help="train a LoRA adapter (peft) on a frozen base -> aios adapter container",
+                       description="Train a LoRA adapter with MDLM's loss on a frozen base model and write the aios "
+                                   "adapter container (aios.kind = lora). Validation nats/token before and after are "
+                                   "printed and stored in the adapter's config.")
+    s.add_argument("--base", required=True, help="model folder (model.f32.parquet + tokenizer.json) or a .parquet "
+                                                 "(tokenizer.json beside it)")
+    s.add_argument("--data", required=True, help=".txt file, .jsonl file ({\"text\": ...}) or a folder of them")
+    s.add_argument("--out", required=True, help="adapter file to write, e.g. notes.lora.parquet")
+    s.add_argument("--rank", type=int, default=8)
+    s.add_argument("--alpha", type=float, default=16.0)
+    s.add_argument("--target-modules", default=",".join(DEFAULT_TARGETS),
+                   help="comma-separated: short names (attn_qkv, attn_out, mlp.0, mlp.2, output_layer.linear; matched "
+                        "by suffix among the allowed modules) or full names (blocks.0.attn_qkv)")
+    s.add_argument("--rslora", action="store_true", help="rank-stabilised scale alpha/sqrt(rank)")
+    s.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
+    s.add_argument("--steps", type=int, default=300)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--lr", type=float, default=2e-3)
+    s.add_argument("--warmup", type=int, default=20)
+    s.add_argument("--min-lr-ratio", type=float, default=0.1)
+    s.add_argument("--weight-decay", type=float, default=0.0)
+    s.add_argument("--grad-clip", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--valid-fraction", type=float, default=0.05,
+                   help="held-out share of --data (deterministic document split), unless --valid-data is given")
+    s.add_argument("--valid-data", default=None, help="explicit validation data (then --data is not split)")
+    s.add_argument("--source", default=None, help="only .jsonl records whose 'source' equals this (e.g. bible-kjv)")
+    s.add_argument("--tokenizer", default=None, help="default: the base's tokenizer.json")
+    s.add_argument("--eval-windows", type=int, default=256, help="validation windows (0 = all)")
+    s.add_argument("--eval-n-t", type=int, default=16, help="stratified t per validation window")
+    s.add_argument("--save-peft", default=None, metavar="DIR", help="also save the peft adapter folder (save_pretrained)")
+    s.add_argument("--time-limit-min", type=float, default=None, help="stop training early after this many minutes")
+    s.set_defaults(fn=cmd_lora)
+
+    s = sub.add_parser("import-peft", help="PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) -> aios adapter",
+                       description="Convert a PEFT LoRA adapter folder trained on an aios DiT into the aios adapter "
+                                   "container, validated against the base model.")
+    s.add_argument("folder", help="PEFT adapter folder")
+    s.add_argument("--base", required=True, help="base model folder or .parquet (its fingerprint is recorded)")
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_import_peft)
 
     a = p.parse_args(argv)
     try:

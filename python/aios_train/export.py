@@ -8,6 +8,7 @@ produced by the Rust side and read here through `aios_rt.read_tensors` (dequanti
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ SCHEMA = pa.schema([
     pa.field("data", pa.large_binary(), nullable=False),
 ])
 MAX_TENSOR_BYTES = 2**31 - 1  # one Parquet BYTE_ARRAY value
+FINGERPRINT_KEY = "aios.fingerprint"
 
 
 class FormatError(ValueError):
@@ -176,11 +178,43 @@ def model_tensors(model: DiT) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
 
 
+def model_fingerprint(tensors: dict[str, np.ndarray], config: dict) -> str:
+    """Identity of a model's weights: 16 hex chars of a sha256 (adapters record their base's).
+
+    Hashed, in order: `json.dumps(config, sort_keys=True)` (utf-8); then for every tensor name in sorted
+    order: the name (utf-8), b"\\0", the shape as little-endian int64s, the values as little-endian f32
+    (C order). Always over f32 values, so the f16/bf16/int8/int4/int2 files of one model carry the
+    fingerprint of their f32 source.
+    """
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode("utf-8"))
+    for name in sorted(tensors):
+        arr = tensors[name]
+        if isinstance(arr, torch.Tensor):
+            arr = arr.detach().cpu().float().numpy()
+        a = np.ascontiguousarray(arr, dtype="<f4")
+        h.update(name.encode("utf-8"))
+        h.update(b"\0")
+        h.update(np.asarray(a.shape, dtype="<i8").tobytes())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def read_fingerprint(path: str | Path) -> str | None:
+    """The `aios.fingerprint` metadata value of an aios file, or None when the file has none."""
+    return read_metadata(path).get(FINGERPRINT_KEY)
+
+
 def save_model(model: DiT, config: ModelConfig, path: str | Path, dtype: str = "f32",
                extra_metadata: dict[str, str] | None = None) -> None:
     tensors = model_tensors(model)
     check_model_tensors(tensors, config, str(path))
-    write_tensors(path, tensors, kind="model", config=config.to_dict(), extra_metadata=extra_metadata, dtype=dtype)
+    fp = model_fingerprint(tensors, config.to_dict())  # from the f32 values, whatever `dtype` is written
+    extra = dict(extra_metadata or {})
+    if extra.get(FINGERPRINT_KEY, fp) != fp:
+        raise FormatError(f"save_model: extra_metadata[{FINGERPRINT_KEY!r}] = {extra[FINGERPRINT_KEY]!r} does not match "
+                          f"the weights being saved ({fp})")
+    extra[FINGERPRINT_KEY] = fp
+    write_tensors(path, tensors, kind="model", config=config.to_dict(), extra_metadata=extra, dtype=dtype)
 
 
 def check_model_tensors(tensors: dict[str, Any], config: ModelConfig, where: str = "model") -> None:

@@ -1,12 +1,14 @@
 //! The one orchestration point: load a model folder (weights + tokenizer),
 //! build the canvas from a prompt, run a sampler, decode.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
+use crate::adapter::{ActiveLora, LoraAdapter};
 use crate::error::{Error, Result};
 use crate::format::{DType, WeightFile};
 use crate::model::{Dit, ModelConfig};
@@ -60,6 +62,8 @@ pub struct Generation {
     pub given: Vec<bool>,
     pub steps_run: usize,
     pub forward_passes: usize,
+    /// The adapters (name, weight) this generation ran with.
+    pub adapters: Vec<(String, f32)>,
     pub timings: Timings,
 }
 
@@ -75,8 +79,29 @@ pub struct ModelInfo {
     pub head_params: usize,
 }
 
+/// What one generation runs with: the model and the adapters active when it
+/// started. Immutable, so adapter changes never disturb running generations.
+pub struct Runtime {
+    pub model: Arc<Dit>,
+    pub lora: Arc<ActiveLora>,
+}
+
+/// Loaded adapters and which of them are active (name -> weight).
+#[derive(Default)]
+struct Adapters {
+    loaded: BTreeMap<String, Arc<LoraAdapter>>,
+    active: BTreeMap<String, f32>,
+    /// While fused: the unfused model, restored exactly by `unfuse`.
+    unfused: Option<Arc<Dit>>,
+}
+
 pub struct Engine {
-    model: Arc<Dit>,
+    config: ModelConfig,
+    /// `aios.fingerprint` of the weights; adapters must name the same one.
+    fingerprint: Option<String>,
+    current: RwLock<Arc<Runtime>>,
+    /// Serialises adapter changes (never held while generating).
+    adapters: Mutex<Adapters>,
     tokenizer: Option<tokenizers::Tokenizer>,
     tokenizer_path: PathBuf,
     pool: rayon::ThreadPool,
@@ -157,7 +182,18 @@ impl Engine {
         }
         let info =
             ModelInfo { path: weights, config, file_bytes: file.file_bytes, dtypes, backbone_params, head_params };
-        Ok(Engine { model: Arc::new(model), tokenizer, tokenizer_path, pool, info })
+        let fingerprint = file.metadata.get("aios.fingerprint").cloned();
+        let current = RwLock::new(Arc::new(Runtime { model: Arc::new(model), lora: ActiveLora::empty() }));
+        Ok(Engine {
+            config: info.config.clone(),
+            fingerprint,
+            current,
+            adapters: Mutex::new(Adapters::default()),
+            tokenizer,
+            tokenizer_path,
+            pool,
+            info,
+        })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -165,7 +201,112 @@ impl Engine {
     }
 
     pub fn config(&self) -> &ModelConfig {
-        &self.model.cfg
+        &self.config
+    }
+
+    pub fn fingerprint(&self) -> Option<&str> {
+        self.fingerprint.as_deref()
+    }
+
+    /// The model and adapter set a call made now would use.
+    pub fn snapshot(&self) -> Arc<Runtime> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn lock_adapters(&self) -> std::sync::MutexGuard<'_, Adapters> {
+        self.adapters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Loads a LoRA file under `name` (checked against this model; on any
+    /// error nothing changes). With `weight`, it is also activated.
+    pub fn load_adapter(&self, path: impl AsRef<Path>, name: &str, weight: Option<f32>) -> Result<()> {
+        if name.is_empty() {
+            return crate::input_err!("adapter name must not be empty");
+        }
+        check_weight(name, weight.unwrap_or(1.0))?;
+        let adapter = LoraAdapter::load(path, &self.config, self.fingerprint.as_deref())?;
+        let mut a = self.lock_adapters();
+        refuse_if_fused(&a)?;
+        if a.loaded.contains_key(name) {
+            return crate::input_err!("an adapter named {name:?} is already loaded; unload it first");
+        }
+        a.loaded.insert(name.to_string(), Arc::new(adapter));
+        if let Some(w) = weight {
+            a.active.insert(name.to_string(), w);
+        }
+        self.publish(&mut a, None)
+    }
+
+    pub fn unload_adapter(&self, name: &str) -> Result<()> {
+        let mut a = self.lock_adapters();
+        refuse_if_fused(&a)?;
+        if a.loaded.remove(name).is_none() {
+            return crate::input_err!("no adapter named {name:?} is loaded (loaded: {:?})", a.loaded.keys());
+        }
+        a.active.remove(name);
+        self.publish(&mut a, None)
+    }
+
+    /// Replaces the active set: `y = W x + sum_i w_i s_i B_i A_i x`.
+    pub fn set_adapters(&self, weights: &BTreeMap<String, f32>) -> Result<()> {
+        let mut a = self.lock_adapters();
+        refuse_if_fused(&a)?;
+        for (name, &w) in weights {
+            if !a.loaded.contains_key(name) {
+                return crate::input_err!("no adapter named {name:?} is loaded (loaded: {:?})", a.loaded.keys());
+            }
+            check_weight(name, w)?;
+        }
+        a.active = weights.clone();
+        self.publish(&mut a, None)
+    }
+
+    /// `(name, weight)` of the active adapters, and every loaded name.
+    pub fn adapters(&self) -> (Vec<(String, f32)>, Vec<String>) {
+        let a = self.lock_adapters();
+        (a.active.iter().map(|(n, w)| (n.clone(), *w)).collect(), a.loaded.keys().cloned().collect())
+    }
+
+    /// Merges the active adapters into the (f32) weights: no per-layer
+    /// adapter cost until [`Engine::unfuse`], which restores the exact
+    /// original weights. Adapter changes are refused while fused.
+    pub fn fuse(&self) -> Result<()> {
+        let mut a = self.lock_adapters();
+        refuse_if_fused(&a)?;
+        let rt = self.snapshot();
+        if rt.lora.is_empty() {
+            return crate::input_err!("no active adapters to fuse");
+        }
+        let fused = self.pool.install(|| rt.model.fused(&rt.lora))?;
+        a.unfused = Some(rt.model.clone());
+        self.publish(&mut a, Some(Arc::new(fused)))
+    }
+
+    pub fn unfuse(&self) -> Result<()> {
+        let mut a = self.lock_adapters();
+        let Some(original) = a.unfused.take() else {
+            return crate::input_err!("the adapters are not fused");
+        };
+        self.publish(&mut a, Some(original))
+    }
+
+    pub fn is_fused(&self) -> bool {
+        self.lock_adapters().unfused.is_some()
+    }
+
+    /// Builds the runtime for the adapter state `a` (on `model`, or the
+    /// current model) and swaps it in; readers keep their old snapshot.
+    fn publish(&self, a: &mut Adapters, model: Option<Arc<Dit>>) -> Result<()> {
+        let lora = if a.unfused.is_some() {
+            ActiveLora::empty()
+        } else {
+            let set: Vec<_> =
+                a.active.iter().filter(|(_, &w)| w != 0.0).map(|(n, &w)| (n.clone(), a.loaded[n].clone(), w)).collect();
+            Arc::new(ActiveLora::build(&set)?)
+        };
+        let model = model.unwrap_or_else(|| self.snapshot().model.clone());
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Runtime { model, lora });
+        Ok(())
     }
 
     pub fn threads(&self) -> usize {
@@ -186,7 +327,7 @@ impl Engine {
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        let vocab = self.model.cfg.vocab_size;
+        let vocab = self.config.vocab_size;
         if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
             return crate::input_err!("token id {bad} is outside the vocabulary of {vocab}");
         }
@@ -195,13 +336,14 @@ impl Engine {
 
     /// Raw logits `[n, L, V]` for a batch of equal-length token sequences.
     pub fn logits(&self, batch: &[Vec<u32>], sigma: Option<f32>) -> Result<Vec<f32>> {
-        self.pool.install(|| forward(&self.model, batch, sigma, None))
+        let rt = self.snapshot();
+        self.pool.install(|| forward(&rt, batch, sigma, None))
     }
 
     /// Generates text for `req`, reporting each step to `on_step`.
     pub fn generate_text(&self, req: &TextRequest, on_step: &mut (dyn FnMut(Progress) + Send)) -> Result<Generation> {
         let t_start = Instant::now();
-        let cfg = &self.model.cfg;
+        let cfg = &self.config;
         if req.length == 0 || req.length > cfg.max_length {
             return crate::input_err!(
                 "length must be in 1..={} (the model's maximum), got {}",
@@ -254,7 +396,7 @@ impl Engine {
         on_step: &mut (dyn FnMut(Progress) + Send),
     ) -> Result<Generation> {
         let t0 = Instant::now();
-        let cfg = &self.model.cfg;
+        let cfg = &self.config;
         if cfg.causal {
             return Err(Error::Config(
                 "this is an autoregressive baseline (causal = true), not a diffusion model".into(),
@@ -264,7 +406,10 @@ impl Engine {
             return crate::input_err!("canvas length must be in 1..={}, got {}", cfg.max_length, canvas.len());
         }
         let given: Vec<bool> = canvas.iter().map(|&t| t != cfg.mask_token_id).collect();
-        let den = ModelDenoiser { model: &self.model };
+        // One snapshot for the whole generation: adapter swaps meanwhile
+        // apply to the next generation, never halfway through this one.
+        let rt = self.snapshot();
+        let den = ModelDenoiser { rt: &rt };
         let s = self.pool.install(|| sampler::sample(&den, canvas, opts, on_step))?;
         Ok(Generation {
             text: String::new(),
@@ -274,6 +419,7 @@ impl Engine {
             given,
             steps_run: s.steps_run,
             forward_passes: s.forward_passes,
+            adapters: rt.lora.weights.clone(),
             timings: Timings {
                 forward_ms: s.forward_ms,
                 sampler_ms: s.sampler_ms,
@@ -284,7 +430,22 @@ impl Engine {
     }
 }
 
-fn forward(model: &Dit, batch: &[Vec<u32>], sigma: Option<f32>, positions: Option<&[usize]>) -> Result<Vec<f32>> {
+fn check_weight(name: &str, w: f32) -> Result<()> {
+    if !w.is_finite() {
+        return crate::input_err!("adapter {name:?}: weight {w} is not finite");
+    }
+    Ok(())
+}
+
+fn refuse_if_fused(a: &Adapters) -> Result<()> {
+    if a.unfused.is_some() {
+        return crate::input_err!("adapters are fused into the weights; call unfuse() before changing them");
+    }
+    Ok(())
+}
+
+fn forward(rt: &Runtime, batch: &[Vec<u32>], sigma: Option<f32>, positions: Option<&[usize]>) -> Result<Vec<f32>> {
+    let model = &rt.model;
     let n = batch.len();
     let l = batch.first().map_or(0, Vec::len);
     if n == 0 || l == 0 {
@@ -305,12 +466,12 @@ fn forward(model: &Dit, batch: &[Vec<u32>], sigma: Option<f32>, positions: Optio
     let flat: Vec<u32> = batch.iter().flatten().copied().collect();
     let tokens = Tensor::from_vec(flat, (n, l), &Device::Cpu)?;
     let sigma = sigma.map(|s| Tensor::full(s, n, &Device::Cpu)).transpose()?;
-    let logits = model.forward_at(&tokens, sigma.as_ref(), positions)?;
+    let logits = model.forward_at(&tokens, sigma.as_ref(), positions, &rt.lora)?;
     Ok(logits.flatten_all()?.to_vec1()?)
 }
 
 struct ModelDenoiser<'a> {
-    model: &'a Dit,
+    rt: &'a Runtime,
 }
 
 /// MDLM's log-linear schedule: sigma(t) = -ln(1 - (1 - eps) t).
@@ -321,15 +482,15 @@ fn log_linear_sigma(t: f64) -> f32 {
 
 impl Denoiser for ModelDenoiser<'_> {
     fn vocab_size(&self) -> usize {
-        self.model.cfg.vocab_size
+        self.rt.model.cfg.vocab_size
     }
     fn mask_id(&self) -> u32 {
-        self.model.cfg.mask_token_id
+        self.rt.model.cfg.mask_token_id
     }
     fn logits(&self, canvases: &[Vec<u32>], t: f64, positions: &[usize]) -> Result<Vec<f32>> {
-        forward(self.model, canvases, Some(log_linear_sigma(t)), Some(positions))
+        forward(self.rt, canvases, Some(log_linear_sigma(t)), Some(positions))
     }
     fn time_conditioned(&self) -> bool {
-        self.model.cfg.time_conditioning
+        self.rt.model.cfg.time_conditioning
     }
 }

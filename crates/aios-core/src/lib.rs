@@ -8,6 +8,7 @@
 //!
 //! No Python here: bindings live in `aios-py`, the CLI in `aios-run`.
 
+pub mod adapter;
 pub mod engine;
 pub mod error;
 pub mod format;

@@ -109,12 +109,12 @@ fn output_rows_subset_equals_full_logits() {
     let sigma = Tensor::new(&[0.4f32], &Device::Cpu).unwrap();
     let full = m.forward(&toks, Some(&sigma)).unwrap();
     let pos = [3usize, 0, 39, 17];
-    let part = m.forward_at(&toks, Some(&sigma), Some(&pos)).unwrap();
+    let part = m.forward_at(&toks, Some(&sigma), Some(&pos), &Default::default()).unwrap();
     for (j, &i) in pos.iter().enumerate() {
         let a: Vec<f32> = full.get(0).unwrap().get(i).unwrap().to_vec1().unwrap();
         let b: Vec<f32> = part.get(0).unwrap().get(j).unwrap().to_vec1().unwrap();
         // gemm blocks a 4-row product differently from a 40-row one: rounding only.
         assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-5), "row {i}");
     }
-    assert!(m.forward_at(&toks, None, Some(&[40])).is_err());
+    assert!(m.forward_at(&toks, None, Some(&[40]), &Default::default()).is_err());
 }

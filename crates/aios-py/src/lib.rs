@@ -101,6 +101,8 @@ struct Generation {
     given: Vec<bool>,
     steps_run: usize,
     forward_passes: usize,
+    /// name -> weight of the adapters this generation ran with.
+    adapters: HashMap<String, f32>,
     timings: HashMap<String, f64>,
 }
 
@@ -135,6 +137,7 @@ impl From<aios_core::Generation> for Generation {
             given: g.given,
             steps_run: g.steps_run,
             forward_passes: g.forward_passes,
+            adapters: g.adapters.into_iter().collect(),
             timings,
         }
     }
@@ -289,6 +292,65 @@ impl Engine {
         self.inner.threads()
     }
 
+    /// Loads a LoRA adapter without reloading the model; `weight` (default
+    /// 1.0) activates it, `weight=None` only loads it.
+    #[pyo3(signature = (path, name=None, weight=Some(1.0)))]
+    fn load_adapter(
+        &self,
+        py: Python<'_>,
+        path: PathBuf,
+        name: Option<String>,
+        weight: Option<f32>,
+    ) -> PyResult<String> {
+        let name = name.unwrap_or_else(|| {
+            let stem = path.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
+            stem.split('.').next().unwrap_or("adapter").to_string()
+        });
+        run(py, || self.inner.load_adapter(&path, &name, weight))?;
+        Ok(name)
+    }
+
+    fn unload_adapter(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        run(py, || self.inner.unload_adapter(name))
+    }
+
+    /// Replaces the active set: {name: weight}; names not listed are inactive.
+    fn set_adapters(&self, py: Python<'_>, weights: std::collections::BTreeMap<String, f32>) -> PyResult<()> {
+        run(py, || self.inner.set_adapters(&weights))
+    }
+
+    /// Active adapters, name -> weight.
+    #[getter]
+    fn active_adapters(&self) -> HashMap<String, f32> {
+        self.inner.adapters().0.into_iter().collect()
+    }
+
+    /// Every loaded adapter name.
+    #[getter]
+    fn loaded_adapters(&self) -> Vec<String> {
+        self.inner.adapters().1
+    }
+
+    /// Merges the active adapters into f32 weights; `unfuse` restores them exactly.
+    fn fuse(&self, py: Python<'_>) -> PyResult<()> {
+        run(py, || self.inner.fuse())
+    }
+
+    fn unfuse(&self, py: Python<'_>) -> PyResult<()> {
+        run(py, || self.inner.unfuse())
+    }
+
+    #[getter]
+    fn fused(&self) -> bool {
+        self.inner.is_fused()
+    }
+
+    /// `aios.fingerprint` of the weights (adapters name the base they fit).
+    #[getter]
+    fn fingerprint(&self) -> Option<String> {
+        self.inner.fingerprint().map(str::to_string)
+    }
+
     /// File, size, stored dtypes and parameter split.
     #[getter]
     fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -369,6 +431,28 @@ fn write_random_model(py: Python<'_>, path: PathBuf, config_json: &str, seed: u6
     run(py, || aios_core::model::random::write_random_model(&path, &cfg, seed, d))
 }
 
+/// A random LoRA adapter for the model config (tests and benchmarks).
+#[pyfunction]
+#[pyo3(signature = (path, config_json, base_fingerprint, modules, rank=4, alpha=8.0, use_rslora=false, seed=0))]
+#[allow(clippy::too_many_arguments)]
+fn write_random_lora(
+    py: Python<'_>,
+    path: PathBuf,
+    config_json: &str,
+    base_fingerprint: &str,
+    modules: Vec<String>,
+    rank: usize,
+    alpha: f64,
+    use_rslora: bool,
+    seed: u64,
+) -> PyResult<()> {
+    run(py, || {
+        let cfg = aios_core::model::ModelConfig::from_json(config_json)?;
+        let refs: Vec<&str> = modules.iter().map(String::as_str).collect();
+        aios_core::adapter::write_random_lora(&path, &cfg, base_fingerprint, &refs, rank, alpha, use_rslora, seed)
+    })
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -381,6 +465,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(read_tensors_raw, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_file, m)?)?;
     m.add_function(wrap_pyfunction!(write_random_model, m)?)?;
+    m.add_function(wrap_pyfunction!(write_random_lora, m)?)?;
     m.add("AiosError", py.get_type::<AiosError>())?;
     m.add("FormatError", py.get_type::<FormatError>())?;
     m.add("ConfigError", py.get_type::<ConfigError>())?;

@@ -87,9 +87,25 @@ struct GenerateArgs {
     /// How quantised weights are multiplied: auto (fastest measured per layer), dequantize (f32 gemm) or quantized (smallest RAM).
     #[arg(long, default_value = "auto")]
     matmul: String,
+    /// LoRA adapter to apply, `PATH` or `PATH:WEIGHT` (default weight 1.0); repeat to mix several.
+    #[arg(long = "adapter", value_name = "PATH[:WEIGHT]")]
+    adapters: Vec<String>,
     /// Hide the progress bar.
     #[arg(long, short)]
     quiet: bool,
+}
+
+/// `PATH[:WEIGHT]`: the part after the last ':' is a weight only if it parses as one.
+fn parse_adapter(spec: &str) -> Result<(PathBuf, f32), Error> {
+    if let Some((path, w)) = spec.rsplit_once(':') {
+        if let Ok(w) = w.parse::<f32>() {
+            if !w.is_finite() {
+                return Err(Error::Input(format!("adapter weight in {spec:?} is not finite")));
+            }
+            return Ok((PathBuf::from(path), w));
+        }
+    }
+    Ok((PathBuf::from(spec), 1.0))
 }
 
 fn parse_dtype(s: &str) -> Result<DType, Error> {
@@ -111,7 +127,11 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
         seed: a.seed,
     };
     sampler.validate()?;
+    let adapters = a.adapters.iter().map(|s| parse_adapter(s)).collect::<Result<Vec<_>, _>>()?;
     let engine = Engine::open(&a.model, &opts)?;
+    for (i, (path, weight)) in adapters.iter().enumerate() {
+        engine.load_adapter(path, &format!("adapter{i}"), Some(*weight))?;
+    }
     let req = TextRequest { prompt: a.prompt, suffix: a.suffix, length: a.length, sampler };
     let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(req.sampler.steps as u64) };
     bar.set_style(

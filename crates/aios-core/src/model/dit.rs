@@ -8,6 +8,7 @@
 use candle_core::{DType as CDType, Device, IndexOp, Tensor, D};
 
 use super::config::ModelConfig;
+use crate::adapter::ActiveLora;
 use crate::error::{Error, Result};
 use crate::format::WeightFile;
 use crate::quant::{self, Linear, MatmulMode};
@@ -97,6 +98,8 @@ struct Block {
     mlp_out: Linear,
     ada: Linear,
     n_heads: usize,
+    /// Module names as adapters address them: attn_qkv, attn_out, mlp.0, mlp.2.
+    names: [String; 4],
 }
 
 impl Block {
@@ -112,17 +115,36 @@ impl Block {
             mlp_out: Linear::load(file, &format!("{p}.mlp.2"), d, cfg.mlp_ratio * d, true, mode)?,
             ada: Linear::load(file, &format!("{p}.adaLN_modulation"), 6 * d, cond, true, mode)?,
             n_heads: cfg.n_heads,
+            names: ["attn_qkv", "attn_out", "mlp.0", "mlp.2"].map(|m| format!("{p}.{m}")),
         })
     }
 
-    fn forward(&self, x: &Tensor, m: &Modulation, rope: &Rope, mask: Option<&Tensor>) -> Result<Tensor> {
+    /// A linear layer plus the active adapters' update for it.
+    fn linear(&self, which: usize, x: &Tensor, lora: &ActiveLora) -> Result<Tensor> {
+        let layer = [&self.attn_qkv, &self.attn_out, &self.mlp_in, &self.mlp_out][which];
+        lora.apply(&self.names[which], x, layer.forward(x)?)
+    }
+
+    fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
+        let i = self.names.iter().position(|n| n == name)?;
+        Some([&mut self.attn_qkv, &mut self.attn_out, &mut self.mlp_in, &mut self.mlp_out].into_iter().nth(i)?)
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        m: &Modulation,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+        lora: &ActiveLora,
+    ) -> Result<Tensor> {
         let [shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp] = &m.0[..] else {
             return Err(Error::Config("block modulation must have 6 parts".into()));
         };
         let (b, l, d) = x.dims3()?;
         let hd = d / self.n_heads;
         let h = modulate(&self.norm1.forward(x)?, shift_msa, scale_msa)?;
-        let qkv = self.attn_qkv.forward(&h)?.reshape((b, l, 3, self.n_heads, hd))?;
+        let qkv = self.linear(0, &h, lora)?.reshape((b, l, 3, self.n_heads, hd))?;
         // [B, L, H, hd] -> [B, H, L, hd]
         let head = |i: usize| -> Result<Tensor> { Ok(qkv.i((.., .., i))?.transpose(1, 2)?.contiguous()?) };
         let q = rope.apply(&head(0)?, l)?;
@@ -135,9 +157,9 @@ impl Block {
         }
         let att = candle_nn::ops::softmax_last_dim(&att)?;
         let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, l, d))?;
-        let x = (x + self.attn_out.forward(&o)?.broadcast_mul(gate_msa)?)?;
+        let x = (x + self.linear(1, &o, lora)?.broadcast_mul(gate_msa)?)?;
         let h = modulate(&self.norm2.forward(&x)?, shift_mlp, scale_mlp)?;
-        let h = self.mlp_out.forward(&super::ops::gelu_tanh(&self.mlp_in.forward(&h)?)?)?;
+        let h = self.linear(3, &super::ops::gelu_tanh(&self.linear(2, &h, lora)?)?, lora)?;
         Ok((x + h.broadcast_mul(gate_mlp)?)?)
     }
 }
@@ -225,12 +247,19 @@ impl Dit {
     /// Raw logits `[B, L, V]` for tokens `[B, L]`. `sigma` (`[B]`, the noise
     /// level) is used only when the model is time-conditioned.
     pub fn forward(&self, tokens: &Tensor, sigma: Option<&Tensor>) -> Result<Tensor> {
-        self.forward_at(tokens, sigma, None)
+        self.forward_at(tokens, sigma, None, &ActiveLora::default())
     }
 
     /// Like [`Dit::forward`], but the output layer runs only at `positions`
-    /// (all if None): logits `[B, positions.len(), V]`.
-    pub fn forward_at(&self, tokens: &Tensor, sigma: Option<&Tensor>, positions: Option<&[usize]>) -> Result<Tensor> {
+    /// (all if None): logits `[B, positions.len(), V]`. `lora` adds the active
+    /// adapters' updates (unmerged, so any base dtype works).
+    pub fn forward_at(
+        &self,
+        tokens: &Tensor,
+        sigma: Option<&Tensor>,
+        positions: Option<&[usize]>,
+        lora: &ActiveLora,
+    ) -> Result<Tensor> {
         let (b, l) = tokens.dims2()?;
         if l == 0 || l > self.cfg.max_length {
             return Err(Error::Input(format!("sequence length {l} is outside 1..={}", self.cfg.max_length)));
@@ -250,7 +279,7 @@ impl Dit {
         let mut x = self.embedding.index_select(&tokens.flatten_all()?, 0)?.reshape((b, l, self.cfg.hidden_size))?;
         let mask = if self.cfg.causal { Some(causal_mask(l)?) } else { None };
         for (block, m) in self.blocks.iter().zip(block_mods) {
-            x = block.forward(&x, m, &self.rope, mask.as_ref())?;
+            x = block.forward(&x, m, &self.rope, mask.as_ref(), lora)?;
         }
         if let Some(pos) = positions {
             if let Some(&bad) = pos.iter().find(|&&p| p >= l) {
@@ -263,7 +292,27 @@ impl Dit {
         }
         let [shift, scale] = &final_mod.0[..] else { unreachable!("final modulation has 2 parts") };
         let h = modulate(&self.final_norm.forward(&x)?, shift, scale)?;
-        self.output.forward(&h)
+        lora.apply("output_layer.linear", &h, self.output.forward(&h)?)
+    }
+
+    /// A copy with the adapters' updates merged into the weights (`W + s B A`).
+    /// Needs f32 weights in every targeted layer.
+    pub fn fused(&self, lora: &ActiveLora) -> Result<Dit> {
+        let mut model = self.clone();
+        for name in lora.module_names() {
+            let delta = lora.dense_delta(name)?.expect("listed module");
+            let layer = if name == "output_layer.linear" {
+                &mut model.output
+            } else {
+                model
+                    .blocks
+                    .iter_mut()
+                    .find_map(|b| b.linear_mut(name))
+                    .ok_or_else(|| Error::Config(format!("adapter module {name:?} is not in this model")))?
+            };
+            layer.add_to_weight(&delta).map_err(|e| Error::Input(format!("cannot fuse into {name}: {e}")))?;
+        }
+        Ok(model)
     }
 
     /// Parameter counts: (backbone, text heads = token embedding + output projection).

@@ -32,6 +32,9 @@ pub fn write_random_model(path: impl AsRef<Path>, cfg: &ModelConfig, seed: u64, 
     }
     let tensors: Vec<TensorToWrite> =
         encoded.iter().map(|(n, d, s, b)| TensorToWrite { name: n, dtype: *d, shape: s, data: b }).collect();
-    let meta = BTreeMap::from([(KEY_CONFIG.to_string(), cfg.to_json())]);
+    // Identifies the random weights (the same for every dtype of one seed and
+    // config, as quantised variants inherit their f32 source's fingerprint).
+    let fingerprint = format!("random-{seed:016x}-{:08x}", crc32fast::hash(cfg.to_json().as_bytes()));
+    let meta = BTreeMap::from([(KEY_CONFIG.to_string(), cfg.to_json()), ("aios.fingerprint".to_string(), fingerprint)]);
     write_weight_file(path, "model", &meta, &tensors)
 }

@@ -105,6 +105,28 @@ impl Linear {
         matches!(self.weight, Weight::Quant(_))
     }
 
+    /// `W += delta` (`[out, in]` row-major); only for f32 (dense) weights.
+    pub fn add_to_weight(&mut self, delta: &[f32]) -> std::result::Result<(), String> {
+        if delta.len() != self.out_features * self.in_features {
+            return Err(format!(
+                "delta has {} values, the weight {}",
+                delta.len(),
+                self.out_features * self.in_features
+            ));
+        }
+        match &mut self.weight {
+            Weight::Dense(w) => {
+                w.iter_mut().zip(delta).for_each(|(w, d)| *w += d);
+                Ok(())
+            }
+            Weight::Quant(_) => {
+                Err("the base weight is quantised; load the f32 model (or matmul=\"dequantize\") to fuse, \
+                 or keep the adapter unfused"
+                    .into())
+            }
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let last = *dims.last().ok_or_else(|| Error::Input("linear input has no dimensions".into()))?;

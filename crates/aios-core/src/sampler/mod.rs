@@ -5,7 +5,7 @@
 //! position of the current block, and a strategy decides which to commit.
 //! Given tokens (prompt, suffix, infill context) are never changed.
 
-mod rng;
+pub mod rng;
 mod scores;
 
 pub use rng::Stream;

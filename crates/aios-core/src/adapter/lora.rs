@@ -1,0 +1,267 @@
+//! LoRA adapters in the aios container (`aios.kind = lora`).
+//!
+//! Tensors: `<module>.lora_A` `[r, in]` and `<module>.lora_B` `[out, r]` for
+//! each target module. `aios.config` (JSON): `rank`, `alpha`, `use_rslora`,
+//! `target_modules` (full names such as `blocks.0.attn_qkv`) and
+//! `base_fingerprint`; extra keys (training notes) are ignored. The layer
+//! becomes `y = W x + b + scale * B (A x)` with `scale = alpha / r`, or
+//! `alpha / sqrt(r)` with rsLoRA (peft's convention).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use serde::Deserialize;
+
+use crate::format::WeightFile;
+use crate::model::ModelConfig;
+use crate::quant;
+use crate::{Error, Result};
+
+/// Largest rank accepted (LoRA ranks are small; this catches corrupt files).
+const MAX_RANK: usize = 4096;
+
+#[derive(Debug, Deserialize)]
+struct LoraFileConfig {
+    rank: usize,
+    alpha: f64,
+    #[serde(default)]
+    use_rslora: bool,
+    target_modules: Vec<String>,
+    base_fingerprint: String,
+}
+
+/// `(out_features, in_features)` of every module an adapter may target.
+pub fn target_shapes(cfg: &ModelConfig) -> BTreeMap<String, (usize, usize)> {
+    let (d, f) = (cfg.hidden_size, cfg.mlp_ratio * cfg.hidden_size);
+    let mut m = BTreeMap::new();
+    for i in 0..cfg.n_layers {
+        m.insert(format!("blocks.{i}.attn_qkv"), (3 * d, d));
+        m.insert(format!("blocks.{i}.attn_out"), (d, d));
+        m.insert(format!("blocks.{i}.mlp.0"), (f, d));
+        m.insert(format!("blocks.{i}.mlp.2"), (d, f));
+    }
+    m.insert("output_layer.linear".into(), (cfg.vocab_size, d));
+    m
+}
+
+/// One module's factors, f32.
+#[derive(Debug, Clone)]
+pub struct LoraPair {
+    /// `[r, in]`
+    pub a: Tensor,
+    /// `[out, r]`
+    pub b: Tensor,
+}
+
+/// A validated adapter file.
+#[derive(Debug)]
+pub struct LoraAdapter {
+    pub path: PathBuf,
+    pub rank: usize,
+    pub alpha: f64,
+    pub use_rslora: bool,
+    pub base_fingerprint: String,
+    pub modules: BTreeMap<String, LoraPair>,
+}
+
+impl LoraAdapter {
+    /// Loads `path` and checks it against the base model's config and
+    /// fingerprint: every mismatch is a clear error, nothing is half-loaded.
+    pub fn load(path: impl AsRef<Path>, cfg: &ModelConfig, base_fingerprint: Option<&str>) -> Result<Self> {
+        let path = path.as_ref();
+        let file = WeightFile::open(path)?;
+        let bad = |msg: String| Error::format(path.display(), msg);
+        if file.kind != "lora" {
+            return Err(bad(format!("this is a {:?} file, not a LoRA adapter (aios.kind = lora)", file.kind)));
+        }
+        let json = file.config_json().ok_or_else(|| bad("no aios.config metadata".into()))?;
+        let c: LoraFileConfig = serde_json::from_str(json).map_err(|e| bad(format!("invalid adapter config: {e}")))?;
+        if c.rank == 0 || c.rank > MAX_RANK {
+            return Err(bad(format!("rank {} is outside 1..={MAX_RANK}", c.rank)));
+        }
+        if !c.alpha.is_finite() {
+            return Err(bad(format!("alpha {} is not finite", c.alpha)));
+        }
+        match base_fingerprint {
+            None => {
+                return Err(Error::Config(format!(
+                    "{}: the base model file has no aios.fingerprint, so the adapter cannot be checked against it; \
+                     re-export the base with aios_train (quantised variants inherit it)",
+                    path.display()
+                )))
+            }
+            Some(fp) if fp != c.base_fingerprint => {
+                return Err(Error::Config(format!(
+                    "{}: adapter was trained on base model {}, but this engine's model is {fp}",
+                    path.display(),
+                    c.base_fingerprint
+                )))
+            }
+            Some(_) => {}
+        }
+        if c.target_modules.is_empty() {
+            return Err(bad("target_modules is empty".into()));
+        }
+        let shapes = target_shapes(cfg);
+        let mut modules = BTreeMap::new();
+        for m in &c.target_modules {
+            let Some(&(out, inp)) = shapes.get(m) else {
+                return Err(bad(format!(
+                    "unknown target module {m:?}; this model's are blocks.<0..{}>.{{attn_qkv, attn_out, mlp.0, mlp.2}} \
+                     and output_layer.linear",
+                    cfg.n_layers
+                )));
+            };
+            if modules.contains_key(m) {
+                return Err(bad(format!("target module {m:?} is listed twice")));
+            }
+            let a = factor(&file, &format!("{m}.lora_A"), [c.rank, inp])?;
+            let b = factor(&file, &format!("{m}.lora_B"), [out, c.rank])?;
+            modules.insert(m.clone(), LoraPair { a, b });
+        }
+        let expected = 2 * modules.len();
+        if file.tensors.len() != expected {
+            let extra: Vec<&str> = file
+                .tensors
+                .iter()
+                .map(|t| t.name.as_str())
+                .filter(|n| !modules.keys().any(|m| *n == format!("{m}.lora_A") || *n == format!("{m}.lora_B")))
+                .collect();
+            return Err(bad(format!("tensors not listed in target_modules: {extra:?}")));
+        }
+        Ok(LoraAdapter {
+            path: path.to_path_buf(),
+            rank: c.rank,
+            alpha: c.alpha,
+            use_rslora: c.use_rslora,
+            base_fingerprint: c.base_fingerprint,
+            modules,
+        })
+    }
+
+    /// peft's scaling: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.rank as f64).sqrt()
+        } else {
+            self.alpha / self.rank as f64
+        }
+    }
+}
+
+fn factor(file: &WeightFile, name: &str, shape: [usize; 2]) -> Result<Tensor> {
+    let raw = file.require(name)?;
+    if raw.shape != shape {
+        return Err(Error::format(
+            file.path.display(),
+            format!("{name} has shape {:?}, expected {shape:?} (rank or base model mismatch)", raw.shape),
+        ));
+    }
+    quant::load_f32(file, raw)
+}
+
+/// Per module, the active adapters stacked along the rank: `A^T` `[in, R]`
+/// and `(sum_i w_i s_i B_i)^T` `[R, out]`, so any number of adapters costs
+/// two thin matmuls per targeted layer.
+#[derive(Debug, Default)]
+pub struct ActiveLora {
+    modules: HashMap<String, (Tensor, Tensor)>,
+    /// Name and weight of each adapter in the set, for reporting.
+    pub weights: Vec<(String, f32)>,
+}
+
+impl ActiveLora {
+    pub fn empty() -> Arc<Self> {
+        Arc::new(ActiveLora::default())
+    }
+
+    /// Stacks `(name, adapter, weight)`; weights must be finite (checked by the caller).
+    pub fn build(set: &[(String, Arc<LoraAdapter>, f32)]) -> Result<Self> {
+        let mut per_module: BTreeMap<&str, (Vec<Tensor>, Vec<Tensor>)> = BTreeMap::new();
+        for (_, adapter, w) in set {
+            let s = adapter.scale() * *w as f64;
+            for (m, pair) in &adapter.modules {
+                let entry = per_module.entry(m.as_str()).or_default();
+                entry.0.push(pair.a.clone());
+                entry.1.push((&pair.b * s)?);
+            }
+        }
+        let mut modules = HashMap::new();
+        for (m, (a, b)) in per_module {
+            let a_t = Tensor::cat(&a, 0)?.t()?.contiguous()?; // [in, R]
+            let b_t = Tensor::cat(&b, 1)?.t()?.contiguous()?; // [R, out]
+            modules.insert(m.to_string(), (a_t, b_t));
+        }
+        Ok(ActiveLora { modules, weights: set.iter().map(|(n, _, w)| (n.clone(), *w)).collect() })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.modules.is_empty()
+    }
+
+    /// `y + delta(x)` for module `name` (unchanged `y` when no adapter targets it).
+    pub fn apply(&self, name: &str, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        let Some((a_t, b_t)) = self.modules.get(name) else { return Ok(y) };
+        let dims = x.dims();
+        let rows = x.elem_count() / dims[dims.len() - 1];
+        let x2 = x.reshape((rows, a_t.dim(0)?))?;
+        let delta = x2.matmul(a_t)?.matmul(b_t)?;
+        let delta = delta.reshape(y.shape())?;
+        Ok((y + delta)?)
+    }
+
+    /// The dense `[out, in]` update of module `name`, for fusing into the base.
+    pub fn dense_delta(&self, name: &str) -> Result<Option<Vec<f32>>> {
+        let Some((a_t, b_t)) = self.modules.get(name) else { return Ok(None) };
+        // (A^T B^T)^T = B A
+        let d = a_t.matmul(b_t)?.t()?.contiguous()?;
+        Ok(Some(d.flatten_all()?.to_vec1()?))
+    }
+
+    pub fn module_names(&self) -> impl Iterator<Item = &str> {
+        self.modules.keys().map(String::as_str)
+    }
+}
+
+/// Writes a random adapter for `cfg` (tests and benchmarks): `modules` get
+/// `A ~ U(-1,1)/sqrt(in)` and `B ~ std` noise, so the update is non-zero.
+#[allow(clippy::too_many_arguments)]
+pub fn write_random_lora(
+    path: impl AsRef<Path>,
+    cfg: &ModelConfig,
+    base_fingerprint: &str,
+    modules: &[&str],
+    rank: usize,
+    alpha: f64,
+    use_rslora: bool,
+    seed: u64,
+) -> Result<()> {
+    use crate::format::{write_weight_file, DType, TensorToWrite, KEY_CONFIG};
+    use crate::sampler::rng::Stream;
+    let shapes = target_shapes(cfg);
+    let mut encoded = vec![];
+    for (i, m) in modules.iter().enumerate() {
+        let &(out, inp) = shapes.get(*m).ok_or_else(|| Error::Input(format!("unknown module {m:?}")))?;
+        for (j, (suffix, shape, scale)) in
+            [("lora_A", [rank, inp], 1.0 / (inp as f64).sqrt()), ("lora_B", [out, rank], 0.05)].into_iter().enumerate()
+        {
+            let mut rng = Stream::new(seed, 1 + i as u64, j as u64);
+            let values: Vec<f32> =
+                (0..shape[0] * shape[1]).map(|_| ((rng.uniform() * 2.0 - 1.0) * scale) as f32).collect();
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            encoded.push((format!("{m}.{suffix}"), shape.to_vec(), bytes));
+        }
+    }
+    let tensors: Vec<TensorToWrite> =
+        encoded.iter().map(|(n, s, b)| TensorToWrite { name: n, dtype: DType::F32, shape: s, data: b }).collect();
+    let mut targets: Vec<&str> = modules.to_vec();
+    targets.sort_unstable();
+    let config = serde_json::json!({
+        "rank": rank, "alpha": alpha, "use_rslora": use_rslora,
+        "target_modules": targets, "base_fingerprint": base_fingerprint,
+    });
+    let meta = BTreeMap::from([(KEY_CONFIG.to_string(), config.to_string())]);
+    write_weight_file(path, "lora", &meta, &tensors)
+}
