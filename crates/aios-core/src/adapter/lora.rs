@@ -261,6 +261,7 @@ pub fn write_random_lora(
     let config = serde_json::json!({
         "rank": rank, "alpha": alpha, "use_rslora": use_rslora,
         "target_modules": targets, "base_fingerprint": base_fingerprint,
+        "base_config": serde_json::to_value(cfg).expect("config serialises"), "dropout": 0.0,
     });
     let meta = BTreeMap::from([(KEY_CONFIG.to_string(), config.to_string())]);
     write_weight_file(path, "lora", &meta, &tensors)

@@ -34,7 +34,9 @@ pub fn write_random_model(path: impl AsRef<Path>, cfg: &ModelConfig, seed: u64, 
         encoded.iter().map(|(n, d, s, b)| TensorToWrite { name: n, dtype: *d, shape: s, data: b }).collect();
     // Identifies the random weights (the same for every dtype of one seed and
     // config, as quantised variants inherit their f32 source's fingerprint).
-    let fingerprint = format!("random-{seed:016x}-{:08x}", crc32fast::hash(cfg.to_json().as_bytes()));
+    // 16 lowercase hex chars, like the sha256-based fingerprints aios_train writes.
+    let crc = crc32fast::hash(cfg.to_json().as_bytes()) as u64;
+    let fingerprint = format!("{:016x}", seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (crc << 32 | crc));
     let meta = BTreeMap::from([(KEY_CONFIG.to_string(), cfg.to_json()), ("aios.fingerprint".to_string(), fingerprint)]);
     write_weight_file(path, "model", &meta, &tensors)
 }
