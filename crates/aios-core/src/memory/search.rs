@@ -60,13 +60,19 @@ pub struct Int8Rows {
     pub scales: Vec<f32>,
 }
 
+/// Quantises every row (in parallel on the current rayon pool).
 pub fn quantize_rows(vectors: &[f32], dim: usize) -> Int8Rows {
+    use rayon::prelude::*;
     let rows = vectors.len() / dim.max(1);
     let mut codes = vec![0i8; vectors.len()];
     let mut scales = vec![0f32; rows];
-    for (r, (row, out)) in vectors.chunks_exact(dim).zip(codes.chunks_exact_mut(dim)).enumerate() {
-        scales[r] = quantize_one(row, out);
-    }
+    codes.par_chunks_mut(dim * 1024).zip(scales.par_chunks_mut(1024)).zip(vectors.par_chunks(dim * 1024)).for_each(
+        |((codes, scales), vectors)| {
+            for ((out, row), scale) in codes.chunks_exact_mut(dim).zip(vectors.chunks_exact(dim)).zip(scales) {
+                *scale = quantize_one(row, out);
+            }
+        },
+    );
     Int8Rows { codes, scales }
 }
 

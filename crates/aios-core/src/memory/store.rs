@@ -770,13 +770,25 @@ impl MemoryStore {
         };
         let filter = filter.filter(|f| !f.is_empty());
         let scored = self.pool.install(|| match precision {
-            Precision::F32 => scan(&snap, k, filter, |seg, row| dot_f32(&q, seg.vector(row))),
+            Precision::F32 => scan(&snap, k, filter, |seg, start, end, out| {
+                for (o, row) in out.iter_mut().zip(seg.vectors[start * dim..end * dim].chunks_exact(dim)) {
+                    *o = dot_f32(&q, row);
+                }
+            }),
             Precision::Int8 => {
                 let mut qcodes = vec![0i8; dim];
                 let qscale = quantize_one(&q, &mut qcodes);
-                let pool = scan(&snap, rerank_pool(k), filter, |seg, row| {
+                // Build missing int8 codes here, each with the whole pool,
+                // rather than inside one scan task while the others wait.
+                for seg in &snap.segments {
+                    seg.int8();
+                }
+                let pool = scan(&snap, rerank_pool(k), filter, |seg, start, end, out| {
                     let codes = seg.int8();
-                    dot_i8(&qcodes, &codes.codes[row * dim..(row + 1) * dim]) as f32 * qscale * codes.scales[row]
+                    let rows = codes.codes[start * dim..end * dim].chunks_exact(dim);
+                    for ((o, row), scale) in out.iter_mut().zip(rows).zip(&codes.scales[start..end]) {
+                        *o = dot_i8(&qcodes, row) as f32 * qscale * scale;
+                    }
                 });
                 let mut exact = TopK::new(k);
                 for s in pool {
@@ -790,10 +802,13 @@ impl MemoryStore {
     }
 }
 
-/// Scores every live (and matching) row, in parallel chunks, keeping the best k.
+/// Scores every live (and matching) row, in parallel chunks, keeping the best
+/// k. `score` fills a chunk's scores in one tight loop (rows `start..end` of a
+/// segment into `out`); selection runs over the buffer afterwards, so the hot
+/// loop is nothing but the SIMD kernel.
 fn scan<F>(snap: &Snapshot, k: usize, filter: Option<&Filter>, score: F) -> Vec<Scored>
 where
-    F: Fn(&Segment, usize) -> f32 + Sync,
+    F: Fn(&Segment, usize, usize, &mut [f32]) + Sync,
 {
     let tasks: Vec<(usize, usize, usize)> = snap
         .segments
@@ -806,17 +821,20 @@ where
         .par_iter()
         .map(|&(s, start, end)| {
             let seg = &snap.segments[s];
+            let mut scores = vec![0f32; end - start];
+            score(seg, start, end, &mut scores);
             let mut top = TopK::new(k);
-            for row in start..end {
+            for (i, &score) in scores.iter().enumerate() {
+                if top.threshold().is_some_and(|t| score < t) {
+                    continue;
+                }
+                let row = start + i;
                 let id = seg.ids[row];
                 if (check_deleted && snap.deleted.contains(&id)) || filter.is_some_and(|f| !f.matches(&seg.metas[row]))
                 {
                     continue;
                 }
-                let score = score(seg, row);
-                if top.threshold().is_none_or(|t| score >= t) {
-                    top.push(Scored { score, id, segment: s as u32, row: row as u32 });
-                }
+                top.push(Scored { score, id, segment: s as u32, row: row as u32 });
             }
             top
         })
