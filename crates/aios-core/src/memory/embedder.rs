@@ -11,15 +11,17 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
-use rayon::prelude::*;
 use tokenizers::{Tokenizer, TruncationParams};
 
 use crate::{Error, Result};
 
 /// sentence-transformers' `max_seq_length` for this model.
 const MAX_TOKENS: usize = 256;
-/// Sentences per forward pass; sorted by length so padding stays small.
-const BATCH: usize = 16;
+/// Sentences per forward pass (sorted by length, so padding stays small):
+/// bigger batches amortise gemm's weight packing (64 measured 1.5x faster
+/// than 16), capped by padded tokens so long texts keep attention small.
+const BATCH: usize = 64;
+const BATCH_TOKENS: usize = 4096;
 
 pub struct Embedder {
     model: BertModel,
@@ -89,7 +91,6 @@ impl Embedder {
     }
 
     /// Embeds `texts` (row-major `texts.len() * dim`, every row unit length).
-    /// Batches run in parallel on the current rayon pool.
     pub fn embed(&self, texts: &[&str]) -> Result<Vec<f32>> {
         let encodings = self
             .tokenizer
@@ -98,9 +99,23 @@ impl Embedder {
         let ids: Vec<&[u32]> = encodings.iter().map(|e| e.get_ids()).collect();
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| (ids[i].len(), i));
-        let batches: Vec<&[usize]> = order.chunks(BATCH).collect();
+        let mut batches: Vec<&[usize]> = Vec::new();
+        let mut start = 0;
+        while start < order.len() {
+            // Lengths ascend, so the last sentence of a batch is its longest.
+            let mut end = start + 1;
+            while end < order.len() && end - start < BATCH && (end - start + 1) * ids[order[end]].len() <= BATCH_TOKENS
+            {
+                end += 1;
+            }
+            batches.push(&order[start..end]);
+            start = end;
+        }
+        // Batches run one after another: candle already spreads each matmul
+        // over every core, and nesting our pool on top only adds contention
+        // (measured: no gain).
         let pooled: Vec<Vec<f32>> = batches
-            .par_iter()
+            .iter()
             .map(|batch| self.embed_batch(batch.iter().map(|&i| ids[i]).collect()))
             .collect::<Result<_>>()?;
         let mut out = vec![0f32; texts.len() * self.dim];
