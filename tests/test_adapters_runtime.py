@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import _train_path  # noqa: F401
 import aios_rt
+from aios_train.export import write_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "target" / "release" / "aios-run"
@@ -73,11 +75,18 @@ def test_errors_leave_the_engine_unchanged(files, tmp_path):
     eng = aios_rt.Engine(files, dtype="f32")
     eng.load_adapter(files / "a.lora.parquet", weight=0.5)
     before = eng.logits(TOKENS)
+    # A NaN inside an otherwise valid adapter (written without aios_train's checks).
+    tensors, meta = aios_rt.read_tensors_with_metadata(files / "a.lora.parquet")
+    name = sorted(tensors)[0]
+    tensors[name][0, 0] = np.nan
+    nan_file = tmp_path / "nan.lora.parquet"
+    write_tensors(nan_file, tensors, kind="lora", config=json.loads(meta["aios.config"]))
     trunc = tmp_path / "trunc.lora.parquet"
     trunc.write_bytes((files / "a.lora.parquet").read_bytes()[:-100])
     cases = [
         (lambda: eng.load_adapter(files / "other.lora.parquet"), aios_rt.ConfigError, "trained on base model"),
         (lambda: eng.load_adapter(trunc, name="t"), aios_rt.FormatError, None),
+        (lambda: eng.load_adapter(nan_file, name="n"), aios_rt.FormatError, "non-finite"),
         (lambda: eng.load_adapter(files / "model.f32.parquet", name="m"), aios_rt.FormatError, "not a LoRA"),
         (lambda: eng.load_adapter(tmp_path / "missing.parquet", name="m"), aios_rt.AiosIOError, None),
         (lambda: eng.load_adapter(files / "a.lora.parquet"), aios_rt.InputError, "already loaded"),
