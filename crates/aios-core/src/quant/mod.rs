@@ -3,7 +3,7 @@
 //! layer that runs over either f32 or quantised weights.
 
 pub(crate) mod file;
-mod gemm;
+pub mod gemm;
 pub(crate) mod linear;
 
 pub use file::{quantize_file, QuantizeReport};

@@ -1,0 +1,281 @@
+//! The BERT encoder of all-MiniLM-L6-v2 on plain f32 buffers.
+//!
+//! Why not candle-transformers' `BertModel`: on 2 cores it embedded a single
+//! query in 9-14 ms, almost all per-op overhead (about 150 candle ops, each
+//! allocating and waking a spin-waiting pool) rather than arithmetic
+//! (bench/RESULTS.md). Here every linear layer is one call of our
+//! column-chunked gemm ([`crate::quant::gemm::linear_f32`]) over all tokens of
+//! all sentences at once, with no padding: tokens of different sentences only
+//! meet in attention, which runs per sentence. Results do not depend on the
+//! thread count or on which sentences share a batch.
+
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+use rayon::prelude::*;
+
+use crate::quant::gemm::linear_f32;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct BertConfig {
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_types")]
+    pub type_vocab_size: usize,
+    pub vocab_size: usize,
+}
+
+fn default_eps() -> f64 {
+    1e-12
+}
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_types() -> usize {
+    2
+}
+
+struct Dense {
+    w: Vec<f32>,
+    b: Vec<f32>,
+    n_in: usize,
+    n_out: usize,
+}
+
+impl Dense {
+    fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        linear_f32(x, &self.w, Some(&self.b), rows, self.n_in, self.n_out)
+    }
+}
+
+struct Norm {
+    w: Vec<f32>,
+    b: Vec<f32>,
+    eps: f32,
+}
+
+impl Norm {
+    /// Row-wise LayerNorm in place (statistics in f64 for stability).
+    fn apply(&self, x: &mut [f32]) {
+        let d = self.w.len();
+        x.par_chunks_mut(d * 64).for_each(|block| {
+            for row in block.chunks_exact_mut(d) {
+                let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+                let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+                let inv = 1.0 / (var + self.eps as f64).sqrt();
+                for ((v, w), b) in row.iter_mut().zip(&self.w).zip(&self.b) {
+                    *v = ((*v as f64 - mean) * inv) as f32 * w + b;
+                }
+            }
+        });
+    }
+}
+
+struct Layer {
+    /// query, key and value stacked: `[3H, H]`.
+    qkv: Dense,
+    attn_out: Dense,
+    attn_norm: Norm,
+    inter: Dense,
+    out: Dense,
+    out_norm: Norm,
+}
+
+pub struct Bert {
+    cfg: BertConfig,
+    word: Vec<f32>,
+    pos: Vec<f32>,
+    token_type0: Vec<f32>,
+    emb_norm: Norm,
+    layers: Vec<Layer>,
+}
+
+/// Exact GELU, `x * Phi(x)`, as BERT (and PyTorch's default) computes it.
+fn gelu(x: &mut [f32]) {
+    x.par_chunks_mut(16_384).for_each(|c| {
+        for v in c {
+            *v = 0.5 * *v * (1.0 + libm::erff(*v * std::f32::consts::FRAC_1_SQRT_2));
+        }
+    });
+}
+
+/// Removes `name` (or `bert.<name>`) from the tensors as f32, checking its shape and values.
+fn take(t: &mut HashMap<String, Tensor>, name: &str, shape: &[usize], what: &str) -> Result<Vec<f32>> {
+    let tensor = t
+        .remove(name)
+        .or_else(|| t.remove(&format!("bert.{name}")))
+        .ok_or_else(|| Error::format(what, format!("missing tensor {name}")))?;
+    if tensor.dims() != shape {
+        return Err(Error::format(what, format!("{name} has shape {:?}, expected {shape:?}", tensor.dims())));
+    }
+    let v: Vec<f32> = tensor.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err(Error::format(what, format!("{name} holds NaN or infinity")));
+    }
+    Ok(v)
+}
+
+fn norm(t: &mut HashMap<String, Tensor>, p: &str, h: usize, eps: f32, what: &str) -> Result<Norm> {
+    Ok(Norm { w: take(t, &format!("{p}.weight"), &[h], what)?, b: take(t, &format!("{p}.bias"), &[h], what)?, eps })
+}
+
+fn dense(t: &mut HashMap<String, Tensor>, p: &str, n_out: usize, n_in: usize, what: &str) -> Result<Dense> {
+    Ok(Dense {
+        w: take(t, &format!("{p}.weight"), &[n_out, n_in], what)?,
+        b: take(t, &format!("{p}.bias"), &[n_out], what)?,
+        n_in,
+        n_out,
+    })
+}
+
+impl Bert {
+    /// Builds the encoder from safetensors tensors (an optional `bert.` prefix is accepted).
+    pub fn load(mut t: HashMap<String, Tensor>, cfg: BertConfig, what: &str) -> Result<Self> {
+        if cfg.hidden_act != "gelu" {
+            return Err(Error::format(what, format!("hidden_act {:?} is not supported (gelu only)", cfg.hidden_act)));
+        }
+        let (h, heads) = (cfg.hidden_size, cfg.num_attention_heads);
+        if h == 0 || heads == 0 || h % heads != 0 {
+            return Err(Error::format(what, format!("hidden_size {h} is not a multiple of {heads} heads")));
+        }
+        let eps = cfg.layer_norm_eps as f32;
+        let t = &mut t;
+        let emb_norm = norm(t, "embeddings.LayerNorm", h, eps, what)?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("encoder.layer.{i}");
+            let q = dense(t, &format!("{p}.attention.self.query"), h, h, what)?;
+            let k = dense(t, &format!("{p}.attention.self.key"), h, h, what)?;
+            let v = dense(t, &format!("{p}.attention.self.value"), h, h, what)?;
+            let qkv = Dense { w: [q.w, k.w, v.w].concat(), b: [q.b, k.b, v.b].concat(), n_in: h, n_out: 3 * h };
+            layers.push(Layer {
+                qkv,
+                attn_out: dense(t, &format!("{p}.attention.output.dense"), h, h, what)?,
+                attn_norm: norm(t, &format!("{p}.attention.output.LayerNorm"), h, eps, what)?,
+                inter: dense(t, &format!("{p}.intermediate.dense"), cfg.intermediate_size, h, what)?,
+                out: dense(t, &format!("{p}.output.dense"), h, cfg.intermediate_size, what)?,
+                out_norm: norm(t, &format!("{p}.output.LayerNorm"), h, eps, what)?,
+            });
+        }
+        let word = take(t, "embeddings.word_embeddings.weight", &[cfg.vocab_size, h], what)?;
+        let pos = take(t, "embeddings.position_embeddings.weight", &[cfg.max_position_embeddings, h], what)?;
+        let types = take(t, "embeddings.token_type_embeddings.weight", &[cfg.type_vocab_size, h], what)?;
+        Ok(Bert { token_type0: types[..h].to_vec(), cfg, word, pos, emb_norm, layers })
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
+    }
+
+    /// Mean over tokens of the last hidden state, one row per sentence
+    /// (`[n, hidden]`, not normalised). Every id must be < vocab_size and every
+    /// sentence 1..=max_position_embeddings tokens (the tokenizer truncates).
+    pub fn mean_pooled(&self, sentences: &[&[u32]]) -> Result<Vec<f32>> {
+        let h = self.cfg.hidden_size;
+        let mut starts = Vec::with_capacity(sentences.len() + 1);
+        starts.push(0usize);
+        for s in sentences {
+            if s.is_empty() || s.len() > self.cfg.max_position_embeddings {
+                return Err(Error::Input(format!(
+                    "a sentence has {} tokens (1..={})",
+                    s.len(),
+                    self.cfg.max_position_embeddings
+                )));
+            }
+            if let Some(bad) = s.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+                return Err(Error::Input(format!("token id {bad} is outside the vocabulary")));
+            }
+            starts.push(starts.last().unwrap() + s.len());
+        }
+        let rows = *starts.last().unwrap();
+        let mut x = vec![0f32; rows * h];
+        for (s, ids) in sentences.iter().enumerate() {
+            for (p, &id) in ids.iter().enumerate() {
+                let row = &mut x[(starts[s] + p) * h..(starts[s] + p + 1) * h];
+                let (w, ps) = (&self.word[id as usize * h..(id as usize + 1) * h], &self.pos[p * h..(p + 1) * h]);
+                for i in 0..h {
+                    row[i] = w[i] + ps[i] + self.token_type0[i];
+                }
+            }
+        }
+        self.emb_norm.apply(&mut x);
+        for layer in &self.layers {
+            x = self.layer(layer, x, rows, &starts);
+        }
+        let mut pooled = vec![0f32; sentences.len() * h];
+        for (s, out) in pooled.chunks_exact_mut(h).enumerate() {
+            let n = (starts[s + 1] - starts[s]) as f32;
+            for row in x[starts[s] * h..starts[s + 1] * h].chunks_exact(h) {
+                out.iter_mut().zip(row).for_each(|(o, v)| *o += v);
+            }
+            out.iter_mut().for_each(|o| *o /= n);
+        }
+        Ok(pooled)
+    }
+
+    fn layer(&self, l: &Layer, x: Vec<f32>, rows: usize, starts: &[usize]) -> Vec<f32> {
+        let h = self.cfg.hidden_size;
+        let qkv = l.qkv.forward(&x, rows);
+        let ctx = self.attention(&qkv, starts);
+        let mut a = l.attn_out.forward(&ctx, rows);
+        a.iter_mut().zip(&x).for_each(|(a, x)| *a += x);
+        l.attn_norm.apply(&mut a);
+        let mut inter = l.inter.forward(&a, rows);
+        gelu(&mut inter);
+        let mut out = l.out.forward(&inter, rows);
+        out.iter_mut().zip(&a).for_each(|(o, a)| *o += a);
+        l.out_norm.apply(&mut out);
+        debug_assert_eq!(out.len(), rows * h);
+        out
+    }
+
+    /// Bidirectional softmax attention within each sentence; `qkv` rows are
+    /// `[q | k | v]`, heads contiguous inside each part.
+    fn attention(&self, qkv: &[f32], starts: &[usize]) -> Vec<f32> {
+        let h = self.cfg.hidden_size;
+        let heads = self.cfg.num_attention_heads;
+        let hd = h / heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let per_sentence: Vec<Vec<f32>> = (0..starts.len() - 1)
+            .into_par_iter()
+            .map(|s| {
+                let (o, len) = (starts[s], starts[s + 1] - starts[s]);
+                let row = |i: usize| &qkv[(o + i) * 3 * h..(o + i + 1) * 3 * h];
+                let mut ctx = vec![0f32; len * h];
+                let mut p = vec![0f32; len];
+                for head in 0..heads {
+                    let (qo, ko, vo) = (head * hd, h + head * hd, 2 * h + head * hd);
+                    for i in 0..len {
+                        let q = &row(i)[qo..qo + hd];
+                        let mut max = f32::NEG_INFINITY;
+                        for (j, pj) in p.iter_mut().enumerate() {
+                            let k = &row(j)[ko..ko + hd];
+                            *pj = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+                            max = max.max(*pj);
+                        }
+                        let mut sum = 0f32;
+                        for pj in p.iter_mut() {
+                            *pj = (*pj - max).exp();
+                            sum += *pj;
+                        }
+                        let out = &mut ctx[i * h + qo..i * h + qo + hd];
+                        for (j, pj) in p.iter().enumerate() {
+                            let w = pj / sum;
+                            out.iter_mut().zip(&row(j)[vo..vo + hd]).for_each(|(c, v)| *c += w * v);
+                        }
+                    }
+                }
+                ctx
+            })
+            .collect();
+        per_sentence.concat()
+    }
+}
