@@ -2,7 +2,8 @@
 //! memories (text + JSON metadata + embedding) kept durably on the device and
 //! searched exactly, in milliseconds.
 //!
-//! - [`embedder`]: all-MiniLM-L6-v2 sentence embeddings (candle BERT);
+//! - [`embedder`]: all-MiniLM-L6-v2 sentence embeddings (tokenizer + pooling);
+//! - [`bert`]: its BERT encoder on plain f32 buffers;
 //! - [`segment`]: one immutable Arrow IPC file of rows;
 //! - [`manifest`]: the versioned, checksummed list of live segments;
 //! - [`search`]: SIMD brute-force top-k over f32 or int8 vectors;
