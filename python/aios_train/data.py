@@ -81,17 +81,17 @@ def _normalise(text: str) -> str:
     return "\n".join(line.rstrip() for line in text.strip().split("\n"))
 
 
-def _chunk_paragraphs(paragraphs: Iterable[str], min_chars: int) -> list[str]:
+def _chunk_paragraphs(paragraphs: Iterable[str], min_chars: int, sep: str = "\n") -> list[str]:
     """Group consecutive paragraphs into documents of at least `min_chars` (the last may be shorter)."""
     docs, cur, n = [], [], 0
     for p in paragraphs:
         cur.append(p)
         n += len(p)
         if n >= min_chars:
-            docs.append("\n".join(cur))
+            docs.append(sep.join(cur))
             cur, n = [], 0
     if cur:
-        docs.append("\n".join(cur))
+        docs.append(sep.join(cur))
     return docs
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
+from .data import _chunk_paragraphs
 from .export import (FormatError, FINGERPRINT_KEY, load_model, model_fingerprint, model_tensors, read_metadata,
                      read_tensors, write_tensors)
 from .model import DiT, expected_shapes
@@ -327,16 +328,7 @@ def text_chunks(text: str, chunk_chars: int = 1000) -> list[str]:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     paras = [p.strip("\n") for p in re.split(r"\n[ \t]*\n", text)]
     pieces = [s for p in paras if p.strip() for s in _split_long(p, chunk_chars)]
-    docs, cur, n = [], [], 0
-    for p in pieces:
-        cur.append(p)
-        n += len(p)
-        if n >= chunk_chars:
-            docs.append("\n\n".join(cur))
-            cur, n = [], 0
-    if cur:
-        docs.append("\n\n".join(cur))
-    return docs
+    return _chunk_paragraphs(pieces, chunk_chars, sep="\n\n")
 
 
 def read_documents(path: str | Path, source: str | None = None) -> list[str]:
