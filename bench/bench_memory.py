@@ -75,7 +75,7 @@ for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 import aios_rt  # noqa: E402
-from common import emit, machine  # noqa: E402
+from common import emit, machine, median_ms  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -126,14 +126,7 @@ def cpu_busy_elsewhere(seconds: float = 1.0) -> float:
 
 
 def median_s(fn, runs: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return med(ts)
+    return median_ms(fn, runs, warmup)[0] / 1e3
 
 
 # --------------------------------------------------------------------------- 2. bandwidth

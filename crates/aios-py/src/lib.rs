@@ -73,6 +73,20 @@ fn count_or(v: Option<&Bound<'_, PyAny>>, default: usize, name: &str) -> PyResul
     Ok(opt_count(v, name)?.unwrap_or(default))
 }
 
+/// Little-endian f32 bytes (how the wrapper passes arrays) -> floats.
+pub(crate) fn floats(data: &[u8], what: &str) -> PyResult<Vec<f32>> {
+    if !data.len().is_multiple_of(4) {
+        return Err(InputError::new_err(format!("{what}: {} bytes is not a whole number of f32", data.len())));
+    }
+    Ok(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
+/// Floats -> little-endian f32 bytes (read with `np.frombuffer(..., "<f4")`).
+pub(crate) fn f32_bytes<'py>(py: Python<'py>, v: &[f32]) -> Bound<'py, PyBytes> {
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    PyBytes::new(py, &bytes)
+}
+
 const DEFAULT_LENGTH: usize = 64;
 const DEFAULT_STEPS: usize = 16;
 
@@ -263,8 +277,7 @@ impl Engine {
         let batch = rows.iter().map(token_ids).collect::<PyResult<Vec<_>>>()?;
         let shape = vec![batch.len(), batch.first().map_or(0, Vec::len), self.inner.config().vocab_size];
         let v = run(py, || self.inner.logits(&batch, sigma))?;
-        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        Ok((PyBytes::new(py, &bytes), shape))
+        Ok((f32_bytes(py, &v), shape))
     }
 
     fn encode(&self, py: Python<'_>, text: &str) -> PyResult<Vec<u32>> {
@@ -371,10 +384,7 @@ impl Engine {
 #[pyfunction]
 fn quantize<'py>(py: Python<'py>, data: &[u8], shape: Vec<usize>, dtype: &str) -> PyResult<Bound<'py, PyBytes>> {
     let d = parse_dtype(dtype)?;
-    if !data.len().is_multiple_of(4) {
-        return Err(InputError::new_err("f32 data length must be a multiple of 4"));
-    }
-    let values: Vec<f32> = data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let values = floats(data, "f32 data")?;
     let out = run(py, || quant::quantize(&values, &shape, d))?;
     Ok(PyBytes::new(py, &out))
 }
@@ -384,8 +394,7 @@ fn quantize<'py>(py: Python<'py>, data: &[u8], shape: Vec<usize>, dtype: &str) -
 fn dequantize<'py>(py: Python<'py>, data: &[u8], shape: Vec<usize>, dtype: &str) -> PyResult<Bound<'py, PyBytes>> {
     let d = parse_dtype(dtype)?;
     let values = run(py, || quant::dequantize(data, &shape, d))?;
-    let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
-    Ok(PyBytes::new(py, &bytes))
+    Ok(f32_bytes(py, &values))
 }
 
 /// Reads and validates a container: `(tensors, metadata)` where tensors maps
@@ -403,8 +412,7 @@ fn read_tensors_raw<'py>(py: Python<'py>, path: PathBuf) -> PyResult<(Bound<'py,
     })?;
     let d = PyDict::new(py);
     for (name, dtype, shape, v) in tensors {
-        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        d.set_item(name, (dtype.as_str(), shape, PyBytes::new(py, &bytes)))?;
+        d.set_item(name, (dtype.as_str(), shape, f32_bytes(py, &v)))?;
     }
     Ok((d, meta))
 }

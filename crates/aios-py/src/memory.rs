@@ -9,26 +9,13 @@ use aios_core::memory::{self as core, Filter, NewMemory, Precision};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
-use crate::{count, opt_count, run, to_py, InputError};
+use crate::{count, f32_bytes, floats, opt_count, run, to_py, InputError};
 
 /// (id, score, text, meta JSON, created_ms)
 type HitTuple = (u64, f32, String, String, i64);
 
 fn hit_tuple(h: core::Hit) -> HitTuple {
     (h.id, h.score, h.text, h.meta, h.created_ms)
-}
-
-/// Little-endian f32 bytes -> floats, checked against the expected count.
-fn floats(data: &[u8], what: &str) -> PyResult<Vec<f32>> {
-    if data.len() % 4 != 0 {
-        return Err(InputError::new_err(format!("{what}: {} bytes is not a whole number of f32", data.len())));
-    }
-    Ok(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
-}
-
-fn to_bytes(py: Python<'_>, v: &[f32]) -> Py<PyBytes> {
-    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-    PyBytes::new(py, &bytes).unbind()
 }
 
 fn parse_filter(filter: Option<&str>) -> PyResult<Option<Filter>> {
@@ -108,11 +95,7 @@ impl MemoryStore {
         precision: &str,
         filter: Option<&str>,
     ) -> PyResult<Vec<HitTuple>> {
-        let k = count(k, "k")?;
-        let precision: Precision = precision.parse().map_err(to_py)?;
-        let filter = parse_filter(filter)?;
-        run(py, || self.inner.search(Query::Text(query), k, precision, filter.as_ref()))
-            .map(|hits| hits.into_iter().map(hit_tuple).collect())
+        self.search(py, Query::Text(query), k, precision, filter)
     }
 
     #[pyo3(signature = (vector, k, precision="f32", filter=None))]
@@ -124,12 +107,8 @@ impl MemoryStore {
         precision: &str,
         filter: Option<&str>,
     ) -> PyResult<Vec<HitTuple>> {
-        let k = count(k, "k")?;
-        let precision: Precision = precision.parse().map_err(to_py)?;
-        let filter = parse_filter(filter)?;
         let q = floats(vector, "query vector")?;
-        run(py, || self.inner.search(Query::Vector(&q), k, precision, filter.as_ref()))
-            .map(|hits| hits.into_iter().map(hit_tuple).collect())
+        self.search(py, Query::Vector(&q), k, precision, filter)
     }
 
     fn get(&self, id: &Bound<'_, PyAny>) -> PyResult<Option<HitTuple>> {
@@ -164,7 +143,7 @@ impl MemoryStore {
     fn embed(&self, py: Python<'_>, texts: Vec<String>) -> PyResult<Py<PyBytes>> {
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let v = run(py, || self.inner.embed(&refs))?;
-        Ok(to_bytes(py, &v))
+        Ok(f32_bytes(py, &v).unbind())
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -196,6 +175,24 @@ impl MemoryStore {
     }
 }
 
+impl MemoryStore {
+    /// Argument checks shared by both search entry points, then the search without the GIL.
+    fn search(
+        &self,
+        py: Python<'_>,
+        query: Query<'_>,
+        k: &Bound<'_, PyAny>,
+        precision: &str,
+        filter: Option<&str>,
+    ) -> PyResult<Vec<HitTuple>> {
+        let k = count(k, "k")?;
+        let precision: Precision = precision.parse().map_err(to_py)?;
+        let filter = parse_filter(filter)?;
+        run(py, || self.inner.search(query, k, precision, filter.as_ref()))
+            .map(|hits| hits.into_iter().map(hit_tuple).collect())
+    }
+}
+
 #[pyclass(frozen, module = "aios_rt._native")]
 pub struct Embedder {
     inner: core::Embedder,
@@ -218,7 +215,7 @@ impl Embedder {
     fn embed(&self, py: Python<'_>, texts: Vec<String>) -> PyResult<Py<PyBytes>> {
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let v = run(py, || self.pool.install(|| self.inner.embed(&refs)))?;
-        Ok(to_bytes(py, &v))
+        Ok(f32_bytes(py, &v).unbind())
     }
 
     #[getter]

@@ -17,10 +17,9 @@ use crate::{Error, Result};
 
 /// sentence-transformers' `max_seq_length` for this model.
 const MAX_TOKENS: usize = 256;
-/// Sentences per forward pass (sorted by length, so padding stays small):
-/// bigger batches amortise gemm's weight packing (64 measured 1.5x faster
-/// than 16), capped by padded tokens so long texts keep attention small.
-const BATCH: usize = 64;
+/// Tokens per forward pass: the encoder needs no padding, so sentences are
+/// simply grouped in order; big groups amortise gemm's weight packing, and
+/// the cap bounds the activations' memory.
 const BATCH_TOKENS: usize = 4096;
 
 pub struct Embedder {
@@ -91,33 +90,19 @@ impl Embedder {
             .tokenizer
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| Error::Tokenizer(format!("encoding failed: {e}")))?;
-        let ids: Vec<&[u32]> = encodings.iter().map(|e| e.get_ids()).collect();
-        let mut order: Vec<usize> = (0..texts.len()).collect();
-        order.sort_by_key(|&i| (ids[i].len(), i));
-        let mut batches: Vec<&[usize]> = Vec::new();
-        let mut start = 0;
-        while start < order.len() {
-            // Lengths ascend, so the last sentence of a batch is its longest.
-            let mut end = start + 1;
-            while end < order.len() && end - start < BATCH && (end - start + 1) * ids[order[end]].len() <= BATCH_TOKENS
-            {
-                end += 1;
+        let mut out = Vec::with_capacity(texts.len() * self.dim);
+        let mut batch: Vec<&[u32]> = Vec::new();
+        let mut tokens = 0;
+        for ids in encodings.iter().map(|e| e.get_ids()) {
+            if !batch.is_empty() && tokens + ids.len() > BATCH_TOKENS {
+                out.extend(self.embed_batch(std::mem::take(&mut batch))?);
+                tokens = 0;
             }
-            batches.push(&order[start..end]);
-            start = end;
+            batch.push(ids);
+            tokens += ids.len();
         }
-        // Batches run one after another: candle already spreads each matmul
-        // over every core, and nesting our pool on top only adds contention
-        // (measured: no gain).
-        let pooled: Vec<Vec<f32>> = batches
-            .iter()
-            .map(|batch| self.embed_batch(batch.iter().map(|&i| ids[i]).collect()))
-            .collect::<Result<_>>()?;
-        let mut out = vec![0f32; texts.len() * self.dim];
-        for (batch, rows) in batches.iter().zip(pooled) {
-            for (j, &i) in batch.iter().enumerate() {
-                out[i * self.dim..(i + 1) * self.dim].copy_from_slice(&rows[j * self.dim..(j + 1) * self.dim]);
-            }
+        if !batch.is_empty() {
+            out.extend(self.embed_batch(batch)?);
         }
         Ok(out)
     }

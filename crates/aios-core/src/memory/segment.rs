@@ -113,8 +113,7 @@ impl Segment {
         let arrow = |e: arrow_schema::ArrowError| Error::format(name, format!("arrow: {e}"));
         let mut buf = Vec::new();
         let mut writer = FileWriter::try_new(&mut buf, &schema).map_err(arrow)?;
-        let mut start = 0;
-        while start < self.len() || (start == 0 && self.is_empty()) {
+        for start in (0..self.len()).step_by(BATCH_ROWS) {
             let end = (start + BATCH_ROWS).min(self.len());
             let item = Arc::new(Field::new("item", DataType::Float32, false));
             let values = Float32Array::from(self.vectors[start * self.dim..end * self.dim].to_vec());
@@ -132,10 +131,6 @@ impl Segment {
             )
             .map_err(arrow)?;
             writer.write(&batch).map_err(arrow)?;
-            if end == start {
-                break;
-            }
-            start = end;
         }
         writer.finish().map_err(arrow)?;
         drop(writer);

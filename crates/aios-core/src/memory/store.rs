@@ -555,7 +555,7 @@ impl MemoryStore {
         segments.push(Arc::new(seg));
         m.segments = refs;
         m.deleted = deleted;
-        let ids = (first..first + (m.next_id - first)).collect();
+        let ids = (first..m.next_id).collect();
         self.publish(m, segments, &writer)?;
         Ok(ids)
     }
@@ -652,7 +652,9 @@ impl MemoryStore {
 
     /// The writer guard, refused on read-only or closed stores.
     fn lock_writer(&self) -> Result<std::sync::MutexGuard<'_, Option<File>>> {
-        self.check_writable()?;
+        if self.read_only {
+            return input_err!("this MemoryStore was opened read_only");
+        }
         let guard = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         if guard.is_none() {
             return input_err!("this MemoryStore was closed");

@@ -127,7 +127,7 @@ impl Block {
 
     fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
         let i = self.names.iter().position(|n| n == name)?;
-        Some([&mut self.attn_qkv, &mut self.attn_out, &mut self.mlp_in, &mut self.mlp_out].into_iter().nth(i)?)
+        [&mut self.attn_qkv, &mut self.attn_out, &mut self.mlp_in, &mut self.mlp_out].into_iter().nth(i)
     }
 
     fn forward(
