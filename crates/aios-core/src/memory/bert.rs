@@ -3,8 +3,8 @@
 //! Why not candle-transformers' `BertModel`: on 2 cores it embedded a single
 //! query in 9-14 ms, almost all per-op overhead (about 150 candle ops, each
 //! allocating and waking a spin-waiting pool) rather than arithmetic
-//! (bench/RESULTS.md). Here every linear layer is one call of our
-//! column-chunked gemm ([`crate::quant::gemm::linear_f32`]) over all tokens of
+//! (bench/RESULTS.md). Here every linear layer is one call of our kernel on
+//! weights packed at load ([`crate::quant::packed`]) over all tokens of
 //! all sentences at once, with no padding: tokens of different sentences only
 //! meet in attention, which runs per sentence. Results do not depend on the
 //! thread count or on which sentences share a batch.
@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-use crate::quant::gemm::linear_f32;
+use crate::quant::packed::PackedMatrix;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -44,15 +44,13 @@ fn default_types() -> usize {
 }
 
 struct Dense {
-    w: Vec<f32>,
+    w: PackedMatrix,
     b: Vec<f32>,
-    n_in: usize,
-    n_out: usize,
 }
 
 impl Dense {
     fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        linear_f32(x, &self.w, Some(&self.b), rows, self.n_in, self.n_out)
+        self.w.linear(x, Some(&self.b), rows)
     }
 }
 
@@ -127,13 +125,14 @@ fn norm(t: &mut HashMap<String, Tensor>, p: &str, h: usize, eps: f32, what: &str
     Ok(Norm { w: take(t, &format!("{p}.weight"), &[h], what)?, b: take(t, &format!("{p}.bias"), &[h], what)?, eps })
 }
 
+/// Row-major `[n_out, n_in]` weight and bias of one linear layer.
+fn weight_bias(t: &mut HashMap<String, Tensor>, p: &str, n_out: usize, n_in: usize, what: &str) -> Result<(Vec<f32>, Vec<f32>)> {
+    Ok((take(t, &format!("{p}.weight"), &[n_out, n_in], what)?, take(t, &format!("{p}.bias"), &[n_out], what)?))
+}
+
 fn dense(t: &mut HashMap<String, Tensor>, p: &str, n_out: usize, n_in: usize, what: &str) -> Result<Dense> {
-    Ok(Dense {
-        w: take(t, &format!("{p}.weight"), &[n_out, n_in], what)?,
-        b: take(t, &format!("{p}.bias"), &[n_out], what)?,
-        n_in,
-        n_out,
-    })
+    let (w, b) = weight_bias(t, p, n_out, n_in, what)?;
+    Ok(Dense { w: PackedMatrix::pack(&w, n_out, n_in), b })
 }
 
 impl Bert {
@@ -152,10 +151,10 @@ impl Bert {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("encoder.layer.{i}");
-            let q = dense(t, &format!("{p}.attention.self.query"), h, h, what)?;
-            let k = dense(t, &format!("{p}.attention.self.key"), h, h, what)?;
-            let v = dense(t, &format!("{p}.attention.self.value"), h, h, what)?;
-            let qkv = Dense { w: [q.w, k.w, v.w].concat(), b: [q.b, k.b, v.b].concat(), n_in: h, n_out: 3 * h };
+            let q = weight_bias(t, &format!("{p}.attention.self.query"), h, h, what)?;
+            let k = weight_bias(t, &format!("{p}.attention.self.key"), h, h, what)?;
+            let v = weight_bias(t, &format!("{p}.attention.self.value"), h, h, what)?;
+            let qkv = Dense { w: PackedMatrix::pack(&[q.0, k.0, v.0].concat(), 3 * h, h), b: [q.1, k.1, v.1].concat() };
             layers.push(Layer {
                 qkv,
                 attn_out: dense(t, &format!("{p}.attention.output.dense"), h, h, what)?,

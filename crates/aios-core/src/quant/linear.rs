@@ -5,6 +5,7 @@ use candle_core::{Module, Tensor};
 
 use crate::error::{Error, Result};
 use crate::format::{DType, WeightFile};
+use crate::quant::packed::PackedMatrix;
 
 /// How a quantised weight is multiplied. Chosen by measurement
 /// (`cargo bench -p aios-core --bench matmul`, see bench/RESULTS.md): on a
@@ -45,8 +46,8 @@ impl MatmulMode {
 
 #[derive(Clone, Debug)]
 enum Weight {
-    /// `[out, in]` row-major f32, multiplied by our own column-chunked gemm.
-    Dense(Vec<f32>),
+    /// f32, packed at load for our kernel (`quant::packed`).
+    Dense(PackedMatrix),
     Quant(QMatMul),
 }
 
@@ -81,7 +82,7 @@ impl Linear {
             let q = super::qtensor_from_bytes(raw.dtype, &raw.shape, raw.data())?;
             Weight::Quant(QMatMul::from_qtensor(q)?)
         } else {
-            Weight::Dense(dense.flatten_all()?.to_vec1()?)
+            Weight::Dense(PackedMatrix::pack(&dense.flatten_all()?.to_vec1()?, out_features, in_features))
         };
         let bias = if has_bias {
             let bname = format!("{prefix}.bias");
@@ -98,7 +99,8 @@ impl Linear {
     pub fn from_dense(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
         let bias = bias.map(|b| b.to_vec1()).transpose()?;
-        Ok(Linear { weight: Weight::Dense(weight.flatten_all()?.to_vec1()?), bias, in_features, out_features })
+        let packed = PackedMatrix::pack(&weight.flatten_all()?.to_vec1()?, out_features, in_features);
+        Ok(Linear { weight: Weight::Dense(packed), bias, in_features, out_features })
     }
 
     pub fn is_quantized(&self) -> bool {
@@ -116,7 +118,7 @@ impl Linear {
         }
         match &mut self.weight {
             Weight::Dense(w) => {
-                w.iter_mut().zip(delta).for_each(|(w, d)| *w += d);
+                w.add(delta);
                 Ok(())
             }
             Weight::Quant(_) => {
@@ -138,7 +140,7 @@ impl Linear {
         let y = match &self.weight {
             Weight::Dense(w) => {
                 let xs = x2.flatten_all()?.to_vec1::<f32>()?;
-                let y = super::gemm::linear_f32(&xs, w, self.bias.as_deref(), rows, last, self.out_features);
+                let y = w.linear(&xs, self.bias.as_deref(), rows);
                 Tensor::from_vec(y, (rows, self.out_features), x.device())?
             }
             Weight::Quant(q) => {

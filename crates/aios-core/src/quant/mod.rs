@@ -3,7 +3,7 @@
 //! layer that runs over either f32 or quantised weights.
 
 pub(crate) mod file;
-pub mod gemm;
+pub mod packed;
 pub(crate) mod linear;
 
 pub use file::{quantize_file, QuantizeReport};

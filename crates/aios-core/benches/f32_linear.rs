@@ -1,19 +1,20 @@
-//! f32 `x W^T (+ b)` for the dense layers, parallelised by us rather than by
-//! candle. On a diffusion canvas (64-128 rows) candle's matmul gets no
-//! speed-up from a second core (gemm's own threading costs more than it saves
-//! at these sizes, bench/RESULTS.md), while splitting the output columns into
-//! fixed-size chunks does. The split depends only on the shape, never on the
-//! thread count, and each output element is computed by exactly one
-//! sequential gemm call, so results are identical on any number of threads.
+//! f32 linear layers: the `gemm` crate (re-packs the weight on every call;
+//! column-chunked over our pool, the runtime's path before `quant::packed`,
+//! kept here as the reference) against our kernel on weights packed once at
+//! load (`quant::packed`), on the shapes the runtime runs: diffusion canvases
+//! (64-128 rows), one embedded query (7-30 rows) and single rows.
+//!
+//! Run: `cargo bench -p aios-core --bench f32_linear` (2 threads; set
+//! `AIOS_BENCH_THREADS` to change).
 
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use gemm::Parallelism;
 use rayon::prelude::*;
+use std::time::Duration;
 
-/// Output columns per task: large enough to keep the microkernel busy, small
-/// enough to balance two to eight cores on the tiny model's 768-wide layers.
+use aios_core::quant::packed::PackedMatrix;
+
 const COLS_PER_TASK: usize = 128;
-/// At most this many rows take the dot-product path; above it, gemm's packing
-/// pays off (`cargo run --release --example embed`, bench/RESULTS.md).
 const SMALL_ROWS: usize = 16;
 
 struct SendPtr(*mut f32);
@@ -22,7 +23,7 @@ unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 /// `y[rows, n] = x[rows, k] · w[n, k]^T + bias[n]`, all row-major.
-pub fn linear_f32(x: &[f32], w: &[f32], bias: Option<&[f32]>, rows: usize, k: usize, n: usize) -> Vec<f32> {
+fn linear_f32(x: &[f32], w: &[f32], bias: Option<&[f32]>, rows: usize, k: usize, n: usize) -> Vec<f32> {
     assert_eq!(x.len(), rows * k, "linear_f32: x has the wrong length");
     assert_eq!(w.len(), n * k, "linear_f32: w has the wrong length");
     let mut y = match bias {
@@ -115,26 +116,31 @@ fn dot_rows(x: &[f32], w: &[f32], k: usize) -> [f32; 4] {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn matches_naive_and_is_thread_count_independent() {
-        // Small-row (dot) path, gemm path, and a single row.
-        for (rows, k, n) in [(7, 33, 300), (40, 33, 300), (1, 384, 130)] {
+fn bench(c: &mut Criterion) {
+    let threads: usize = std::env::var("AIOS_BENCH_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    // (in, out): tiny DiT (D=256), MiniLM (D=384), edge config (D=768).
+    let layers = [(256, 768), (256, 1024), (1024, 256), (256, 4096), (384, 384), (384, 1536), (1536, 384), (768, 2304), (3072, 768)];
+    let mut g = c.benchmark_group(format!("f32_linear_{threads}t"));
+    g.sample_size(20).warm_up_time(Duration::from_millis(200)).measurement_time(Duration::from_secs(1));
+    for rows in [1usize, 7, 30, 64, 128] {
+        for (k, n) in layers {
             let x: Vec<f32> = (0..rows * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
-            let w: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 97.0).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 970.0).collect();
             let b: Vec<f32> = (0..n).map(|i| i as f32 / 100.0).collect();
-            let y = linear_f32(&x, &w, Some(&b), rows, k, n);
-            for i in 0..rows {
-                for j in 0..n {
-                    let want: f32 = (0..k).map(|kk| x[i * k + kk] * w[j * k + kk]).sum::<f32>() + b[j];
-                    assert!((y[i * n + j] - want).abs() < 1e-4, "{i},{j}");
-                }
-            }
-            let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-            assert_eq!(one.install(|| linear_f32(&x, &w, Some(&b), rows, k, n)), y);
+            let packed = PackedMatrix::pack(&w, n, k);
+            let id = format!("{rows}x{k}x{n}");
+            g.throughput(Throughput::Elements((2 * rows * k * n) as u64));
+            g.bench_function(BenchmarkId::new("gemm", &id), |bn| {
+                bn.iter(|| pool.install(|| linear_f32(&x, &w, Some(&b), rows, k, n)))
+            });
+            g.bench_function(BenchmarkId::new("packed", &id), |bn| {
+                bn.iter(|| pool.install(|| packed.linear(&x, Some(&b), rows)))
+            });
         }
     }
+    g.finish();
 }
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
