@@ -103,8 +103,8 @@ fn sum_fixed_order(values: impl Iterator<Item = f64>) -> f64 {
 /// they cannot change a sum that contains exp(0) = 1.
 #[inline(always)]
 fn exp_nonpositive(d: f64) -> f64 {
-    const LN2_HI: f64 = 6.93147180369123816490e-01;
-    const LN2_LO: f64 = 1.90821492927058770002e-10;
+    const LN2_HI: f64 = 6.931_471_803_691_238e-1;
+    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
     // Adding 1.5 * 2^52 rounds to the nearest integer n and leaves n in the
     // low mantissa bits, with no float-to-int conversion (which AVX2 lacks).
     const SHIFT: f64 = 6755399441055744.0;
