@@ -120,7 +120,17 @@ fn bench(c: &mut Criterion) {
     let threads: usize = std::env::var("AIOS_BENCH_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
     // (in, out): tiny DiT (D=256), MiniLM (D=384), edge config (D=768).
-    let layers = [(256, 768), (256, 1024), (1024, 256), (256, 4096), (384, 384), (384, 1536), (1536, 384), (768, 2304), (3072, 768)];
+    let layers = [
+        (256, 768),
+        (256, 1024),
+        (1024, 256),
+        (256, 4096),
+        (384, 384),
+        (384, 1536),
+        (1536, 384),
+        (768, 2304),
+        (3072, 768),
+    ];
     let mut g = c.benchmark_group(format!("f32_linear_{threads}t"));
     g.sample_size(20).warm_up_time(Duration::from_millis(200)).measurement_time(Duration::from_secs(1));
     for rows in [1usize, 7, 30, 64, 128] {

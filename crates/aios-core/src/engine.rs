@@ -6,8 +6,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
-
 use crate::adapter::{ActiveLora, LoraAdapter};
 use crate::error::{Error, Result};
 use crate::format::{DType, WeightFile};
@@ -464,10 +462,8 @@ fn forward(rt: &Runtime, batch: &[Vec<u32>], sigma: Option<f32>, positions: Opti
         }
     }
     let flat: Vec<u32> = batch.iter().flatten().copied().collect();
-    let tokens = Tensor::from_vec(flat, (n, l), &Device::Cpu)?;
-    let sigma = sigma.map(|s| Tensor::full(s, n, &Device::Cpu)).transpose()?;
-    let logits = model.forward_at(&tokens, sigma.as_ref(), positions, &rt.lora)?;
-    Ok(logits.flatten_all()?.to_vec1()?)
+    let sigma = sigma.map(|s| vec![s; n]);
+    model.logits(&flat, n, sigma.as_deref(), positions, &rt.lora)
 }
 
 struct ModelDenoiser<'a> {

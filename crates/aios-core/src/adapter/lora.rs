@@ -17,6 +17,7 @@ use serde::Deserialize;
 use crate::format::WeightFile;
 use crate::model::ModelConfig;
 use crate::quant;
+use crate::quant::packed::PackedMatrix;
 use crate::{Error, Result};
 
 /// Largest rank accepted (LoRA ranks are small; this catches corrupt files).
@@ -167,7 +168,9 @@ fn factor(file: &WeightFile, name: &str, shape: [usize; 2]) -> Result<Tensor> {
 /// two thin matmuls per targeted layer.
 #[derive(Debug, Default)]
 pub struct ActiveLora {
-    modules: HashMap<String, (Tensor, Tensor)>,
+    /// Per module: the stacked `A` (`[R, in]`) and scaled `B` (`[out, R]`),
+    /// packed for the f32 kernel, so an update is two thin packed matmuls.
+    modules: HashMap<String, (PackedMatrix, PackedMatrix)>,
     /// Name and weight of each adapter in the set, for reporting.
     pub weights: Vec<(String, f32)>,
 }
@@ -190,9 +193,12 @@ impl ActiveLora {
         }
         let mut modules = HashMap::new();
         for (m, (a, b)) in per_module {
-            let a_t = Tensor::cat(&a, 0)?.t()?.contiguous()?; // [in, R]
-            let b_t = Tensor::cat(&b, 1)?.t()?.contiguous()?; // [R, out]
-            modules.insert(m.to_string(), (a_t, b_t));
+            let a = Tensor::cat(&a, 0)?; // [R, in]
+            let b = Tensor::cat(&b, 1)?; // [out, R]
+            let ((r, n_in), (n_out, _)) = (a.dims2()?, b.dims2()?);
+            let a = PackedMatrix::pack(&a.flatten_all()?.to_vec1()?, r, n_in);
+            let b = PackedMatrix::pack(&b.flatten_all()?.to_vec1()?, n_out, r);
+            modules.insert(m.to_string(), (a, b));
         }
         Ok(ActiveLora { modules, weights: set.iter().map(|(n, _, w)| (n.clone(), *w)).collect() })
     }
@@ -201,23 +207,23 @@ impl ActiveLora {
         self.modules.is_empty()
     }
 
-    /// `y + delta(x)` for module `name` (unchanged `y` when no adapter targets it).
-    pub fn apply(&self, name: &str, x: &Tensor, y: Tensor) -> Result<Tensor> {
-        let Some((a_t, b_t)) = self.modules.get(name) else { return Ok(y) };
-        let dims = x.dims();
-        let rows = x.elem_count() / dims[dims.len() - 1];
-        let x2 = x.reshape((rows, a_t.dim(0)?))?;
-        let delta = x2.matmul(a_t)?.matmul(b_t)?;
-        let delta = delta.reshape(y.shape())?;
-        Ok((y + delta)?)
+    /// `y += delta(x)` for module `name`, over `rows` rows of `x` (`[rows, in]`)
+    /// and `y` (`[rows, out]`); nothing when no adapter targets it.
+    pub fn apply(&self, name: &str, x: &[f32], rows: usize, y: &mut [f32]) {
+        let Some((a, b)) = self.modules.get(name) else { return };
+        let delta = b.linear(&a.linear(x, None, rows), None, rows);
+        y.iter_mut().zip(&delta).for_each(|(y, d)| *y += d);
     }
 
-    /// The dense `[out, in]` update of module `name`, for fusing into the base.
+    /// The dense `[out, in]` update `B A` of module `name`, for fusing into the base.
     pub fn dense_delta(&self, name: &str) -> Result<Option<Vec<f32>>> {
-        let Some((a_t, b_t)) = self.modules.get(name) else { return Ok(None) };
-        // (A^T B^T)^T = B A
-        let d = a_t.matmul(b_t)?.t()?.contiguous()?;
-        Ok(Some(d.flatten_all()?.to_vec1()?))
+        let Some((a, b)) = self.modules.get(name) else { return Ok(None) };
+        let (r, n_in, n_out) = (a.rows(), a.cols(), b.rows());
+        // Row o of B A is sum_r B[o, r] A[r, :]: the rows of `(B A)` are `B` applied to
+        // the columns of A, i.e. `A^T` run through B as a linear layer.
+        let a_cols = transpose(&a.unpack(), r, n_in); // [in, R]
+        let delta_t = b.linear(&a_cols, None, n_in); // [in, out]
+        Ok(Some(transpose(&delta_t, n_in, n_out)))
     }
 
     pub fn module_names(&self) -> impl Iterator<Item = &str> {
@@ -265,4 +271,15 @@ pub fn write_random_lora(
     });
     let meta = BTreeMap::from([(KEY_CONFIG.to_string(), config.to_string())]);
     write_weight_file(path, "lora", &meta, &tensors)
+}
+
+/// Row-major `[rows, cols]` -> `[cols, rows]`.
+fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; m.len()];
+    for i in 0..rows {
+        for j in 0..cols {
+            t[j * rows + i] = m[i * cols + j];
+        }
+    }
+    t
 }

@@ -5,53 +5,65 @@
 //! Shapes: tokens `[B, L]` (u32) -> logits `[B, L, V]` (f32, raw: the
 //! absorbing-state SUBS masking is the sampler's job).
 
-use candle_core::{DType as CDType, Device, IndexOp, Tensor, D};
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
 use super::config::ModelConfig;
+use super::ops::{exp_f32, gelu_tanh_inplace};
 use crate::adapter::ActiveLora;
 use crate::error::{Error, Result};
 use crate::format::WeightFile;
+use crate::quant::packed::PackedMatrix;
 use crate::quant::{self, Linear, MatmulMode};
 
 const FREQ_EMBED_DIM: usize = 256;
 const MAX_PERIOD: f64 = 10_000.0;
 
-/// MDLM's LayerNorm: no bias, learned weight, statistics in f32.
+/// MDLM's LayerNorm: no bias, learned weight.
 #[derive(Clone, Debug)]
 struct LayerNorm {
-    weight: Tensor,
-    zeros: Tensor,
+    weight: Vec<f32>,
     eps: f32,
 }
 
 impl LayerNorm {
     fn load(file: &WeightFile, name: &str, dim: usize, eps: f64) -> Result<Self> {
-        let weight = load_vector(file, name, dim)?;
-        Ok(LayerNorm { zeros: weight.zeros_like()?, weight, eps: eps as f32 })
+        Ok(LayerNorm { weight: load_vector(file, name, dim)?, eps: eps as f32 })
     }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(x, &self.weight, &self.zeros, self.eps)?)
+
+    /// `norm(x) * (1 + scale) + shift` for each row of `x` (`[B * L, D]`);
+    /// batch item `b` uses `shift(b)` and `scale(b)`. Statistics in f64.
+    fn forward_modulated<'a>(
+        &self,
+        x: &[f32],
+        l: usize,
+        shift: impl Fn(usize) -> &'a [f32],
+        scale: impl Fn(usize) -> &'a [f32],
+    ) -> Vec<f32> {
+        let d = self.weight.len();
+        let mut out = vec![0f32; x.len()];
+        for (r, (row, o)) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+            let inv = (1.0 / (var + self.eps as f64).sqrt()) as f32;
+            let mean = mean as f32;
+            let (sh, sc) = (shift(r / l), scale(r / l));
+            for i in 0..d {
+                o[i] = ((row[i] - mean) * inv * self.weight[i]) * (1.0 + sc[i]) + sh[i];
+            }
+        }
+        out
     }
 }
 
-fn load_vector(file: &WeightFile, name: &str, dim: usize) -> Result<Tensor> {
+fn load_vector(file: &WeightFile, name: &str, dim: usize) -> Result<Vec<f32>> {
     let raw = file.require(name)?;
     quant::linear::check_shape(file, name, &raw.shape, &[dim])?;
-    quant::load_f32(file, raw)
+    Ok(quant::load_f32(file, raw)?.to_vec1()?)
 }
 
-/// `x * (1 + scale) + shift`, with shift/scale `[B, 1, D]`.
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    Ok(x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?)
-}
-
-/// Sinusoidal timestep features `cat(cos, sin)`, `[B, 256]`.
-fn timestep_features(sigma: &Tensor) -> Result<Tensor> {
-    let half = FREQ_EMBED_DIM / 2;
-    let freqs: Vec<f32> = (0..half).map(|i| (-(MAX_PERIOD.ln()) * i as f64 / half as f64).exp() as f32).collect();
-    let freqs = Tensor::from_vec(freqs, (1, half), sigma.device())?;
-    let args = sigma.unsqueeze(1)?.broadcast_mul(&freqs)?;
-    Ok(Tensor::cat(&[args.cos()?, args.sin()?], 1)?)
+fn silu(x: &mut [f32]) {
+    x.iter_mut().for_each(|v| *v /= 1.0 + (-*v).exp());
 }
 
 #[derive(Clone, Debug)]
@@ -67,24 +79,57 @@ impl TimestepEmbedder {
             fc2: Linear::load(file, "sigma_map.mlp.2", cond, cond, true, mode)?,
         })
     }
-    /// `c = silu(mlp(features(sigma)))`, `[B, cond]`.
-    fn forward(&self, sigma: &Tensor) -> Result<Tensor> {
-        let h = self.fc1.forward(&timestep_features(sigma)?)?;
-        let h = self.fc2.forward(&candle_nn::ops::silu(&h)?)?;
-        Ok(candle_nn::ops::silu(&h)?)
+
+    /// `c = silu(mlp(cat(cos, sin)(sigma * freqs)))`, `[B, cond]`.
+    fn forward(&self, sigma: &[f32]) -> Result<Vec<f32>> {
+        let half = FREQ_EMBED_DIM / 2;
+        let freqs: Vec<f32> = (0..half).map(|i| (-(MAX_PERIOD.ln()) * i as f64 / half as f64).exp() as f32).collect();
+        let features: Vec<f32> = sigma
+            .iter()
+            .flat_map(|&s| {
+                let args: Vec<f32> = freqs.iter().map(|&f| s * f).collect();
+                args.iter().map(|a| a.cos()).chain(args.iter().map(|a| a.sin())).collect::<Vec<_>>()
+            })
+            .collect();
+        let mut h = self.fc1.forward_rows(&features, sigma.len())?;
+        silu(&mut h);
+        let mut c = self.fc2.forward_rows(&h, sigma.len())?;
+        silu(&mut c);
+        Ok(c)
     }
 }
 
-/// The adaLN shift/scale/gate vectors of one block, each `[B, 1, D]`.
+/// The adaLN shift/scale/... vectors: `rows` (1 = shared by the batch, or B)
+/// x `parts` vectors of length `d`.
 #[derive(Clone, Debug)]
-struct Modulation(Vec<Tensor>);
+struct Modulation {
+    rows: usize,
+    parts: usize,
+    d: usize,
+    data: Vec<f32>,
+}
 
 impl Modulation {
-    fn compute(ada: &Linear, c: &Tensor, parts: usize) -> Result<Self> {
-        let m = ada.forward(c)?.unsqueeze(1)?; // [B, 1, parts*D]
-        Ok(Modulation(
-            m.chunk(parts, D::Minus1)?.into_iter().map(|t| t.contiguous()).collect::<candle_core::Result<_>>()?,
-        ))
+    fn compute(ada: &Linear, c: &[f32], rows: usize, parts: usize) -> Result<Self> {
+        let data = ada.forward_rows(c, rows)?;
+        Ok(Modulation { rows, parts, d: ada.out_features / parts, data })
+    }
+
+    /// Part `i` for batch item `b`.
+    fn part(&self, b: usize, i: usize) -> &[f32] {
+        let r = if self.rows == 1 { 0 } else { b };
+        &self.data[(r * self.parts + i) * self.d..(r * self.parts + i + 1) * self.d]
+    }
+}
+
+/// `x += gate(b) * y` row by row.
+fn add_gated<'a>(x: &mut [f32], y: &[f32], l: usize, gate: impl Fn(usize) -> &'a [f32]) {
+    let d = gate(0).len();
+    for (r, (xr, yr)) in x.chunks_exact_mut(d).zip(y.chunks_exact(d)).enumerate() {
+        let g = gate(r / l);
+        for i in 0..d {
+            xr[i] += g[i] * yr[i];
+        }
     }
 }
 
@@ -120,9 +165,11 @@ impl Block {
     }
 
     /// A linear layer plus the active adapters' update for it.
-    fn linear(&self, which: usize, x: &Tensor, lora: &ActiveLora) -> Result<Tensor> {
+    fn linear(&self, which: usize, x: &[f32], rows: usize, lora: &ActiveLora) -> Result<Vec<f32>> {
         let layer = [&self.attn_qkv, &self.attn_out, &self.mlp_in, &self.mlp_out][which];
-        lora.apply(&self.names[which], x, layer.forward(x)?)
+        let mut y = layer.forward_rows(x, rows)?;
+        lora.apply(&self.names[which], x, rows, &mut y);
+        Ok(y)
     }
 
     fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
@@ -130,70 +177,128 @@ impl Block {
         [&mut self.attn_qkv, &mut self.attn_out, &mut self.mlp_in, &mut self.mlp_out].into_iter().nth(i)
     }
 
+    /// One block over `x` (`[B * L, D]`, in place).
     fn forward(
         &self,
-        x: &Tensor,
+        x: &mut [f32],
+        l: usize,
         m: &Modulation,
         rope: &Rope,
-        mask: Option<&Tensor>,
+        causal: bool,
         lora: &ActiveLora,
-    ) -> Result<Tensor> {
-        let [shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp] = &m.0[..] else {
-            return Err(Error::Config("block modulation must have 6 parts".into()));
-        };
-        let (b, l, d) = x.dims3()?;
-        let hd = d / self.n_heads;
-        let h = modulate(&self.norm1.forward(x)?, shift_msa, scale_msa)?;
-        let qkv = self.linear(0, &h, lora)?.reshape((b, l, 3, self.n_heads, hd))?;
-        // [B, L, H, hd] -> [B, H, L, hd]
-        let head = |i: usize| -> Result<Tensor> { Ok(qkv.i((.., .., i))?.transpose(1, 2)?.contiguous()?) };
-        let q = rope.apply(&head(0)?, l)?;
-        let k = rope.apply(&head(1)?, l)?;
-        let v = head(2)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mut att = (q.matmul(&k.t()?)? * scale)?;
-        if let Some(mask) = mask {
-            att = att.broadcast_add(mask)?;
-        }
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, l, d))?;
-        let x = (x + self.linear(1, &o, lora)?.broadcast_mul(gate_msa)?)?;
-        let h = modulate(&self.norm2.forward(&x)?, shift_mlp, scale_mlp)?;
-        let h = self.linear(3, &super::ops::gelu_tanh(&self.linear(2, &h, lora)?)?, lora)?;
-        Ok((x + h.broadcast_mul(gate_mlp)?)?)
+    ) -> Result<()> {
+        let d = self.norm1.weight.len();
+        let rows = x.len() / d;
+        // Parts: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
+        let h = self.norm1.forward_modulated(x, l, |b| m.part(b, 0), |b| m.part(b, 1));
+        let mut qkv = self.linear(0, &h, rows, lora)?;
+        rope.apply_qk(&mut qkv, l, d, self.n_heads);
+        let o = attention(&qkv, l, d, self.n_heads, causal);
+        let a = self.linear(1, &o, rows, lora)?;
+        add_gated(x, &a, l, |b| m.part(b, 2));
+        let h = self.norm2.forward_modulated(x, l, |b| m.part(b, 3), |b| m.part(b, 4));
+        let mut u = self.linear(2, &h, rows, lora)?;
+        gelu_tanh_inplace(&mut u);
+        let y = self.linear(3, &u, rows, lora)?;
+        add_gated(x, &y, l, |b| m.part(b, 5));
+        Ok(())
     }
+}
+
+/// Softmax attention, one task per (batch item, head). `qkv` rows are
+/// `[q | k | v]` with heads contiguous inside each part; the output rows are
+/// `[head 0 | head 1 | ...]`. With `causal`, position i sees 0..=i. Both
+/// products run on the packed kernel: packing K and V costs O(L hd), the
+/// products O(L^2 hd).
+fn attention(qkv: &[f32], l: usize, d: usize, heads: usize, causal: bool) -> Vec<f32> {
+    let hd = d / heads;
+    let batch = qkv.len() / (3 * d * l);
+    let scale = (1.0 / (hd as f64).sqrt()) as f32;
+    let parts: Vec<Vec<f32>> = (0..batch * heads)
+        .into_par_iter()
+        .map(|task| {
+            let (b, head) = (task / heads, task % heads);
+            let gather = |part: usize| -> Vec<f32> {
+                (0..l)
+                    .flat_map(|i| {
+                        let off = (b * l + i) * 3 * d + part * d + head * hd;
+                        qkv[off..off + hd].iter().copied()
+                    })
+                    .collect()
+            };
+            let (q, k, v) = (gather(0), gather(1), gather(2));
+            let mut scores = PackedMatrix::pack(&k, l, hd).linear_serial(&q, None, l); // [L, L]
+            for (i, row) in scores.chunks_exact_mut(l).enumerate() {
+                let seen = if causal { i + 1 } else { l };
+                let max = row[..seen].iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
+                row[..seen].iter_mut().for_each(|s| *s = exp_f32(*s * scale - max));
+                row[seen..].iter_mut().for_each(|s| *s = 0.0);
+                let inv = 1.0 / row.iter().sum::<f32>();
+                row.iter_mut().for_each(|s| *s *= inv);
+            }
+            PackedMatrix::pack_transposed(&v, hd, l).linear_serial(&scores, None, l)
+            // [L, hd]
+        })
+        .collect();
+    let mut out = vec![0f32; batch * l * d];
+    for (task, part) in parts.iter().enumerate() {
+        let (b, head) = (task / heads, task % heads);
+        for (i, row) in part.chunks_exact(hd).enumerate() {
+            let off = (b * l + i) * d + head * hd;
+            out[off..off + hd].copy_from_slice(row);
+        }
+    }
+    out
 }
 
 /// Rotary tables `[max_len, hd/2]`; non-interleaved (`rotate_half`) layout.
 #[derive(Clone, Debug)]
 struct Rope {
-    cos: Tensor,
-    sin: Tensor,
+    half: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
 }
 
 impl Rope {
-    fn new(cfg: &ModelConfig) -> Result<Self> {
-        let hd = cfg.head_dim();
+    fn new(cfg: &ModelConfig) -> Self {
+        let half = cfg.head_dim() / 2;
         let inv: Vec<f32> =
-            (0..hd / 2).map(|i| (1.0 / cfg.rope_base.powf(2.0 * i as f64 / hd as f64)) as f32).collect();
-        let t: Vec<f32> = (0..cfg.max_length).map(|p| p as f32).collect();
-        let t = Tensor::from_vec(t, (cfg.max_length, 1), &Device::Cpu)?;
-        let inv = Tensor::from_vec(inv, (1, hd / 2), &Device::Cpu)?;
-        let freqs = t.broadcast_mul(&inv)?;
-        Ok(Rope { cos: freqs.cos()?, sin: freqs.sin()? })
+            (0..half).map(|i| (1.0 / cfg.rope_base.powf(2.0 * i as f64 / (2 * half) as f64)) as f32).collect();
+        let freqs: Vec<f32> = (0..cfg.max_length).flat_map(|p| inv.iter().map(move |&f| p as f32 * f)).collect();
+        Rope { half, cos: freqs.iter().map(|f| f.cos()).collect(), sin: freqs.iter().map(|f| f.sin()).collect() }
     }
-    fn apply(&self, x: &Tensor, l: usize) -> Result<Tensor> {
-        let cos = self.cos.narrow(0, 0, l)?.contiguous()?;
-        let sin = self.sin.narrow(0, 0, l)?.contiguous()?;
-        Ok(candle_nn::rotary_emb::rope(x, &cos, &sin)?)
+
+    /// Rotates the q and k parts of every `[q | k | v]` row in place
+    /// (position = row index within its sequence of length `l`).
+    fn apply_qk(&self, qkv: &mut [f32], l: usize, d: usize, heads: usize) {
+        let (half, hd) = (self.half, d / heads);
+        for (r, row) in qkv.chunks_exact_mut(3 * d).enumerate() {
+            let pos = r % l;
+            let (cos, sin) = (&self.cos[pos * half..(pos + 1) * half], &self.sin[pos * half..(pos + 1) * half]);
+            for x in row[..2 * d].chunks_exact_mut(hd) {
+                let (x1, x2) = x.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (x1[i], x2[i]);
+                    x1[i] = a * cos[i] - b * sin[i];
+                    x2[i] = a * sin[i] + b * cos[i];
+                }
+            }
+        }
     }
 }
 
 /// The whole backbone plus the text output head.
+///
+/// The forward pass runs on plain row-major f32 buffers (`[B * L, D]`): at
+/// diffusion sizes (64-128 rows) candle's per-op allocation and thread
+/// wake-ups cost as much as the arithmetic (`perf`, bench/RESULTS.md), so
+/// only the linear layers call out, to the packed kernel or candle's
+/// quantised matmul.
 #[derive(Clone, Debug)]
 pub struct Dit {
     pub cfg: ModelConfig,
-    embedding: Tensor,
+    /// `[vocab, D]`.
+    embedding: Vec<f32>,
     sigma_map: TimestepEmbedder,
     blocks: Vec<Block>,
     final_norm: LayerNorm,
@@ -223,25 +328,25 @@ impl Dit {
         let (v, d) = (cfg.vocab_size, cfg.hidden_size);
         let raw = file.require("vocab_embed.embedding")?;
         quant::linear::check_shape(file, "vocab_embed.embedding", &raw.shape, &[v, d])?;
-        let embedding = quant::load_f32(file, raw)?;
+        let embedding = quant::load_f32(file, raw)?.flatten_all()?.to_vec1()?;
         let sigma_map = TimestepEmbedder::load(file, cfg.cond_dim, mode)?;
         let blocks = (0..cfg.n_layers).map(|i| Block::load(file, i, &cfg, mode)).collect::<Result<Vec<_>>>()?;
         let final_norm = LayerNorm::load(file, "output_layer.norm_final.weight", d, cfg.norm_eps)?;
         let final_ada = Linear::load(file, "output_layer.adaLN_modulation", 2 * d, cfg.cond_dim, true, mode)?;
         let output = Linear::load(file, "output_layer.linear", v, d, true, mode)?;
-        let rope = Rope::new(&cfg)?;
+        let rope = Rope::new(&cfg);
         let mut model =
             Dit { cfg, embedding, sigma_map, blocks, final_norm, final_ada, output, rope, constant_modulation: None };
         if !model.cfg.time_conditioning {
-            let c = model.sigma_map.forward(&Tensor::zeros(1, CDType::F32, &Device::Cpu)?)?;
-            model.constant_modulation = Some(model.modulations(&c)?);
+            let c = model.sigma_map.forward(&[0.0])?;
+            model.constant_modulation = Some(model.modulations(&c, 1)?);
         }
         Ok(model)
     }
 
-    fn modulations(&self, c: &Tensor) -> Result<(Vec<Modulation>, Modulation)> {
-        let blocks = self.blocks.iter().map(|b| Modulation::compute(&b.ada, c, 6)).collect::<Result<Vec<_>>>()?;
-        Ok((blocks, Modulation::compute(&self.final_ada, c, 2)?))
+    fn modulations(&self, c: &[f32], rows: usize) -> Result<(Vec<Modulation>, Modulation)> {
+        let blocks = self.blocks.iter().map(|b| Modulation::compute(&b.ada, c, rows, 6)).collect::<Result<Vec<_>>>()?;
+        Ok((blocks, Modulation::compute(&self.final_ada, c, rows, 2)?))
     }
 
     /// Raw logits `[B, L, V]` for tokens `[B, L]`. `sigma` (`[B]`, the noise
@@ -261,38 +366,70 @@ impl Dit {
         lora: &ActiveLora,
     ) -> Result<Tensor> {
         let (b, l) = tokens.dims2()?;
-        if l == 0 || l > self.cfg.max_length {
+        let ids = tokens.to_dtype(candle_core::DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
+        let sigma = sigma.map(|s| s.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()).transpose()?;
+        let logits = self.logits(&ids, b, sigma.as_deref(), positions, lora)?;
+        let p = positions.map_or(l, <[usize]>::len);
+        Ok(Tensor::from_vec(logits, (b, p, self.cfg.vocab_size), &Device::Cpu)?)
+    }
+
+    /// Raw logits `[B, P, V]` (row-major) for `tokens` (`[B, L]`, row-major)
+    /// at `positions` (P of them; all L if None). `sigma` has one value per
+    /// batch item (zeros if None) and matters only with time conditioning.
+    pub fn logits(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        sigma: Option<&[f32]>,
+        positions: Option<&[usize]>,
+        lora: &ActiveLora,
+    ) -> Result<Vec<f32>> {
+        let (d, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        if batch == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(batch) {
+            return Err(Error::Input(format!("{} tokens do not split into {batch} sequences", tokens.len())));
+        }
+        let l = tokens.len() / batch;
+        if l > self.cfg.max_length {
             return Err(Error::Input(format!("sequence length {l} is outside 1..={}", self.cfg.max_length)));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= v) {
+            return Err(Error::Input(format!("token id {bad} is outside the vocabulary of {v}")));
+        }
+        if let Some(&bad) = positions.unwrap_or(&[]).iter().find(|&&p| p >= l) {
+            return Err(Error::Input(format!("position {bad} is outside the sequence of length {l}")));
         }
         let computed;
         let (block_mods, final_mod) = match &self.constant_modulation {
             Some((bm, fm)) => (bm, fm),
             None => {
-                let sigma = match sigma {
-                    Some(s) => s.to_dtype(CDType::F32)?,
-                    None => Tensor::zeros(b, CDType::F32, &Device::Cpu)?,
-                };
-                computed = self.modulations(&self.sigma_map.forward(&sigma)?)?;
+                let zeros = vec![0f32; batch];
+                let sigma = sigma.unwrap_or(&zeros);
+                if sigma.len() != batch {
+                    return Err(Error::Input(format!("sigma has {} values for {batch} sequences", sigma.len())));
+                }
+                computed = self.modulations(&self.sigma_map.forward(sigma)?, batch)?;
                 (&computed.0, &computed.1)
             }
         };
-        let mut x = self.embedding.index_select(&tokens.flatten_all()?, 0)?.reshape((b, l, self.cfg.hidden_size))?;
-        let mask = if self.cfg.causal { Some(causal_mask(l)?) } else { None };
+        let mut x: Vec<f32> =
+            tokens.iter().flat_map(|&t| &self.embedding[t as usize * d..(t as usize + 1) * d]).copied().collect();
         for (block, m) in self.blocks.iter().zip(block_mods) {
-            x = block.forward(&x, m, &self.rope, mask.as_ref(), lora)?;
+            block.forward(&mut x, l, m, &self.rope, self.cfg.causal, lora)?;
         }
-        if let Some(pos) = positions {
-            if let Some(&bad) = pos.iter().find(|&&p| p >= l) {
-                return Err(Error::Input(format!("position {bad} is outside the sequence of length {l}")));
+        let (x, p) = match positions {
+            Some(pos) if pos.len() < l => {
+                let picked = (0..batch)
+                    .flat_map(|b| pos.iter().flat_map(move |&p| (b * l + p) * d..(b * l + p + 1) * d))
+                    .map(|i| x[i])
+                    .collect();
+                (picked, pos.len())
             }
-            if pos.len() < l {
-                let idx = Tensor::from_vec(pos.iter().map(|&p| p as u32).collect::<Vec<_>>(), pos.len(), &Device::Cpu)?;
-                x = x.index_select(&idx, 1)?;
-            }
-        }
-        let [shift, scale] = &final_mod.0[..] else { unreachable!("final modulation has 2 parts") };
-        let h = modulate(&self.final_norm.forward(&x)?, shift, scale)?;
-        lora.apply("output_layer.linear", &h, self.output.forward(&h)?)
+            _ => (x, l),
+        };
+        let h = self.final_norm.forward_modulated(&x, p, |b| final_mod.part(b, 0), |b| final_mod.part(b, 1));
+        let mut logits = self.output.forward_rows(&h, batch * p)?;
+        lora.apply("output_layer.linear", &h, batch * p, &mut logits);
+        Ok(logits)
     }
 
     /// A copy with the adapters' updates merged into the weights (`W + s B A`).
@@ -327,9 +464,4 @@ impl Dit {
             }
         })
     }
-}
-
-fn causal_mask(l: usize) -> Result<Tensor> {
-    let m: Vec<f32> = (0..l).flat_map(|i| (0..l).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
-    Ok(Tensor::from_vec(m, (1, 1, l, l), &Device::Cpu)?)
 }

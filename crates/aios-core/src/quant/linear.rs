@@ -129,6 +129,29 @@ impl Linear {
         }
     }
 
+    /// `y[rows, out] = x[rows, in] W^T + b` on plain row-major buffers.
+    pub fn forward_rows(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        if x.len() != rows * self.in_features {
+            return Err(Error::Input(format!(
+                "linear expects {} inputs per row, got {} values for {rows} rows",
+                self.in_features,
+                x.len()
+            )));
+        }
+        match &self.weight {
+            Weight::Dense(w) => Ok(w.linear(x, self.bias.as_deref(), rows)),
+            Weight::Quant(q) => {
+                let x = Tensor::from_slice(x, (rows, self.in_features), &candle_core::Device::Cpu)?;
+                let mut y = q.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+                if let Some(b) = &self.bias {
+                    y.chunks_exact_mut(self.out_features).for_each(|r| r.iter_mut().zip(b).for_each(|(y, b)| *y += b));
+                }
+                Ok(y)
+            }
+        }
+    }
+
+    /// [`Linear::forward_rows`] over the last dimension of a tensor.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let last = *dims.last().ok_or_else(|| Error::Input("linear input has no dimensions".into()))?;
@@ -136,24 +159,10 @@ impl Linear {
             return Err(Error::Input(format!("linear expects {} inputs, got {last}", self.in_features)));
         }
         let rows = x.elem_count() / last;
-        let x2 = x.reshape((rows, last))?;
-        let y = match &self.weight {
-            Weight::Dense(w) => {
-                let xs = x2.flatten_all()?.to_vec1::<f32>()?;
-                let y = w.linear(&xs, self.bias.as_deref(), rows);
-                Tensor::from_vec(y, (rows, self.out_features), x.device())?
-            }
-            Weight::Quant(q) => {
-                let y = q.forward(&x2)?;
-                match &self.bias {
-                    Some(b) => y.broadcast_add(&Tensor::from_slice(b, self.out_features, x.device())?)?,
-                    None => y,
-                }
-            }
-        };
+        let y = self.forward_rows(&x.flatten_all()?.to_vec1::<f32>()?, rows)?;
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.out_features;
-        Ok(y.reshape(out_dims)?)
+        Ok(Tensor::from_vec(y, out_dims, x.device())?)
     }
 }
 

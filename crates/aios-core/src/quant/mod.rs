@@ -3,8 +3,8 @@
 //! layer that runs over either f32 or quantised weights.
 
 pub(crate) mod file;
-pub mod packed;
 pub(crate) mod linear;
+pub mod packed;
 
 pub use file::{quantize_file, QuantizeReport};
 pub use linear::{Linear, MatmulMode};

@@ -49,6 +49,21 @@ impl PackedMatrix {
         PackedMatrix { k, n, panels }
     }
 
+    /// Packs `W` given as its transpose: `wt` is row-major `[k, n]` (e.g. the
+    /// values `V` of attention, used as `P V = P (V^T)^T`).
+    pub fn pack_transposed(wt: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(wt.len(), n * k, "PackedMatrix::pack_transposed: weight has the wrong length");
+        let n_panels = n.div_ceil(NR);
+        let mut panels = vec![0f32; n_panels * k * NR];
+        for (p, panel) in panels.chunks_exact_mut(k * NR).enumerate() {
+            let cols = NR.min(n - p * NR);
+            for kk in 0..k {
+                panel[kk * NR..kk * NR + cols].copy_from_slice(&wt[kk * n + p * NR..kk * n + p * NR + cols]);
+            }
+        }
+        PackedMatrix { k, n, panels }
+    }
+
     pub fn rows(&self) -> usize {
         self.n
     }
@@ -84,6 +99,16 @@ impl PackedMatrix {
     /// `y[rows, n] = x[rows, k] · W^T + bias`, all row-major. Parallel over
     /// column panels (and row blocks for large inputs) on the current rayon pool.
     pub fn linear(&self, x: &[f32], bias: Option<&[f32]>, rows: usize) -> Vec<f32> {
+        self.run(x, bias, rows, true)
+    }
+
+    /// [`PackedMatrix::linear`] on the calling thread only (small products
+    /// inside an already parallel loop, e.g. attention per head).
+    pub fn linear_serial(&self, x: &[f32], bias: Option<&[f32]>, rows: usize) -> Vec<f32> {
+        self.run(x, bias, rows, false)
+    }
+
+    fn run(&self, x: &[f32], bias: Option<&[f32]>, rows: usize, parallel: bool) -> Vec<f32> {
         let (k, n) = (self.k, self.n);
         assert_eq!(x.len(), rows * k, "PackedMatrix::linear: x has the wrong length");
         if let Some(b) = bias {
@@ -103,7 +128,7 @@ impl PackedMatrix {
         let out = SendPtr(y.as_mut_ptr());
         let out = &out;
         // The task grid depends only on the shape, never on the thread count.
-        (0..n_panels * row_blocks).into_par_iter().for_each(|t| {
+        let task = |t: usize| {
             let (p, rb) = (t % n_panels, t / n_panels);
             let j0 = p * NR;
             let ncols = NR.min(n - j0);
@@ -116,7 +141,12 @@ impl PackedMatrix {
                 // of y, which only this task touches.
                 unsafe { kernel.tile(mr, x.as_ptr().add(r * k), k, panel, out.0.add(r * n + j0), n, ncols, bias) };
             }
-        });
+        };
+        if parallel {
+            (0..n_panels * row_blocks).into_par_iter().for_each(task);
+        } else {
+            (0..n_panels * row_blocks).for_each(task);
+        }
         y
     }
 }
@@ -363,7 +393,16 @@ mod tests {
                     for r in (0..rows).step_by(MR) {
                         let mr = MR.min(rows - r);
                         unsafe {
-                            kernel.tile(mr, x.as_ptr().add(r * k), k, panel, y.as_mut_ptr().add(r * n + j0), n, nc, Some(&b[j0..j0 + nc]))
+                            kernel.tile(
+                                mr,
+                                x.as_ptr().add(r * k),
+                                k,
+                                panel,
+                                y.as_mut_ptr().add(r * n + j0),
+                                n,
+                                nc,
+                                Some(&b[j0..j0 + nc]),
+                            )
                         };
                     }
                 }
@@ -388,6 +427,15 @@ mod tests {
         let w = data(n * k, 6);
         let mut m = PackedMatrix::pack(&w, n, k);
         assert_eq!(m.unpack(), w);
+        let mut wt = vec![0f32; n * k];
+        for i in 0..n {
+            for j in 0..k {
+                wt[j * n + i] = w[i * k + j];
+            }
+        }
+        assert_eq!(PackedMatrix::pack_transposed(&wt, n, k), m);
+        let x = data(3 * k, 8);
+        assert_eq!(m.linear_serial(&x, None, 3), m.linear(&x, None, 3));
         let delta = data(n * k, 7);
         m.add(&delta);
         let sum: Vec<f32> = w.iter().zip(&delta).map(|(a, b)| a + b).collect();

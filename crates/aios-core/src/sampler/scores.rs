@@ -113,7 +113,7 @@ fn exp_nonpositive(d: f64) -> f64 {
     let bits = kd.to_bits();
     let n = kd - SHIFT;
     let r = x - n * LN2_HI - n * LN2_LO; // |r| <= ln2 / 2 (+ rounding)
-    // Taylor series to r^13 / 13!: truncation error < 1e-17 on |r| <= 0.347.
+                                         // Taylor series to r^13 / 13!: truncation error < 1e-17 on |r| <= 0.347.
     let mut p: f64 = 1.0 / 6227020800.0;
     for c in [
         1.0 / 479001600.0,
@@ -196,7 +196,10 @@ mod tests {
         assert!((s.entropy as f64 - entropy).abs() < 1e-5, "{} vs {entropy}", s.entropy);
         assert!((s.prob as f64 - sorted[0]).abs() < 1e-7);
         assert!((s.margin as f64 - (sorted[0] - sorted[1])).abs() < 1e-7);
-        assert_eq!(row[s.token as usize], row.iter().enumerate().filter(|&(i, _)| i != 3).map(|(_, &x)| x).fold(f32::MIN, f32::max));
+        assert_eq!(
+            row[s.token as usize],
+            row.iter().enumerate().filter(|&(i, _)| i != 3).map(|(_, &x)| x).fold(f32::MIN, f32::max)
+        );
     }
 
     #[test]
