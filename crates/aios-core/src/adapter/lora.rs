@@ -211,7 +211,8 @@ impl ActiveLora {
     /// and `y` (`[rows, out]`); nothing when no adapter targets it.
     pub fn apply(&self, name: &str, x: &[f32], rows: usize, y: &mut [f32]) {
         let Some((a, b)) = self.modules.get(name) else { return };
-        let delta = b.linear(&a.linear(x, None, rows), None, rows);
+        // Thin products (rank 8-32): waking the pool would cost more than they do.
+        let delta = b.linear_serial(&a.linear_serial(x, None, rows), None, rows);
         y.iter_mut().zip(&delta).for_each(|(y, d)| *y += d);
     }
 
