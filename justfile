@@ -66,6 +66,9 @@ bench: setup
     {{py}} bench/bench_memory.py
     cargo bench -p aios-core --bench matmul
     cargo bench -p aios-core --bench search_kernels
+    cargo bench -p aios-core --bench f32_linear
+    {{py}} bench/bench_lora.py
+    {{py}} bench/conditioning_by_length.py
 
 lint:
     cargo fmt --all -- --check
