@@ -18,8 +18,8 @@ use crate::{Error, Result};
 /// sentence-transformers' `max_seq_length` for this model.
 const MAX_TOKENS: usize = 256;
 /// Tokens per forward pass: the encoder needs no padding, so sentences are
-/// simply grouped in order; big groups amortise gemm's weight packing, and
-/// the cap bounds the activations' memory.
+/// simply grouped in order; big groups keep both cores busy in every linear
+/// layer, and the cap bounds the activations' memory.
 const BATCH_TOKENS: usize = 4096;
 
 pub struct Embedder {
