@@ -152,7 +152,7 @@ fn dit_logits_rejects_bad_input_without_panicking() {
     assert!(bad(m.logits(&toks, 0, None, None, &none)));
     assert!(bad(m.logits(&[], 1, None, None, &none)));
     assert!(bad(m.logits(&[64], 1, None, None, &none)), "token outside the vocabulary");
-    assert!(bad(m.logits(&vec![5u32; 49], 1, None, None, &none)), "longer than max_length");
+    assert!(bad(m.logits(&[5u32; 49], 1, None, None, &none)), "longer than max_length");
     assert!(bad(m.logits(&toks, 1, None, Some(&[10]), &none)), "position outside the sequence");
     assert!(bad(m.logits(&toks, 2, Some(&[0.1]), None, &none)), "one sigma for two sequences");
     assert_eq!(m.logits(&toks, 2, Some(&[0.1, 0.2]), Some(&[4]), &none).unwrap().len(), 2 * 64);
