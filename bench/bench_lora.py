@@ -12,7 +12,6 @@ script checks they produce the same tokens.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from peft import LoraConfig, get_peft_model, set_peft_model_state_dict  # noqa: 
 import aios_rt  # noqa: E402
 from aios_train.export import load_model  # noqa: E402
 from aios_train.samplers import confidence_sample  # noqa: E402
-from common import emit, machine, median_ms  # noqa: E402
+from common import emit, machine, median_ms, text_generation_args  # noqa: E402
 
 RANK = 8
 
@@ -54,13 +53,7 @@ def peft_model(model, files):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(ROOT / "models" / "aios-text-tiny"))
-    ap.add_argument("--prompt", default="The old house")
-    ap.add_argument("--length", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=7)
+    ap = text_generation_args(__doc__)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = Path(args.model)

@@ -9,7 +9,6 @@ the same tokens, then reports median latencies and the ratio.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,17 +21,11 @@ import torch  # noqa: E402
 import aios_rt  # noqa: E402
 from aios_train.export import load_model  # noqa: E402
 from aios_train.samplers import confidence_sample  # noqa: E402
-from common import emit, machine, median_ms  # noqa: E402
+from common import emit, machine, median_ms, text_generation_args  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(ROOT / "models" / "aios-text-tiny"))
-    ap.add_argument("--prompt", default="The old house")
-    ap.add_argument("--length", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=7)
+    ap = text_generation_args(__doc__)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = Path(args.model)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
 import subprocess
 import time
+from pathlib import Path
 
 
 def median_ms(fn, runs: int = 7, warmup: int = 1) -> tuple[float, list[float]]:
@@ -36,3 +38,15 @@ def machine() -> str:
 
 def emit(name: str, result: dict) -> None:
     print(f"RESULT {name} " + json.dumps(result, sort_keys=True))
+
+
+def text_generation_args(doc: str) -> argparse.ArgumentParser:
+    """The options shared by the text-generation benchmarks (same model, prompt, canvas and steps)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "models" / "aios-text-tiny"))
+    ap.add_argument("--prompt", default="The old house")
+    ap.add_argument("--length", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=7)
+    return ap
