@@ -261,7 +261,7 @@ def test_threads_do_not_change_results(folder, slow_eng):
 
 
 @pytest.mark.parametrize("dtype", ["int8", "int4", "int2"])
-@pytest.mark.parametrize("matmul", ["quantized", "dequantize"])
+@pytest.mark.parametrize("matmul", ["quantized", "dequantize", "int8"])
 def test_threads_do_not_change_quantised_results(tmp_path_factory, dtype, matmul):
     cfg = dict(CFG, hidden_size=256, n_layers=1, max_length=32)  # 256-wide rows: int4/int2 really quantise
     d = tmp_path_factory.getbasetemp() / f"q256_{dtype}"

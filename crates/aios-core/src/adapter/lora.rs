@@ -207,6 +207,11 @@ impl ActiveLora {
         self.modules.is_empty()
     }
 
+    /// Whether an active adapter updates module `name`.
+    pub fn targets(&self, name: &str) -> bool {
+        self.modules.contains_key(name)
+    }
+
     /// `y += delta(x)` for module `name`, over `rows` rows of `x` (`[rows, in]`)
     /// and `y` (`[rows, out]`); nothing when no adapter targets it.
     pub fn apply(&self, name: &str, x: &[f32], rows: usize, y: &mut [f32]) {

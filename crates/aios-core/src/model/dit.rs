@@ -9,12 +9,12 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::config::ModelConfig;
-use super::ops::{exp_f32, gelu_tanh_inplace};
+use super::ops::{exp_f32, max_by_lanes, mean_var_f64, sum_by_lanes};
 use crate::adapter::ActiveLora;
 use crate::error::{Error, Result};
 use crate::format::WeightFile;
-use crate::quant::packed::PackedMatrix;
-use crate::quant::{self, Linear, MatmulMode};
+use crate::quant::packed::{PackedMatrix, SendPtr};
+use crate::quant::{self, Activation, Linear, MatmulMode};
 
 const FREQ_EMBED_DIM: usize = 256;
 const MAX_PERIOD: f64 = 10_000.0;
@@ -43,8 +43,7 @@ impl LayerNorm {
         let d = self.weight.len();
         let mut out = vec![0f32; x.len()];
         for (r, (row, o)) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
-            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
-            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+            let (mean, var) = mean_var_f64(row);
             let inv = (1.0 / (var + self.eps as f64).sqrt()) as f32;
             let mean = mean as f32;
             let (sh, sc) = (shift(r / l), scale(r / l));
@@ -164,11 +163,15 @@ impl Block {
         })
     }
 
-    /// A linear layer plus the active adapters' update for it.
-    fn linear(&self, which: usize, x: &[f32], rows: usize, lora: &ActiveLora) -> Result<Vec<f32>> {
+    /// `act(linear(x) + the active adapters' update)`.
+    fn linear(&self, which: usize, x: &[f32], rows: usize, lora: &ActiveLora, act: Activation) -> Result<Vec<f32>> {
         let layer = [&self.attn_qkv, &self.attn_out, &self.mlp_in, &self.mlp_out][which];
+        if !lora.targets(&self.names[which]) {
+            return layer.forward_rows_act(x, rows, act);
+        }
         let mut y = layer.forward_rows(x, rows)?;
         lora.apply(&self.names[which], x, rows, &mut y);
+        act.apply(&mut y);
         Ok(y)
     }
 
@@ -191,15 +194,14 @@ impl Block {
         let rows = x.len() / d;
         // Parts: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
         let h = self.norm1.forward_modulated(x, l, |b| m.part(b, 0), |b| m.part(b, 1));
-        let mut qkv = self.linear(0, &h, rows, lora)?;
+        let mut qkv = self.linear(0, &h, rows, lora, Activation::Identity)?;
         rope.apply_qk(&mut qkv, l, d, self.n_heads);
         let o = attention(&qkv, l, d, self.n_heads, causal);
-        let a = self.linear(1, &o, rows, lora)?;
+        let a = self.linear(1, &o, rows, lora, Activation::Identity)?;
         add_gated(x, &a, l, |b| m.part(b, 2));
         let h = self.norm2.forward_modulated(x, l, |b| m.part(b, 3), |b| m.part(b, 4));
-        let mut u = self.linear(2, &h, rows, lora)?;
-        gelu_tanh_inplace(&mut u);
-        let y = self.linear(3, &u, rows, lora)?;
+        let u = self.linear(2, &h, rows, lora, Activation::GeluTanh)?;
+        let y = self.linear(3, &u, rows, lora, Activation::Identity)?;
         add_gated(x, &y, l, |b| m.part(b, 5));
         Ok(())
     }
@@ -214,40 +216,37 @@ fn attention(qkv: &[f32], l: usize, d: usize, heads: usize, causal: bool) -> Vec
     let hd = d / heads;
     let batch = qkv.len() / (3 * d * l);
     let scale = (1.0 / (hd as f64).sqrt()) as f32;
-    let parts: Vec<Vec<f32>> = (0..batch * heads)
-        .into_par_iter()
-        .map(|task| {
-            let (b, head) = (task / heads, task % heads);
-            let gather = |part: usize| -> Vec<f32> {
-                (0..l)
-                    .flat_map(|i| {
-                        let off = (b * l + i) * 3 * d + part * d + head * hd;
-                        qkv[off..off + hd].iter().copied()
-                    })
-                    .collect()
-            };
-            let (q, k, v) = (gather(0), gather(1), gather(2));
-            let mut scores = PackedMatrix::pack(&k, l, hd).linear_serial(&q, None, l); // [L, L]
-            for (i, row) in scores.chunks_exact_mut(l).enumerate() {
-                let seen = if causal { i + 1 } else { l };
-                let max = row[..seen].iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
-                row[..seen].iter_mut().for_each(|s| *s = exp_f32(*s * scale - max));
-                row[seen..].iter_mut().for_each(|s| *s = 0.0);
-                let inv = 1.0 / row.iter().sum::<f32>();
-                row.iter_mut().for_each(|s| *s *= inv);
-            }
-            PackedMatrix::pack_transposed(&v, hd, l).linear_serial(&scores, None, l)
-            // [L, hd]
-        })
-        .collect();
     let mut out = vec![0f32; batch * l * d];
-    for (task, part) in parts.iter().enumerate() {
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let out_ptr = &out_ptr;
+    (0..batch * heads).into_par_iter().for_each(|task| {
         let (b, head) = (task / heads, task % heads);
-        for (i, row) in part.chunks_exact(hd).enumerate() {
-            let off = (b * l + i) * d + head * hd;
-            out[off..off + hd].copy_from_slice(row);
+        let (mut q, mut k, mut v) =
+            (Vec::with_capacity(l * hd), Vec::with_capacity(l * hd), Vec::with_capacity(l * hd));
+        for row in qkv[b * l * 3 * d..(b + 1) * l * 3 * d].chunks_exact(3 * d) {
+            let at = |part: usize| &row[part * d + head * hd..part * d + (head + 1) * hd];
+            q.extend_from_slice(at(0));
+            k.extend_from_slice(at(1));
+            v.extend_from_slice(at(2));
         }
-    }
+        let mut scores = PackedMatrix::pack(&k, l, hd).linear_serial(&q, None, l); // [L, L]
+        for (i, row) in scores.chunks_exact_mut(l).enumerate() {
+            let seen = if causal { i + 1 } else { l };
+            // max(s * scale) = max(s) * scale exactly: scaling by a positive
+            // number is monotonic, rounding too.
+            let max = max_by_lanes(&row[..seen]) * scale;
+            row[..seen].iter_mut().for_each(|s| *s = exp_f32(*s * scale - max));
+            row[seen..].iter_mut().for_each(|s| *s = 0.0);
+            let inv = 1.0 / sum_by_lanes(row);
+            row.iter_mut().for_each(|s| *s *= inv);
+        }
+        let o = PackedMatrix::pack_transposed(&v, hd, l).linear_serial(&scores, None, l); // [L, hd]
+        for (i, o) in o.chunks_exact(hd).enumerate() {
+            // SAFETY: row b * l + i, columns [head * hd, (head + 1) * hd) of
+            // `out` belong to this task only; the row exists (out has batch * l rows).
+            unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), out_ptr.0.add((b * l + i) * d + head * hd), hd) };
+        }
+    });
     out
 }
 

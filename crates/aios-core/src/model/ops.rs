@@ -3,25 +3,28 @@
 //! (perf, 1 thread) showed candle's GELU spending 36% of a forward pass in
 //! scalar libm `tanhf`/`expm1f`; this version auto-vectorises (AVX2/AVX-512).
 
-use rayon::prelude::*;
-
 /// exp(x) for x in [-87, 88], relative error ~2e-7: Cody-Waite range
-/// reduction to r in [-ln2/2, ln2/2] and a degree-6 Taylor/minimax polynomial.
-/// Branch-free so that loops over slices vectorise.
+/// reduction to r in [-ln2/2, ln2/2] and a degree-7 Taylor polynomial.
+/// Branch-free and without float-to-int casts (Rust's saturating casts stop
+/// the compiler from vectorising), so loops over slices vectorise.
 #[inline(always)]
 pub(crate) fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding 1.5 * 2^23 rounds to an integer n held in the low mantissa
+    // bits: bits(t) = bits(1.5 * 2^23) + n for |n| < 2^22.
+    const SHIFTER: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + 0.5).floor();
+    let t = x * LOG2E + SHIFTER;
+    let n = t - SHIFTER;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    // 2^n by building the exponent bits directly.
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n by building the exponent bits directly: (n + 127) << 23.
+    let scale = f32::from_bits(t.to_bits().wrapping_sub(SHIFTER.to_bits()).wrapping_add(127) << 23);
     p * scale
 }
 
@@ -33,6 +36,62 @@ pub fn gelu_tanh_scalar(x: f32) -> f32 {
     const K: f32 = 0.797_884_6; // sqrt(2/pi)
     let z = K * (x + 0.044_715 * x * x * x);
     x / (1.0 + exp_f32(-2.0 * z))
+}
+
+/// `max(x)` in 16 lanes (vectorises; NaN-ignoring like `f32::max`), -inf if empty.
+#[inline]
+pub fn max_by_lanes(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for c in chunks {
+        for l in 0..16 {
+            lanes[l] = if c[l] > lanes[l] { c[l] } else { lanes[l] };
+        }
+    }
+    lanes.iter().fold(tail, |m, &v| m.max(v))
+}
+
+/// `Σ x` in 16 lane sums and a fixed pairwise tree (vectorises; the order,
+/// and so the result, depends only on the length).
+#[inline]
+pub fn sum_by_lanes(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for l in 0..16 {
+            lanes[l] += c[l];
+        }
+    }
+    let mut width = 8;
+    while width > 0 {
+        for l in 0..width {
+            lanes[l] += lanes[l + width];
+        }
+        width /= 2;
+    }
+    lanes[0] + tail
+}
+
+/// Mean and (biased) variance of `x` in f64, in 8 lanes (vectorises).
+#[inline]
+pub fn mean_var_f64(x: &[f32]) -> (f64, f64) {
+    fn lane_sum(x: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+        let mut lanes = [0f64; 8];
+        let chunks = x.chunks_exact(8);
+        let tail: f64 = chunks.remainder().iter().map(|&v| f(v)).sum();
+        for c in chunks {
+            for l in 0..8 {
+                lanes[l] += f(c[l]);
+            }
+        }
+        ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail
+    }
+    let n = x.len() as f64;
+    let mean = lane_sum(x, |v| v as f64) / n;
+    let var = lane_sum(x, |v| (v as f64 - mean) * (v as f64 - mean)) / n;
+    (mean, var)
 }
 
 /// Dot product in eight interleaved partial sums (vectorises; fixed order).
@@ -49,20 +108,6 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
-/// Below this many elements splitting over threads costs more than it saves.
-const PAR_MIN: usize = 1 << 16;
-
-/// GELU (tanh approximation) in place. Element-wise, so splitting the work
-/// cannot change results (determinism).
-pub fn gelu_tanh_inplace(x: &mut [f32]) {
-    let apply = |c: &mut [f32]| c.iter_mut().for_each(|v| *v = gelu_tanh_scalar(*v));
-    if x.len() >= PAR_MIN {
-        x.par_chunks_mut(PAR_MIN / 4).for_each(apply);
-    } else {
-        apply(x);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,6 +118,23 @@ mod tests {
         let b: Vec<f32> = (0..37).map(|i| 1.0 - i as f32 * 0.125).collect();
         let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
         assert!((dot(&a, &b) as f64 - want).abs() < 1e-4);
+    }
+
+    #[test]
+    fn lane_reductions_match_plain_ones() {
+        for n in [0usize, 1, 15, 16, 17, 64, 100] {
+            let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.37).collect();
+            let want_max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            assert_eq!(max_by_lanes(&x), want_max, "{n}");
+            let want: f64 = x.iter().map(|&v| v as f64).sum();
+            assert!((sum_by_lanes(&x) as f64 - want).abs() < 1e-4, "{n}");
+            if n > 0 {
+                let mean = want / n as f64;
+                let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+                let (m, v) = mean_var_f64(&x);
+                assert!((m - mean).abs() < 1e-12 && (v - var).abs() < 1e-12, "{n}");
+            }
+        }
     }
 
     #[test]
@@ -100,8 +162,8 @@ mod tests {
             assert!(gelu_tanh_scalar(x).is_finite() || x.abs() > 1e30);
         }
         let t = candle_core::Tensor::new(&[[-3f32, -0.5, 0.0], [0.5, 1.0, 3.0]], &candle_core::Device::Cpu).unwrap();
-        let mut a = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        gelu_tanh_inplace(&mut a);
+        let a: Vec<f32> =
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(gelu_tanh_scalar).collect();
         let b = t.gelu().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for (a, b) in a.iter().zip(&b) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");

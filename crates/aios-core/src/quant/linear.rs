@@ -5,24 +5,29 @@ use candle_core::{Module, Tensor};
 
 use crate::error::{Error, Result};
 use crate::format::{DType, WeightFile};
+use crate::quant::int8::{self, Int8Matrix};
 use crate::quant::packed::PackedMatrix;
+use crate::quant::Activation;
 
 /// How a quantised weight is multiplied. Chosen by measurement
-/// (`cargo bench -p aios-core --bench matmul`, see bench/RESULTS.md): on a
-/// whole diffusion canvas (64-128 rows) candle's quantised kernel (AVX-512
-/// VNNI) is 2-5x faster than f32 gemm for Q8_0 and Q4_K at every layer size
-/// measured, while for Q2_K f32 gemm on weights dequantised at load wins.
-/// Caveat: candle's kernel runs on its own spin-waiting thread pool, which
-/// degrades badly when other processes load the cores.
+/// (`cargo run --release -p aios-core --example linear_ab`, bench/RESULTS.md):
+/// on a whole diffusion canvas (64 rows) our int8 kernel (`quant::int8`,
+/// AVX-512 VNNI) is 2.3-3.2x faster than f32 for every block format and, on
+/// most shapes, faster than candle's quantised matmul, which also runs on its
+/// own spin-waiting thread pool that competes with ours.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum MatmulMode {
-    /// Per dtype, whichever the benchmark found faster: blocks for Q8_0/Q4_K, f32 for Q2_K.
+    /// The int8 kernel where the CPU has AVX-512 VNNI; otherwise candle's
+    /// blocks for Q8_0/Q4_K and f32 for Q2_K (the faster there).
     #[default]
     Auto,
-    /// Dequantise once when the model loads; f32 gemm at run time.
+    /// Dequantise once when the model loads; f32 at run time.
     DequantizeAtLoad,
     /// Keep the blocks in memory and use candle's quantised matmul (smallest RAM).
     Quantized,
+    /// Our int8 kernel (`quant::int8`) on every quantised matrix, natively or
+    /// with its portable fallback. Takes 1 byte per weight.
+    Int8,
 }
 
 impl MatmulMode {
@@ -31,24 +36,41 @@ impl MatmulMode {
             "auto" => Some(Self::Auto),
             "dequantize" | "dequantize-at-load" => Some(Self::DequantizeAtLoad),
             "quantized" => Some(Self::Quantized),
+            "int8" => Some(Self::Int8),
             _ => None,
         }
     }
 
-    fn keeps_blocks(self, dtype: DType) -> bool {
+    /// Which kernel runs a matrix stored as `dtype`.
+    fn kernel_for(self, dtype: DType) -> KernelChoice {
+        if !dtype.is_quantized() {
+            return KernelChoice::F32;
+        }
         match self {
-            MatmulMode::DequantizeAtLoad => false,
-            MatmulMode::Quantized => dtype.is_quantized(),
-            MatmulMode::Auto => matches!(dtype, DType::Q8_0 | DType::Q4K),
+            MatmulMode::DequantizeAtLoad => KernelChoice::F32,
+            MatmulMode::Quantized => KernelChoice::Candle,
+            MatmulMode::Int8 => KernelChoice::Int8,
+            MatmulMode::Auto if int8::has_vnni() => KernelChoice::Int8,
+            MatmulMode::Auto if dtype == DType::Q2K => KernelChoice::F32,
+            MatmulMode::Auto => KernelChoice::Candle,
         }
     }
+}
+
+enum KernelChoice {
+    F32,
+    Candle,
+    Int8,
 }
 
 #[derive(Clone, Debug)]
 enum Weight {
     /// f32, packed at load for our kernel (`quant::packed`).
     Dense(PackedMatrix),
+    /// GGML blocks through candle's quantised matmul.
     Quant(QMatMul),
+    /// GGML blocks as integers for our int8 kernel.
+    Int8(Int8Matrix),
 }
 
 /// `y = x W^T + b` over the last dimension of `x`.
@@ -77,12 +99,17 @@ impl Linear {
         // Dequantising also checks every value is finite, so do it even when
         // the blocks are kept.
         let dense = super::load_f32(file, raw)?;
-        let weight = if mode.keeps_blocks(raw.dtype) {
-            drop(dense);
-            let q = super::qtensor_from_bytes(raw.dtype, &raw.shape, raw.data())?;
-            Weight::Quant(QMatMul::from_qtensor(q)?)
-        } else {
-            Weight::Dense(PackedMatrix::pack(&dense.flatten_all()?.to_vec1()?, out_features, in_features))
+        let weight = match mode.kernel_for(raw.dtype) {
+            KernelChoice::F32 => {
+                Weight::Dense(PackedMatrix::pack(&dense.flatten_all()?.to_vec1()?, out_features, in_features))
+            }
+            KernelChoice::Candle => {
+                let q = super::qtensor_from_bytes(raw.dtype, &raw.shape, raw.data())?;
+                Weight::Quant(QMatMul::from_qtensor(q)?)
+            }
+            KernelChoice::Int8 => {
+                Weight::Int8(Int8Matrix::from_blocks(raw.dtype, raw.data(), out_features, in_features)?)
+            }
         };
         let bias = if has_bias {
             let bname = format!("{prefix}.bias");
@@ -104,7 +131,7 @@ impl Linear {
     }
 
     pub fn is_quantized(&self) -> bool {
-        matches!(self.weight, Weight::Quant(_))
+        !matches!(self.weight, Weight::Dense(_))
     }
 
     /// `W += delta` (`[out, in]` row-major); only for f32 (dense) weights.
@@ -121,7 +148,7 @@ impl Linear {
                 w.add(delta);
                 Ok(())
             }
-            Weight::Quant(_) => {
+            Weight::Quant(_) | Weight::Int8(_) => {
                 Err("the base weight is quantised; load the f32 model (or matmul=\"dequantize\") to fuse, \
                  or keep the adapter unfused"
                     .into())
@@ -131,6 +158,11 @@ impl Linear {
 
     /// `y[rows, out] = x[rows, in] W^T + b` on plain row-major buffers.
     pub fn forward_rows(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        self.forward_rows_act(x, rows, Activation::Identity)
+    }
+
+    /// `act(x W^T + b)`; the activation runs inside the kernel where it can.
+    pub fn forward_rows_act(&self, x: &[f32], rows: usize, act: Activation) -> Result<Vec<f32>> {
         if x.len() != rows * self.in_features {
             return Err(Error::Input(format!(
                 "linear expects {} inputs per row, got {} values for {rows} rows",
@@ -139,13 +171,15 @@ impl Linear {
             )));
         }
         match &self.weight {
-            Weight::Dense(w) => Ok(w.linear(x, self.bias.as_deref(), rows)),
+            Weight::Dense(w) => Ok(w.linear_act(x, self.bias.as_deref(), rows, act)),
+            Weight::Int8(w) => Ok(w.linear_act(x, self.bias.as_deref(), rows, act)),
             Weight::Quant(q) => {
                 let x = Tensor::from_slice(x, (rows, self.in_features), &candle_core::Device::Cpu)?;
                 let mut y = q.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
                 if let Some(b) = &self.bias {
                     y.chunks_exact_mut(self.out_features).for_each(|r| r.iter_mut().zip(b).for_each(|(y, b)| *y += b));
                 }
+                act.apply(&mut y);
                 Ok(y)
             }
         }

@@ -3,10 +3,46 @@
 //! layer that runs over either f32 or quantised weights.
 
 pub(crate) mod file;
+pub mod int8;
 pub(crate) mod linear;
 pub mod packed;
 
 pub use file::{quantize_file, QuantizeReport};
+
+/// An element-wise function applied to a linear layer's output inside the
+/// kernel, on each tile while it is still in cache (saves a pass over the
+/// output and a round of thread wake-ups).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Activation {
+    #[default]
+    Identity,
+    /// GELU, tanh approximation ([`crate::model::ops::gelu_tanh_scalar`]).
+    GeluTanh,
+}
+
+impl Activation {
+    /// Applies the function to `values` in place.
+    pub fn apply(self, values: &mut [f32]) {
+        match self {
+            Activation::Identity => {}
+            Activation::GeluTanh => values.iter_mut().for_each(|v| *v = crate::model::ops::gelu_tanh_scalar(*v)),
+        }
+    }
+
+    /// Applies the function to an `rows x cols` tile at row stride `ld`.
+    ///
+    /// # Safety
+    /// `tile` must be valid for `rows` rows of `cols` floats at stride `ld`,
+    /// and nothing else may access them meanwhile.
+    pub(crate) unsafe fn apply_tile(self, tile: *mut f32, rows: usize, ld: usize, cols: usize) {
+        if self == Activation::Identity {
+            return;
+        }
+        for i in 0..rows {
+            self.apply(std::slice::from_raw_parts_mut(tile.add(i * ld), cols));
+        }
+    }
+}
 pub use linear::{Linear, MatmulMode};
 
 use std::borrow::Cow;

@@ -16,6 +16,8 @@
 
 use rayon::prelude::*;
 
+use crate::quant::Activation;
+
 /// Output columns per panel: two AVX-512 registers, four AVX2 registers.
 const NR: usize = 32;
 /// Input rows per tile: 2 x 12 accumulators + 2 weight vectors + 1 broadcast
@@ -99,16 +101,21 @@ impl PackedMatrix {
     /// `y[rows, n] = x[rows, k] · W^T + bias`, all row-major. Parallel over
     /// column panels (and row blocks for large inputs) on the current rayon pool.
     pub fn linear(&self, x: &[f32], bias: Option<&[f32]>, rows: usize) -> Vec<f32> {
-        self.run(x, bias, rows, true)
+        self.run(x, bias, rows, true, Activation::Identity)
+    }
+
+    /// [`PackedMatrix::linear`] followed by `act`, applied per tile.
+    pub fn linear_act(&self, x: &[f32], bias: Option<&[f32]>, rows: usize, act: Activation) -> Vec<f32> {
+        self.run(x, bias, rows, true, act)
     }
 
     /// [`PackedMatrix::linear`] on the calling thread only (small products
     /// inside an already parallel loop, e.g. attention per head).
     pub fn linear_serial(&self, x: &[f32], bias: Option<&[f32]>, rows: usize) -> Vec<f32> {
-        self.run(x, bias, rows, false)
+        self.run(x, bias, rows, false, Activation::Identity)
     }
 
-    fn run(&self, x: &[f32], bias: Option<&[f32]>, rows: usize, parallel: bool) -> Vec<f32> {
+    fn run(&self, x: &[f32], bias: Option<&[f32]>, rows: usize, parallel: bool, act: Activation) -> Vec<f32> {
         let (k, n) = (self.k, self.n);
         assert_eq!(x.len(), rows * k, "PackedMatrix::linear: x has the wrong length");
         if let Some(b) = bias {
@@ -119,42 +126,64 @@ impl PackedMatrix {
             return y;
         }
         let kernel = Kernel::detect();
-        let n_panels = n.div_ceil(NR);
-        // Balanced row tiles (64 rows: 11,11,11,11,10,10 rather than 12 x 5 + 4):
-        // a short last tile wastes most of its registers.
-        let tiles = rows.div_ceil(MR);
-        let tile_start = |t: usize| t * rows / tiles;
-        let row_blocks = tiles.div_ceil(TILES_PER_TASK);
         let out = SendPtr(y.as_mut_ptr());
         let out = &out;
-        // The task grid depends only on the shape, never on the thread count.
-        let task = |t: usize| {
-            let (p, rb) = (t % n_panels, t / n_panels);
+        for_each_tile(rows, MR, n.div_ceil(NR), parallel, |p, r, mr| {
             let j0 = p * NR;
             let ncols = NR.min(n - j0);
             let panel = &self.panels[p * k * NR..(p + 1) * k * NR];
             let bias = bias.map(|b| &b[j0..j0 + ncols]);
-            for t in rb * TILES_PER_TASK..((rb + 1) * TILES_PER_TASK).min(tiles) {
-                let (r, mr) = (tile_start(t), tile_start(t + 1) - tile_start(t));
-                // SAFETY: x rows [r, r + mr) exist (x.len() == rows * k);
-                // the tile writes rows [r, r + mr) x columns [j0, j0 + ncols)
-                // of y, which only this task touches.
-                unsafe { kernel.tile(mr, x.as_ptr().add(r * k), k, panel, out.0.add(r * n + j0), n, ncols, bias) };
+            // SAFETY: x rows [r, r + mr) exist (x.len() == rows * k); the
+            // tile writes rows [r, r + mr) x columns [j0, j0 + ncols) of y,
+            // which no other tile touches.
+            unsafe {
+                let tile = out.0.add(r * n + j0);
+                kernel.tile(mr, x.as_ptr().add(r * k), k, panel, tile, n, ncols, bias);
+                act.apply_tile(tile, mr, n, ncols);
             }
-        };
-        if parallel {
-            (0..n_panels * row_blocks).into_par_iter().for_each(task);
-        } else {
-            (0..n_panels * row_blocks).for_each(task);
-        }
+        });
         y
     }
 }
 
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint tiles of the output (see `linear`).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
+/// Calls `tile(panel, first_row, tile_rows)` for every (column panel, row
+/// tile) of a `rows`-row output, with row tiles of at most `mr` rows.
+///
+/// Row tiles are balanced (64 rows at `mr` 12: 11,11,11,11,10,10 rather than
+/// 12 x 5 + 4): a short last tile wastes most of its registers. Tasks are a
+/// panel times up to [`TILES_PER_TASK`] row tiles; the grid depends only on
+/// the shape, never on the thread count, so neither do the results.
+pub(crate) fn for_each_tile(
+    rows: usize,
+    mr: usize,
+    n_panels: usize,
+    parallel: bool,
+    tile: impl Fn(usize, usize, usize) + Sync,
+) {
+    if rows == 0 || n_panels == 0 {
+        return;
+    }
+    let tiles = rows.div_ceil(mr);
+    let tile_start = |t: usize| t * rows / tiles;
+    let row_blocks = tiles.div_ceil(TILES_PER_TASK);
+    let task = |t: usize| {
+        let (p, rb) = (t % n_panels, t / n_panels);
+        for t in rb * TILES_PER_TASK..((rb + 1) * TILES_PER_TASK).min(tiles) {
+            tile(p, tile_start(t), tile_start(t + 1) - tile_start(t));
+        }
+    };
+    if parallel {
+        (0..n_panels * row_blocks).into_par_iter().for_each(task);
+    } else {
+        (0..n_panels * row_blocks).for_each(task);
+    }
+}
+
+/// The output buffer shared by tile tasks.
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+// SAFETY: tasks write disjoint tiles of the output (see `for_each_tile`'s callers).
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
 
 #[derive(Clone, Copy)]
 enum Kernel {
