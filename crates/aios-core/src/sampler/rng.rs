@@ -30,13 +30,6 @@ impl Stream {
         let bits = splitmix64(self.key ^ self.counter.wrapping_mul(0xD6E8_FEB8_6659_FD93)) >> 11;
         (bits as f64 + 0.5) * (1.0 / (1u64 << 53) as f64)
     }
-
-    /// Standard Gumbel sample `-ln(-ln u)`, in f64 (as MDLM recommends: f32
-    /// Gumbel noise truncates the tail and lowers sample diversity).
-    #[inline]
-    pub fn gumbel(&mut self) -> f64 {
-        -(-self.uniform().ln()).ln()
-    }
 }
 
 #[cfg(test)]
