@@ -23,7 +23,10 @@ fn main() {
     let arg = |i: usize, default: usize| std::env::args().nth(i).and_then(|s| s.parse().ok()).unwrap_or(default);
     let (rows, threads, rounds) = (arg(1, 64), arg(2, 2), arg(3, 50));
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-    println!("rows {rows}, {threads} threads, median of {rounds} interleaved rounds; int8 kernel native: {}", has_vnni());
+    println!(
+        "rows {rows}, {threads} threads, median of {rounds} interleaved rounds; int8 kernel native: {}",
+        has_vnni()
+    );
     // Tiny model (D = 256, vocab 4096) and edge config (D = 768) layers.
     for (k, n) in [(256, 768), (256, 256), (256, 1024), (1024, 256), (256, 4096), (768, 2304), (3072, 768)] {
         let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.05).collect();

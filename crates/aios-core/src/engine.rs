@@ -102,7 +102,7 @@ pub struct Engine {
     adapters: Mutex<Adapters>,
     tokenizer: Option<tokenizers::Tokenizer>,
     tokenizer_path: PathBuf,
-    pool: rayon::ThreadPool,
+    pool: crate::threads::Pool,
     info: ModelInfo,
 }
 
@@ -139,7 +139,7 @@ impl Engine {
     pub fn open(path: impl AsRef<Path>, opts: &EngineOptions) -> Result<Self> {
         let path = path.as_ref();
         let weights = resolve_weights(path, opts.dtype)?;
-        let pool = crate::threads::thread_pool(opts.threads, "engine")?;
+        let pool = crate::threads::Pool::new(opts.threads, "engine")?;
         let file = WeightFile::open(&weights)?;
         if file.kind != "model" {
             return Err(Error::format(weights.display(), format!("this is a {:?} file, not a model", file.kind)));
@@ -308,7 +308,7 @@ impl Engine {
     }
 
     pub fn threads(&self) -> usize {
-        self.pool.current_num_threads()
+        self.pool.threads()
     }
 
     fn tokenizer(&self) -> Result<&tokenizers::Tokenizer> {

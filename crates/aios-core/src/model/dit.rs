@@ -5,8 +5,8 @@
 //! Shapes: tokens `[B, L]` (u32) -> logits `[B, L, V]` (f32, raw: the
 //! absorbing-state SUBS masking is the sampler's job).
 
+use crate::threads::parallel_for;
 use candle_core::{Device, Tensor};
-use rayon::prelude::*;
 
 use super::config::ModelConfig;
 use super::ops::{exp_f32, max_by_lanes, mean_var_f64, sum_by_lanes};
@@ -219,7 +219,7 @@ fn attention(qkv: &[f32], l: usize, d: usize, heads: usize, causal: bool) -> Vec
     let mut out = vec![0f32; batch * l * d];
     let out_ptr = SendPtr(out.as_mut_ptr());
     let out_ptr = &out_ptr;
-    (0..batch * heads).into_par_iter().for_each(|task| {
+    parallel_for(batch * heads, |task| {
         let (b, head) = (task / heads, task % heads);
         let (mut q, mut k, mut v) =
             (Vec::with_capacity(l * hd), Vec::with_capacity(l * hd), Vec::with_capacity(l * hd));

@@ -566,8 +566,10 @@ mod tests {
             let (w, x) = (data(n * k, 5), data(rows * k, 6));
             let m = Int8Matrix::from_blocks(dtype, &quantize(&w, &[n, k], dtype).unwrap(), n, k).unwrap();
             let want = m.linear(&x, None, rows);
-            let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+            let one = crate::threads::Pool::new(Some(1), "test").unwrap();
             assert_eq!(one.install(|| m.linear(&x, None, rows)), want);
+            let three = crate::threads::Pool::new(Some(3), "test").unwrap();
+            assert_eq!(three.install(|| m.linear(&x, None, rows)), want);
             let input = m.quantize_input(&x, rows);
             let mut kernels = vec![Kernel::Portable];
             #[cfg(target_arch = "x86_64")]

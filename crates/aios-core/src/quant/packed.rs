@@ -14,8 +14,6 @@
 //! therefore give bit-identical results, and so does any split of the work
 //! over threads.
 
-use rayon::prelude::*;
-
 use crate::quant::Activation;
 
 /// Output columns per panel: two AVX-512 registers, four AVX2 registers.
@@ -99,7 +97,7 @@ impl PackedMatrix {
     }
 
     /// `y[rows, n] = x[rows, k] · W^T + bias`, all row-major. Parallel over
-    /// column panels (and row blocks for large inputs) on the current rayon pool.
+    /// column panels (and row blocks for large inputs) with `threads::parallel_for`.
     pub fn linear(&self, x: &[f32], bias: Option<&[f32]>, rows: usize) -> Vec<f32> {
         self.run(x, bias, rows, true, Activation::Identity)
     }
@@ -173,7 +171,7 @@ pub(crate) fn for_each_tile(
         }
     };
     if parallel {
-        (0..n_panels * row_blocks).into_par_iter().for_each(task);
+        crate::threads::parallel_for(n_panels * row_blocks, task);
     } else {
         (0..n_panels * row_blocks).for_each(task);
     }
@@ -446,8 +444,10 @@ mod tests {
         let (x, w) = (data(rows * k, 4), data(n * k, 5));
         let m = PackedMatrix::pack(&w, n, k);
         let many = m.linear(&x, None, rows);
-        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let one = crate::threads::Pool::new(Some(1), "test").unwrap();
         assert_eq!(one.install(|| m.linear(&x, None, rows)), many);
+        let three = crate::threads::Pool::new(Some(3), "test").unwrap();
+        assert_eq!(three.install(|| m.linear(&x, None, rows)), many);
     }
 
     #[test]

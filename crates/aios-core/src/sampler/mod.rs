@@ -11,7 +11,6 @@ mod scores;
 pub use rng::Stream;
 pub use scores::{score_row, PositionScore};
 
-use rayon::prelude::*;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
@@ -218,16 +217,15 @@ pub fn sample(
             let t0 = Instant::now();
             // Row j of `logits` is position eligible[j]; with the cache this
             // holds because a step that commits nothing leaves `eligible` as is.
-            let scored: Vec<(usize, PositionScore)> = eligible
-                .par_iter()
-                .enumerate()
-                .map(|(j, &i)| {
-                    let mut rng = Stream::new(opts.seed, global_step as u64, i as u64);
-                    score_row(&logits[j * vocab..(j + 1) * vocab], mask, opts.temperature, &mut rng)
-                        .map(|sc| (i, sc))
-                        .ok_or_else(|| Error::Numeric(format!("the model produced non-finite logits at position {i}")))
-                })
-                .collect::<Result<_>>()?;
+            let scored: Vec<(usize, PositionScore)> = crate::threads::parallel_map(eligible.len(), |j| {
+                let i = eligible[j];
+                let mut rng = Stream::new(opts.seed, global_step as u64, i as u64);
+                score_row(&logits[j * vocab..(j + 1) * vocab], mask, opts.temperature, &mut rng)
+                    .map(|sc| (i, sc))
+                    .ok_or_else(|| Error::Numeric(format!("the model produced non-finite logits at position {i}")))
+            })
+            .into_iter()
+            .collect::<Result<_>>()?;
             let commits = choose(opts, &scored, s, block_steps, scheduled, global_step)?;
             for &(i, sc) in &commits {
                 out.tokens[i] = sc.token;

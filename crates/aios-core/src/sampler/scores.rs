@@ -70,8 +70,11 @@ pub fn score_row(row: &[f32], mask_id: u32, temperature: f64, rng: &mut Stream) 
         if temperature == 1.0 {
             sample_index(&exps, u * sum)
         } else {
-            let weights: Vec<f64> =
-                shifted.iter().enumerate().map(|(i, &d)| if valid(i) { exp_nonpositive(d / temperature) } else { 0.0 }).collect();
+            let weights: Vec<f64> = shifted
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| if valid(i) { exp_nonpositive(d / temperature) } else { 0.0 })
+                .collect();
             let z = sum_fixed_order(weights.iter().copied());
             sample_index(&weights, u * z)
         }
@@ -195,7 +198,8 @@ mod tests {
         // 200 tokens (several 64-wide chunks); the mask (7) must never come out.
         let row: Vec<f32> = (0..200).map(|i| ((i * 37 % 19) as f32) * 0.3 - 2.0).collect();
         for t in [1.0f64, 0.5, 2.0] {
-            let w: Vec<f64> = row.iter().enumerate().map(|(i, &x)| if i == 7 { 0.0 } else { (x as f64 / t).exp() }).collect();
+            let w: Vec<f64> =
+                row.iter().enumerate().map(|(i, &x)| if i == 7 { 0.0 } else { (x as f64 / t).exp() }).collect();
             let z: f64 = w.iter().sum();
             let n = 40_000;
             let mut counts = vec![0usize; row.len()];

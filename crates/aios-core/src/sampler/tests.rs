@@ -128,15 +128,16 @@ fn threshold_finishes_early_when_confident() {
 }
 
 #[test]
-fn same_seed_same_output_on_1_and_2_threads() {
+fn same_seed_same_output_on_1_2_and_3_threads() {
     for o in all_variants() {
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let pool = crate::threads::Pool::new(Some(threads), "test").unwrap();
             pool.install(|| sample(&Stub::new(20, 2.0), canvas(), &o, &mut |_| {}).unwrap())
         };
-        let (a, b) = (run(1), run(2));
+        let (a, b, c) = (run(1), run(2), run(3));
         assert_eq!(a.tokens, b.tokens);
         assert_eq!(a.confidence, b.confidence);
+        assert_eq!((a.tokens, a.confidence), (c.tokens, c.confidence));
     }
     let a = sample(&Stub::new(20, 1.0), canvas(), &opts(Strategy::Confidence), &mut |_| {}).unwrap();
     let o = SamplerOptions { seed: 43, ..opts(Strategy::Confidence) };
