@@ -289,7 +289,11 @@ mod tests {
             let pool = Pool::new(Some(threads), "test").unwrap();
             for n in [0usize, 1, 2, 7, 1000] {
                 let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
-                pool.install(|| parallel_for(n, |i| drop(hits[i].fetch_add(1, SeqCst))));
+                pool.install(|| {
+                    parallel_for(n, |i| {
+                        hits[i].fetch_add(1, SeqCst);
+                    })
+                });
                 assert!(hits.iter().all(|h| h.load(SeqCst) == 1), "threads {threads}, n {n}");
             }
             let squares = pool.install(|| parallel_map(100, |i| i * i));
@@ -319,7 +323,11 @@ mod tests {
             for _ in 0..3 {
                 s.spawn(|| {
                     for _ in 0..50 {
-                        pool.install(|| parallel_for(10, |_| drop(total.fetch_add(1, SeqCst))));
+                        pool.install(|| {
+                            parallel_for(10, |_| {
+                                total.fetch_add(1, SeqCst);
+                            })
+                        });
                     }
                 });
             }
@@ -328,7 +336,11 @@ mod tests {
         // After the spin window the worker parks; a new job must wake it.
         std::thread::sleep(SPIN * 3);
         let count = AtomicUsize::new(0);
-        pool.install(|| parallel_for(100, |_| drop(count.fetch_add(1, SeqCst))));
+        pool.install(|| {
+            parallel_for(100, |_| {
+                count.fetch_add(1, SeqCst);
+            })
+        });
         assert_eq!(count.load(SeqCst), 100);
     }
 
@@ -339,7 +351,11 @@ mod tests {
             catch_unwind(AssertUnwindSafe(|| pool.install(|| parallel_for(10, |i| assert!(i != 5, "task 5 fails")))));
         assert!(r.is_err());
         let count = AtomicUsize::new(0);
-        pool.install(|| parallel_for(10, |_| drop(count.fetch_add(1, SeqCst))));
+        pool.install(|| {
+            parallel_for(10, |_| {
+                count.fetch_add(1, SeqCst);
+            })
+        });
         assert_eq!(count.load(SeqCst), 10);
     }
 
