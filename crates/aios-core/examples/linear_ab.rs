@@ -7,6 +7,9 @@
 //!
 //! Variants per (rows x in x out): f32 on packed weights (`quant::packed`);
 //! per block format, our int8 kernel (`quant::int8`) and candle's QMatMul.
+//! Ours run on `threads::Pool` (as in the engine); candle's variants run in a
+//! second interleaved group, because candle's own spinning thread pool and
+//! ours would otherwise compete for the cores.
 
 use std::time::Instant;
 
@@ -17,12 +20,13 @@ use aios_core::quant::quantize;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 
-type Variant = (String, Box<dyn Fn() + Sync>);
+/// Name, whether it is candle's, and the call.
+type Variant = (String, bool, Box<dyn Fn() + Sync>);
 
 fn main() {
     let arg = |i: usize, default: usize| std::env::args().nth(i).and_then(|s| s.parse().ok()).unwrap_or(default);
     let (rows, threads, rounds) = (arg(1, 64), arg(2, 2), arg(3, 50));
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    let pool = aios_core::threads::Pool::new(Some(threads), "bench").unwrap();
     println!(
         "rows {rows}, {threads} threads, median of {rounds} interleaved rounds; int8 kernel native: {}",
         has_vnni()
@@ -36,6 +40,7 @@ fn main() {
         let x1 = x.clone();
         let mut variants: Vec<Variant> = vec![(
             "f32".into(),
+            false,
             Box::new(move || {
                 std::hint::black_box(f32m.linear(&x1, None, rows));
             }),
@@ -46,6 +51,7 @@ fn main() {
             let x2 = x.clone();
             variants.push((
                 format!("int8/{dt}"),
+                false,
                 Box::new(move || {
                     std::hint::black_box(ours.linear(&x2, None, rows));
                 }),
@@ -55,25 +61,36 @@ fn main() {
             let x3 = x_t.clone();
             variants.push((
                 format!("candle/{dt}"),
+                true,
                 Box::new(move || {
                     std::hint::black_box(candle.forward(&x3).unwrap());
                 }),
             ));
         }
         let mut times = vec![vec![]; variants.len()];
-        pool.install(|| {
-            for round in 0..rounds + 5 {
-                for (v, (_, f)) in variants.iter().enumerate() {
-                    let t = Instant::now();
-                    f();
-                    if round >= 5 {
-                        times[v].push(t.elapsed().as_secs_f64() * 1e6);
+        for group in [false, true] {
+            let mut run = || {
+                for round in 0..rounds + 5 {
+                    for (v, (_, candle, f)) in variants.iter().enumerate() {
+                        if *candle != group {
+                            continue;
+                        }
+                        let t = Instant::now();
+                        f();
+                        if round >= 5 {
+                            times[v].push(t.elapsed().as_secs_f64() * 1e6);
+                        }
                     }
                 }
+            };
+            if group {
+                run();
+            } else {
+                pool.install(run);
             }
-        });
+        }
         let mut line = format!("{rows}x{k}x{n}:");
-        for ((name, _), t) in variants.iter().zip(&mut times) {
+        for ((name, _, _), t) in variants.iter().zip(&mut times) {
             t.sort_by(f64::total_cmp);
             line += &format!("  {name} {:.0} us", t[t.len() / 2]);
         }

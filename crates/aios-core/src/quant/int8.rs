@@ -193,32 +193,58 @@ impl Int8Matrix {
         y
     }
 
+    /// Quantises the input rows, in parallel over blocks of rows (at 1,024
+    /// inputs per row this is a tenth of the product's time).
     fn quantize_input(&self, x: &[f32], rows: usize) -> QuantizedInput {
-        let (k, kb, mb) = (self.k, self.kb, self.mb);
-        let mut input = QuantizedInput {
-            q: vec![0; rows * k],
-            scales: vec![0.0; rows * (k / kb)],
-            sums: vec![0.0; rows * self.n_min_blocks()],
-        };
-        let offset = if self.signed { 128 } else { 0 };
-        for (i, block) in x.chunks_exact(kb).enumerate() {
-            let q = &mut input.q[i * kb..(i + 1) * kb];
-            #[cfg(target_arch = "x86_64")]
-            if has_vnni() {
-                // SAFETY: the CPU has AVX-512 (has_vnni); kb is a multiple of 16.
-                input.scales[i] = unsafe { quantize_block_avx512(block, q, offset) };
-                continue;
+        const ROWS_PER_TASK: usize = 8;
+        let (k, nb, nm) = (self.k, self.k / self.kb, self.n_min_blocks());
+        let mut input =
+            QuantizedInput { q: vec![0; rows * k], scales: vec![0.0; rows * nb], sums: vec![0.0; rows * nm] };
+        let (q, scales, sums) =
+            (SendPtr(input.q.as_mut_ptr()), SendPtr(input.scales.as_mut_ptr()), SendPtr(input.sums.as_mut_ptr()));
+        let (q, scales, sums) = (&q, &scales, &sums);
+        crate::threads::parallel_for(rows.div_ceil(ROWS_PER_TASK), |t| {
+            for r in t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(rows) {
+                // SAFETY: row r of each buffer belongs to this task only, and
+                // every buffer has `rows` rows of the given width.
+                unsafe {
+                    self.quantize_row(
+                        &x[r * k..(r + 1) * k],
+                        std::slice::from_raw_parts_mut(q.0.add(r * k), k),
+                        std::slice::from_raw_parts_mut(scales.0.add(r * nb), nb),
+                        std::slice::from_raw_parts_mut(sums.0.add(r * nm), nm),
+                    )
+                };
             }
-            input.scales[i] = quantize_block(block, q, offset);
-        }
-        if mb > 0 {
-            // Mins only come with the K-quants, whose input bytes are plain `xq`.
-            for (m, (s, q)) in input.sums.iter_mut().zip(input.q.chunks_exact(mb)).enumerate() {
-                let isum: i32 = q.iter().map(|&v| v as i8 as i32).sum();
-                *s = isum as f32 * input.scales[m * mb / kb];
-            }
-        }
+        });
         input
+    }
+
+    fn quantize_row(&self, x: &[f32], q: &mut [u8], scales: &mut [f32], sums: &mut [f32]) {
+        let (kb, mb) = (self.kb, self.mb);
+        let offset = if self.signed { 128 } else { 0 };
+        #[cfg(target_arch = "x86_64")]
+        let simd = has_vnni();
+        #[cfg(not(target_arch = "x86_64"))]
+        let simd = false;
+        for ((block, q), scale) in x.chunks_exact(kb).zip(q.chunks_exact_mut(kb)).zip(scales.iter_mut()) {
+            *scale = if simd {
+                // SAFETY: the CPU has AVX-512 (has_vnni); kb is a multiple of 16.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    quantize_block_avx512(block, q, offset)
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                unreachable!()
+            } else {
+                quantize_block(block, q, offset)
+            };
+        }
+        // Mins only come with the K-quants, whose input bytes are plain `xq`.
+        for (m, (s, q)) in sums.iter_mut().zip(q.chunks_exact(mb.max(1))).enumerate() {
+            let isum: i32 = q.iter().map(|&v| v as i8 as i32).sum();
+            *s = isum as f32 * scales[m * mb / kb];
+        }
     }
 
     /// # Safety
