@@ -36,7 +36,7 @@
 
 use crate::error::{Error, Result};
 use crate::format::DType;
-use crate::quant::packed::{for_each_tile, SendPtr};
+use crate::quant::packed::{filled_buffer, for_each_tile, SendPtr};
 use crate::quant::Activation;
 
 /// Output columns per panel (two AVX-512 registers of 16 int32 lanes).
@@ -44,6 +44,10 @@ const NR: usize = 32;
 /// Input rows per tile: 2 x 6 int32 and 2 x 6 f32 accumulators, two weight
 /// vectors, one broadcast and the epilogue's temporaries fit in 32 registers.
 const MR: usize = 6;
+/// Multiply-adds per parallel task (a few microseconds on one core).
+const INT8_GRAIN: usize = 1 << 21;
+/// Row tiles per task in `for_each_tile` (its TILES_PER_TASK).
+const TILES_PER_TASK_HINT: usize = 8;
 
 /// A `[n, k]` GGML block matrix repacked for the int8 kernel.
 #[derive(Clone, Debug, PartialEq)]
@@ -172,25 +176,39 @@ impl Int8Matrix {
         if let Some(b) = bias {
             assert_eq!(b.len(), n, "Int8Matrix::linear: bias has the wrong length");
         }
-        let mut y = vec![0f32; rows * n];
         if rows == 0 || n == 0 {
-            return y;
+            return vec![0f32; rows * n];
         }
-        let input = self.quantize_input(x, rows);
         let kernel = Kernel::detect();
-        let out = SendPtr(y.as_mut_ptr());
+        let input = self.quantize_input(x, rows);
+        // SAFETY: the tiles cover every (row, column) of the output.
+        unsafe { filled_buffer(rows * n, |y| self.run_tiles(kernel, &input, bias, rows, act, y)) }
+    }
+
+    fn run_tiles(
+        &self,
+        kernel: Kernel,
+        input: &QuantizedInput,
+        bias: Option<&[f32]>,
+        rows: usize,
+        act: Activation,
+        y: *mut f32,
+    ) {
+        let n = self.n;
+        let out = SendPtr(y);
         let out = &out;
-        for_each_tile(rows, MR, n.div_ceil(NR), true, |p, r, mr| {
+        // Tasks of about INT8_GRAIN products (see `parallel_for_grouped`).
+        let task_macs = (rows.min(MR * TILES_PER_TASK_HINT) * self.k * NR).max(1);
+        for_each_tile(rows, MR, n.div_ceil(NR), true, INT8_GRAIN.div_ceil(task_macs), |p, r, mr| {
             let ncols = NR.min(n - p * NR);
             // SAFETY: the tile writes rows [r, r + mr) x columns
             // [p * NR, p * NR + ncols) of y, which no other tile touches.
             unsafe {
                 let tile = out.0.add(r * n + p * NR);
-                self.tile(kernel, &input, p, r, mr, tile, ncols, bias);
+                self.tile(kernel, input, p, r, mr, tile, ncols, bias);
                 act.apply_tile(tile, mr, n, ncols);
             }
         });
-        y
     }
 
     /// Quantises the input rows, in parallel over blocks of rows (at 1,024
@@ -198,6 +216,7 @@ impl Int8Matrix {
     fn quantize_input(&self, x: &[f32], rows: usize) -> QuantizedInput {
         const ROWS_PER_TASK: usize = 8;
         let (k, nb, nm) = (self.k, self.k / self.kb, self.n_min_blocks());
+        let offset = if self.signed { 128 } else { 0 };
         let mut input =
             QuantizedInput { q: vec![0; rows * k], scales: vec![0.0; rows * nb], sums: vec![0.0; rows * nm] };
         let (q, scales, sums) =
@@ -209,6 +228,7 @@ impl Int8Matrix {
                 // every buffer has `rows` rows of the given width.
                 unsafe {
                     self.quantize_row(
+                        offset,
                         &x[r * k..(r + 1) * k],
                         std::slice::from_raw_parts_mut(q.0.add(r * k), k),
                         std::slice::from_raw_parts_mut(scales.0.add(r * nb), nb),
@@ -220,9 +240,8 @@ impl Int8Matrix {
         input
     }
 
-    fn quantize_row(&self, x: &[f32], q: &mut [u8], scales: &mut [f32], sums: &mut [f32]) {
+    fn quantize_row(&self, offset: i32, x: &[f32], q: &mut [u8], scales: &mut [f32], sums: &mut [f32]) {
         let (kb, mb) = (self.kb, self.mb);
-        let offset = if self.signed { 128 } else { 0 };
         #[cfg(target_arch = "x86_64")]
         let simd = has_vnni();
         #[cfg(not(target_arch = "x86_64"))]
@@ -296,10 +315,12 @@ impl Int8Matrix {
             (Kernel::Portable, true) => dispatch!(tile_portable, true),
             (Kernel::Portable, false) => dispatch!(tile_portable, false),
         }
-        let n = self.n;
+        let bias = bias.map(|b| &b[p * NR..p * NR + ncols]);
         for (i, row) in acc.iter().take(mr).enumerate() {
-            for (j, &v) in row.iter().take(ncols).enumerate() {
-                *out.add(i * n + j) = v + bias.map_or(0.0, |b| b[p * NR + j]);
+            let dst = std::slice::from_raw_parts_mut(out.add(i * self.n), ncols);
+            match bias {
+                Some(b) => dst.iter_mut().zip(&row[..ncols]).zip(b).for_each(|((d, &v), &b)| *d = v + b),
+                None => dst.copy_from_slice(&row[..ncols]),
             }
         }
     }
@@ -596,13 +617,13 @@ mod tests {
             assert_eq!(one.install(|| m.linear(&x, None, rows)), want);
             let three = crate::threads::Pool::new(Some(3), "test").unwrap();
             assert_eq!(three.install(|| m.linear(&x, None, rows)), want);
-            let input = m.quantize_input(&x, rows);
             let mut kernels = vec![Kernel::Portable];
             #[cfg(target_arch = "x86_64")]
             if has_vnni() {
                 kernels.push(Kernel::Vnni);
             }
             for kernel in kernels {
+                let input = m.quantize_input(&x, rows);
                 let mut y = vec![0f32; rows * n];
                 for p in 0..n.div_ceil(NR) {
                     for r in (0..rows).step_by(MR) {
