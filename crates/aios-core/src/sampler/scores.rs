@@ -2,6 +2,7 @@
 //! (the mask token can never be predicted).
 
 use super::rng::Stream;
+use crate::model::ops::{exp_f32, max_by_lanes};
 
 /// What a sampler needs to know about one masked position at one step.
 #[derive(Clone, Copy, Debug)]
@@ -19,48 +20,48 @@ pub struct PositionScore {
 /// Scores one row of logits. Returns `None` if the row has no finite logit
 /// (a broken model), which the caller reports as an error.
 ///
-/// Statistics are in f64, like the PyTorch reference. The exponentials are
-/// the sampler's main cost (64 rows x 4096 entries per step on the tiny
-/// model), so they are computed once, with a branch-free exp that the
-/// compiler vectorises, and every sum uses a fixed order of partial sums.
+/// This runs for every masked position at every step (64 x 4096 entries per
+/// step on the tiny model), so every pass is written to vectorise: the
+/// exponentials are f32 (relative error 2e-7, below the f32 statistics we
+/// return) and every sum is accumulated in f64 in a fixed order.
 pub fn score_row(row: &[f32], mask_id: u32, temperature: f64, rng: &mut Stream) -> Option<PositionScore> {
     let mask = mask_id as usize;
-    let valid = |i: usize| i != mask;
-    let mut max = f32::NEG_INFINITY;
-    for (i, &x) in row.iter().enumerate() {
-        if valid(i) && x > max {
-            max = x;
-        }
-    }
-    if !max.is_finite() || row.iter().any(|x| x.is_nan()) {
+    if row.iter().any(|x| x.is_nan()) {
         return None;
     }
-    // Shifted logits: <= 0 at every valid entry; the mask's entry is excluded.
-    let shifted: Vec<f64> = row.iter().map(|&x| (x - max) as f64).collect();
-    let mut exps: Vec<f64> = shifted.iter().map(|&d| exp_nonpositive(d)).collect();
-    if mask < exps.len() {
-        exps[mask] = 0.0;
+    // Shifted logits d = x - max over valid entries: <= 0, the mask at -inf.
+    let mut d = row.to_vec();
+    if let Some(m) = d.get_mut(mask) {
+        *m = f32::NEG_INFINITY;
     }
-    let sum = sum_fixed_order(exps.iter().copied());
-    // Entropy = -sum p (d - ln Z) = ln Z - sum(e d) / Z, with Z = sum e and
-    // 0 * (-inf) taken as 0.
-    let e_d = sum_fixed_order(exps.iter().zip(&shifted).map(|(&e, &d)| if e > 0.0 { e * d } else { 0.0 }));
-    let log_sum = sum.ln();
-    let entropy = log_sum - e_d / sum;
-    // Top two probabilities: exp is monotone, so rank by the logits.
-    let (mut i1, mut i2) = (None::<usize>, None::<usize>);
-    for (i, &x) in row.iter().enumerate() {
-        if !valid(i) {
-            continue;
-        }
-        if i1.is_none_or(|j| x > row[j]) {
-            i2 = i1;
-            i1 = Some(i);
-        } else if i2.is_none_or(|j| x > row[j]) {
-            i2 = Some(i);
-        }
+    let max = max_by_lanes(&d);
+    if !max.is_finite() {
+        return None;
     }
-    let prob_of = |i: Option<usize>| i.map_or(0.0, |i| exps[i] / sum);
+    d.iter_mut().for_each(|v| *v -= max);
+    // exp_f32 clamps its input at -87, so -inf (the mask, -inf logits) is
+    // mapped to 0 here: such entries must never be sampled.
+    let exp0 = |v: f32| if v == f32::NEG_INFINITY { 0.0 } else { exp_f32(v) };
+    let exps: Vec<f32> = d.iter().map(|&v| exp0(v)).collect();
+    let sum = sum_fixed_order(exps.iter().map(|&e| e as f64));
+    // Entropy = -sum p (d - ln Z) = ln Z - sum(e d) / Z, with 0 * (-inf) = 0.
+    let e_d = sum_fixed_order(exps.iter().zip(&d).map(|(&e, &v)| if e > 0.0 { e as f64 * v as f64 } else { 0.0 }));
+    let entropy = sum.ln() - e_d / sum;
+    // Top two by logit (exp is monotone): the first maximum, then the first
+    // maximum of the rest (a tie gives a margin of 0).
+    let i1 = d.iter().position(|&v| v == 0.0).expect("the maximum is in the row");
+    let second = {
+        let keep = std::mem::replace(&mut d[i1], f32::NEG_INFINITY);
+        let m = max_by_lanes(&d);
+        d[i1] = keep;
+        m
+    };
+    let i2 = if second.is_finite() {
+        (0..d.len()).find(|&i| i != i1 && d[i] == second)
+    } else {
+        None // a single valid entry, or every other one has probability 0
+    };
+    let prob_of = |i: Option<usize>| i.map_or(0.0, |i| exps[i] as f64 / sum);
     let best = if temperature > 0.0 {
         // One uniform per row, inverted through the cumulative distribution
         // of softmax(logits / T): the same distribution as Gumbel-max, but
@@ -70,21 +71,18 @@ pub fn score_row(row: &[f32], mask_id: u32, temperature: f64, rng: &mut Stream) 
         if temperature == 1.0 {
             sample_index(&exps, u * sum)
         } else {
-            let weights: Vec<f64> = shifted
-                .iter()
-                .enumerate()
-                .map(|(i, &d)| if valid(i) { exp_nonpositive(d / temperature) } else { 0.0 })
-                .collect();
-            let z = sum_fixed_order(weights.iter().copied());
+            let t = temperature as f32;
+            let weights: Vec<f32> = d.iter().map(|&v| exp0(v / t)).collect();
+            let z = sum_fixed_order(weights.iter().map(|&w| w as f64));
             sample_index(&weights, u * z)
         }
     } else {
-        i1.unwrap_or(0)
+        i1
     };
-    let (p1, p2) = (prob_of(i1), prob_of(i2));
+    let (p1, p2) = (prob_of(Some(i1)), prob_of(i2));
     Some(PositionScore {
         token: best as u32,
-        prob: (exps[best] / sum) as f32,
+        prob: (exps[best] as f64 / sum) as f32,
         entropy: entropy.max(0.0) as f32,
         margin: (p1 - p2) as f32,
     })
@@ -94,14 +92,14 @@ pub fn score_row(row: &[f32], mask_id: u32, temperature: f64, rng: &mut Stream) 
 /// `target` (in `(0, Σ weights)`). Sums whole chunks first (vectorised), then
 /// walks the chunk that crosses. Rounding can leave `target` just above the
 /// total; then the last index with positive weight is returned.
-fn sample_index(weights: &[f64], target: f64) -> usize {
+fn sample_index(weights: &[f32], target: f64) -> usize {
     const CHUNK: usize = 64;
     let mut acc = 0.0;
     for (c, chunk) in weights.chunks(CHUNK).enumerate() {
-        let total = sum_fixed_order(chunk.iter().copied());
+        let total = sum_fixed_order(chunk.iter().map(|&w| w as f64));
         if acc + total >= target {
             for (i, &w) in chunk.iter().enumerate() {
-                acc += w;
+                acc += w as f64;
                 if acc >= target && w > 0.0 {
                     return c * CHUNK + i;
                 }
@@ -121,49 +119,6 @@ fn sum_fixed_order(values: impl Iterator<Item = f64>) -> f64 {
         acc[i % 8] += v;
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
-}
-
-/// `exp(d)` for `d <= 0` (and -inf), within 2 ulp of libm, without branches
-/// so that a loop over it vectorises. Results below 2^-1022 are flushed to 0:
-/// they cannot change a sum that contains exp(0) = 1.
-#[inline(always)]
-fn exp_nonpositive(d: f64) -> f64 {
-    const LN2_HI: f64 = 6.931_471_803_691_238e-1;
-    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
-    // Adding 1.5 * 2^52 rounds to the nearest integer n and leaves n in the
-    // low mantissa bits, with no float-to-int conversion (which AVX2 lacks).
-    const SHIFT: f64 = 6755399441055744.0;
-    let x = d.max(-708.0);
-    let kd = x.mul_add(std::f64::consts::LOG2_E, SHIFT);
-    let bits = kd.to_bits();
-    let n = kd - SHIFT;
-    let r = x - n * LN2_HI - n * LN2_LO; // |r| <= ln2 / 2 (+ rounding)
-                                         // Taylor series to r^13 / 13!: truncation error < 1e-17 on |r| <= 0.347.
-    let mut p: f64 = 1.0 / 6227020800.0;
-    for c in [
-        1.0 / 479001600.0,
-        1.0 / 39916800.0,
-        1.0 / 3628800.0,
-        1.0 / 362880.0,
-        1.0 / 40320.0,
-        1.0 / 5040.0,
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
-        p = p.mul_add(r, c);
-    }
-    // 2^n from its exponent field; n is in [-1022, 0] here.
-    let scale = f64::from_bits(bits.wrapping_add(1023) << 52);
-    if d < -708.0 {
-        0.0
-    } else {
-        p * scale
-    }
 }
 
 #[cfg(test)]
@@ -215,29 +170,14 @@ mod tests {
 
     #[test]
     fn inverse_cdf_picks_the_crossing_index() {
-        let w = [0.0, 1.0, 0.0, 2.0, 1.0];
+        let w = [0.0f32, 1.0, 0.0, 2.0, 1.0];
         assert_eq!(sample_index(&w, 0.5), 1);
         assert_eq!(sample_index(&w, 1.0), 1);
         assert_eq!(sample_index(&w, 1.5), 3);
         assert_eq!(sample_index(&w, 3.9), 4);
         assert_eq!(sample_index(&w, 4.0 + 1e-12), 4); // rounding past the total
-        let long: Vec<f64> = (0..300).map(|i| if i == 250 { 1.0 } else { 0.0 }).collect();
+        let long: Vec<f32> = (0..300).map(|i| if i == 250 { 1.0 } else { 0.0 }).collect();
         assert_eq!(sample_index(&long, 0.3), 250);
-    }
-
-    #[test]
-    fn fast_exp_tracks_libm() {
-        for i in 0..200_000 {
-            let d = -(i as f64) * 0.0037;
-            let (got, want) = (exp_nonpositive(d), d.exp());
-            if d < -708.0 {
-                assert_eq!(got, 0.0);
-            } else {
-                assert!((got - want).abs() <= 4.0 * f64::EPSILON * want, "{d}: {got} vs {want}");
-            }
-        }
-        assert_eq!(exp_nonpositive(0.0), 1.0);
-        assert_eq!(exp_nonpositive(f64::NEG_INFINITY), 0.0);
     }
 
     #[test]
