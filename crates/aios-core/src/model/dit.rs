@@ -194,9 +194,8 @@ impl Block {
         let rows = x.len() / d;
         // Parts: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
         let h = self.norm1.forward_modulated(x, l, |b| m.part(b, 0), |b| m.part(b, 1));
-        let mut qkv = self.linear(0, &h, rows, lora, Activation::Identity)?;
-        rope.apply_qk(&mut qkv, l, d, self.n_heads);
-        let o = attention(&qkv, l, d, self.n_heads, causal);
+        let qkv = self.linear(0, &h, rows, lora, Activation::Identity)?;
+        let o = attention(&qkv, l, d, self.n_heads, rope, causal);
         let a = self.linear(1, &o, rows, lora, Activation::Identity)?;
         add_gated(x, &a, l, |b| m.part(b, 2));
         let h = self.norm2.forward_modulated(x, l, |b| m.part(b, 3), |b| m.part(b, 4));
@@ -212,7 +211,7 @@ impl Block {
 /// `[head 0 | head 1 | ...]`. With `causal`, position i sees 0..=i. Both
 /// products run on the packed kernel: packing K and V costs O(L hd), the
 /// products O(L^2 hd).
-fn attention(qkv: &[f32], l: usize, d: usize, heads: usize, causal: bool) -> Vec<f32> {
+fn attention(qkv: &[f32], l: usize, d: usize, heads: usize, rope: &Rope, causal: bool) -> Vec<f32> {
     let hd = d / heads;
     let batch = qkv.len() / (3 * d * l);
     let scale = (1.0 / (hd as f64).sqrt()) as f32;
@@ -223,10 +222,10 @@ fn attention(qkv: &[f32], l: usize, d: usize, heads: usize, causal: bool) -> Vec
         let (b, head) = (task / heads, task % heads);
         let (mut q, mut k, mut v) =
             (Vec::with_capacity(l * hd), Vec::with_capacity(l * hd), Vec::with_capacity(l * hd));
-        for row in qkv[b * l * 3 * d..(b + 1) * l * 3 * d].chunks_exact(3 * d) {
+        for (pos, row) in qkv[b * l * 3 * d..(b + 1) * l * 3 * d].chunks_exact(3 * d).enumerate() {
             let at = |part: usize| &row[part * d + head * hd..part * d + (head + 1) * hd];
-            q.extend_from_slice(at(0));
-            k.extend_from_slice(at(1));
+            rope.rotate_into(at(0), pos, &mut q);
+            rope.rotate_into(at(1), pos, &mut k);
             v.extend_from_slice(at(2));
         }
         let mut scores = PackedMatrix::pack(&k, l, hd).linear_serial(&q, None, l); // [L, L]
@@ -267,22 +266,14 @@ impl Rope {
         Rope { half, cos: freqs.iter().map(|f| f.cos()).collect(), sin: freqs.iter().map(|f| f.sin()).collect() }
     }
 
-    /// Rotates the q and k parts of every `[q | k | v]` row in place
-    /// (position = row index within its sequence of length `l`).
-    fn apply_qk(&self, qkv: &mut [f32], l: usize, d: usize, heads: usize) {
-        let (half, hd) = (self.half, d / heads);
-        for (r, row) in qkv.chunks_exact_mut(3 * d).enumerate() {
-            let pos = r % l;
-            let (cos, sin) = (&self.cos[pos * half..(pos + 1) * half], &self.sin[pos * half..(pos + 1) * half]);
-            for x in row[..2 * d].chunks_exact_mut(hd) {
-                let (x1, x2) = x.split_at_mut(half);
-                for i in 0..half {
-                    let (a, b) = (x1[i], x2[i]);
-                    x1[i] = a * cos[i] - b * sin[i];
-                    x2[i] = a * sin[i] + b * cos[i];
-                }
-            }
-        }
+    /// Appends one head's vector `x` (length `2 * half`) rotated to
+    /// position `pos` to `out`.
+    fn rotate_into(&self, x: &[f32], pos: usize, out: &mut Vec<f32>) {
+        let half = self.half;
+        let (cos, sin) = (&self.cos[pos * half..(pos + 1) * half], &self.sin[pos * half..(pos + 1) * half]);
+        let (x1, x2) = x.split_at(half);
+        out.extend((0..half).map(|i| x1[i] * cos[i] - x2[i] * sin[i]));
+        out.extend((0..half).map(|i| x1[i] * sin[i] + x2[i] * cos[i]));
     }
 }
 
