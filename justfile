@@ -67,6 +67,7 @@ bench: setup
     cargo bench -p aios-core --bench matmul
     cargo bench -p aios-core --bench search_kernels
     cargo bench -p aios-core --bench f32_linear
+    cargo run --release -p aios-core --example linear_ab
     {{py}} bench/bench_lora.py
     {{py}} bench/conditioning_by_length.py
 

@@ -40,7 +40,7 @@ def main() -> None:
             path = Path(d) / f"edge.{dtype}.parquet"
             aios_rt.write_random_model(path, json.dumps(EDGE), seed=0, dtype=dtype)
             size_mb = os.path.getsize(path) / 1e6
-            for matmul in ["auto", "dequantize", "quantized"]:
+            for matmul in ["auto", "int8", "dequantize", "quantized"]:
                 eng = aios_rt.Engine(path, threads=args.threads, matmul=matmul)
                 params = eng.info["backbone_params"] + eng.info["head_params"]
                 canvas = [1] + [EDGE["mask_token_id"]] * (args.length - 1)

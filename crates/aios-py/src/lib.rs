@@ -197,7 +197,7 @@ impl Engine {
     #[pyo3(signature = (path, threads=None, dtype=None, matmul="auto"))]
     fn new(py: Python<'_>, path: PathBuf, threads: Option<usize>, dtype: Option<&str>, matmul: &str) -> PyResult<Self> {
         let matmul = MatmulMode::parse(matmul).ok_or_else(|| {
-            InputError::new_err(format!("unknown matmul mode {matmul:?}; use auto, dequantize or quantized"))
+            InputError::new_err(format!("unknown matmul mode {matmul:?}; use auto, int8, dequantize or quantized"))
         })?;
         let opts = EngineOptions { threads, dtype: dtype.map(parse_dtype).transpose()?, matmul };
         Ok(Engine { inner: run(py, || CoreEngine::open(&path, &opts))? })

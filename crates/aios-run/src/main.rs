@@ -84,7 +84,7 @@ struct GenerateArgs {
     /// Which weights of a model folder: f32, int8, int4, int2.
     #[arg(long)]
     dtype: Option<String>,
-    /// How quantised weights are multiplied: auto (fastest measured per layer), dequantize (f32 gemm) or quantized (smallest RAM).
+    /// How quantised weights are multiplied: auto (int8 kernel where the CPU has AVX-512 VNNI), int8, dequantize (f32) or quantized (candle, smallest RAM).
     #[arg(long, default_value = "auto")]
     matmul: String,
     /// LoRA adapter to apply, `PATH` or `PATH:WEIGHT` (default weight 1.0); repeat to mix several.
@@ -114,7 +114,7 @@ fn parse_dtype(s: &str) -> Result<DType, Error> {
 
 fn generate(a: GenerateArgs) -> Result<(), Error> {
     let matmul = MatmulMode::parse(&a.matmul).ok_or_else(|| {
-        Error::Input(format!("unknown matmul mode {:?}; use auto, dequantize or quantized", a.matmul))
+        Error::Input(format!("unknown matmul mode {:?}; use auto, int8, dequantize or quantized", a.matmul))
     })?;
     let opts = EngineOptions { threads: a.threads, dtype: a.dtype.as_deref().map(parse_dtype).transpose()?, matmul };
     let sampler = SamplerOptions {
