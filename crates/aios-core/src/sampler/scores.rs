@@ -2,7 +2,7 @@
 //! (the mask token can never be predicted).
 
 use super::rng::Stream;
-use crate::model::ops::{exp_f32, max_by_lanes};
+use crate::model::ops::exp_f32;
 
 /// What a sampler needs to know about one masked position at one step.
 #[derive(Clone, Copy, Debug)]
@@ -26,41 +26,48 @@ pub struct PositionScore {
 /// return) and every sum is accumulated in f64 in a fixed order.
 pub fn score_row(row: &[f32], mask_id: u32, temperature: f64, rng: &mut Stream) -> Option<PositionScore> {
     let mask = mask_id as usize;
-    if row.iter().any(|x| x.is_nan()) {
-        return None;
-    }
-    // Shifted logits d = x - max over valid entries: <= 0, the mask at -inf.
+    // Logits with the mask at -inf: it can never be predicted.
     let mut d = row.to_vec();
     if let Some(m) = d.get_mut(mask) {
         *m = f32::NEG_INFINITY;
     }
-    let max = max_by_lanes(&d);
-    if !max.is_finite() {
+    let (max, nan) = max_and_nan(&d);
+    if nan || !max.is_finite() {
         return None;
     }
+    // One pass: d <- d - max (<= 0), e = exp(d) (exp_f32 clamps at -87, so
+    // -inf maps to 0 explicitly), Z = Σ e and Σ e d in f64 lanes. Entropy =
+    // -Σ p (d - ln Z) = ln Z - Σ e d / Z, with 0 * (-inf) taken as 0.
+    // (Separate simple passes: the compiler vectorises each; fused, it did not.)
+    let exp0 = |v: f32| {
+        let e = exp_f32(v); // computed unconditionally, then selected: vectorises
+        if v == f32::NEG_INFINITY {
+            0.0
+        } else {
+            e
+        }
+    };
     d.iter_mut().for_each(|v| *v -= max);
-    // exp_f32 clamps its input at -87, so -inf (the mask, -inf logits) is
-    // mapped to 0 here: such entries must never be sampled.
-    let exp0 = |v: f32| if v == f32::NEG_INFINITY { 0.0 } else { exp_f32(v) };
     let exps: Vec<f32> = d.iter().map(|&v| exp0(v)).collect();
-    let sum = sum_fixed_order(exps.iter().map(|&e| e as f64));
-    // Entropy = -sum p (d - ln Z) = ln Z - sum(e d) / Z, with 0 * (-inf) = 0.
-    let e_d = sum_fixed_order(exps.iter().zip(&d).map(|(&e, &v)| if e > 0.0 { e as f64 * v as f64 } else { 0.0 }));
+    let z = lanes8(&exps, &d, |e, _| e as f64);
+    let ed = lanes8(&exps, &d, |e, v| {
+        let p = e as f64 * v as f64;
+        if e > 0.0 {
+            p
+        } else {
+            0.0
+        }
+    });
+    let (sum, e_d) = (tree8(z), tree8(ed));
     let entropy = sum.ln() - e_d / sum;
     // Top two by logit (exp is monotone): the first maximum, then the first
     // maximum of the rest (a tie gives a margin of 0).
-    let i1 = d.iter().position(|&v| v == 0.0).expect("the maximum is in the row");
-    let second = {
-        let keep = std::mem::replace(&mut d[i1], f32::NEG_INFINITY);
-        let m = max_by_lanes(&d);
-        d[i1] = keep;
-        m
-    };
-    let i2 = if second.is_finite() {
-        (0..d.len()).find(|&i| i != i1 && d[i] == second)
-    } else {
-        None // a single valid entry, or every other one has probability 0
-    };
+    let i1 = first_index_of(&d, 0.0).expect("the maximum is in the row");
+    let keep = std::mem::replace(&mut d[i1], f32::NEG_INFINITY);
+    let (second, _) = max_and_nan(&d);
+    // None: a single valid entry, or every other one has probability 0.
+    let i2 = if second.is_finite() { first_index_of(&d, second) } else { None };
+    d[i1] = keep;
     let prob_of = |i: Option<usize>| i.map_or(0.0, |i| exps[i] as f64 / sum);
     let best = if temperature > 0.0 {
         // One uniform per row, inverted through the cumulative distribution
@@ -73,8 +80,7 @@ pub fn score_row(row: &[f32], mask_id: u32, temperature: f64, rng: &mut Stream) 
         } else {
             let t = temperature as f32;
             let weights: Vec<f32> = d.iter().map(|&v| exp0(v / t)).collect();
-            let z = sum_fixed_order(weights.iter().map(|&w| w as f64));
-            sample_index(&weights, u * z)
+            sample_index(&weights, u * sum_f64(&weights))
         }
     } else {
         i1
@@ -88,6 +94,66 @@ pub fn score_row(row: &[f32], mask_id: u32, temperature: f64, rng: &mut Stream) 
     })
 }
 
+/// The maximum of `x` (NaN ignored; -inf if empty) and whether `x` holds a
+/// NaN, in one vectorisable pass.
+fn max_and_nan(x: &[f32]) -> (f32, bool) {
+    let (mut m, mut nan) = ([f32::NEG_INFINITY; 16], [false; 16]);
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..16 {
+            m[l] = if c[l] > m[l] { c[l] } else { m[l] };
+            nan[l] |= c[l].is_nan();
+        }
+    }
+    let m = tail.iter().chain(&m).fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
+    (m, nan.contains(&true) || tail.iter().any(|v| v.is_nan()))
+}
+
+/// The first index holding exactly `v`, checking 16 entries at a time.
+fn first_index_of(x: &[f32], v: f32) -> Option<usize> {
+    for (c, chunk) in x.chunks(16).enumerate() {
+        if chunk.iter().fold(false, |hit, &e| hit | (e == v)) {
+            return chunk.iter().position(|&e| e == v).map(|i| c * 16 + i);
+        }
+    }
+    None
+}
+
+/// Eight lane sums of `f(a[i], b[i])` (fixed order; the tail goes to lane 0).
+#[inline(always)]
+fn lanes8(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64) -> [f64; 8] {
+    let mut acc = [0f64; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        acc[0] += f(*x, *y);
+    }
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += f(x[l], y[l]);
+        }
+    }
+    acc
+}
+
+/// Eight lane sums combined in a fixed order.
+fn tree8(a: [f64; 8]) -> f64 {
+    ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+}
+
+/// `Σ x` in f64, in eight lanes (vectorises; the order depends only on the length).
+fn sum_f64(x: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] += c[l] as f64;
+        }
+    }
+    tree8(acc) + tail
+}
+
 /// The first index at which the running sum of `weights` (all >= 0) reaches
 /// `target` (in `(0, Σ weights)`). Sums whole chunks first (vectorised), then
 /// walks the chunk that crosses. Rounding can leave `target` just above the
@@ -96,7 +162,7 @@ fn sample_index(weights: &[f32], target: f64) -> usize {
     const CHUNK: usize = 64;
     let mut acc = 0.0;
     for (c, chunk) in weights.chunks(CHUNK).enumerate() {
-        let total = sum_fixed_order(chunk.iter().map(|&w| w as f64));
+        let total = sum_f64(chunk);
         if acc + total >= target {
             for (i, &w) in chunk.iter().enumerate() {
                 acc += w as f64;
@@ -108,17 +174,6 @@ fn sample_index(weights: &[f32], target: f64) -> usize {
         acc += total;
     }
     weights.iter().rposition(|&w| w > 0.0).unwrap_or(0)
-}
-
-/// Sum in eight interleaved partial sums, combined in a fixed order: the
-/// compiler can vectorise it and the result never depends on anything but the input.
-#[inline]
-fn sum_fixed_order(values: impl Iterator<Item = f64>) -> f64 {
-    let mut acc = [0f64; 8];
-    for (i, v) in values.enumerate() {
-        acc[i % 8] += v;
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
 
 #[cfg(test)]
@@ -166,6 +221,22 @@ mod tests {
             let tv: f64 = counts.iter().zip(&w).map(|(&c, &w)| (c as f64 / n as f64 - w / z).abs()).sum::<f64>() / 2.0;
             assert!(tv < 0.05, "T = {t}: total variation {tv}");
         }
+    }
+
+    #[test]
+    fn lane_helpers_handle_tails_ties_and_nan() {
+        for n in [1usize, 15, 16, 17, 40] {
+            let mut x: Vec<f32> = (0..n).map(|i| (i * 7 % 11) as f32).collect();
+            let want = x.iter().cloned().fold(f32::MIN, f32::max);
+            assert_eq!(max_and_nan(&x), (want, false), "{n}");
+            assert_eq!(first_index_of(&x, want), x.iter().position(|&v| v == want));
+            x[n - 1] = f32::NAN;
+            assert!(max_and_nan(&x).1, "NaN at the end of {n}");
+        }
+        // Two equal maxima: the first is the token, the margin is 0.
+        let row = [0.0f32, 3.0, 1.0, 3.0, -1.0];
+        let s = score_row(&row, 4, 0.0, &mut Stream::new(0, 0, 0)).unwrap();
+        assert_eq!((s.token, s.margin), (1, 0.0));
     }
 
     #[test]
