@@ -648,6 +648,26 @@ mod tests {
     }
 
     #[test]
+    fn simd_and_scalar_input_quantisation_agree() {
+        #[cfg(target_arch = "x86_64")]
+        if has_vnni() {
+            // Random blocks, a zero block, and exact .5 ties (rounded to even by both).
+            let mut blocks: Vec<Vec<f32>> = (0..50).map(|i| data(32, 100 + i)).collect();
+            blocks.push(vec![0.0; 32]);
+            // amax 127 makes the scale exactly 1, so x.5 values are exact ties.
+            blocks.push((0..32).map(|i| if i == 0 { 127.0 } else { i as f32 - 16.5 }).collect());
+            for x in &blocks {
+                for offset in [0, 128] {
+                    let (mut a, mut b) = (vec![0u8; 32], vec![0u8; 32]);
+                    let sa = quantize_block(x, &mut a, offset);
+                    let sb = unsafe { quantize_block_avx512(x, &mut b, offset) };
+                    assert_eq!((sa, &a), (sb, &b), "offset {offset}, block {x:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn zero_rows_and_bad_blocks() {
         let blocks = quantize(&data(32 * 256, 7), &[32, 256], DType::Q4K).unwrap();
         let m = Int8Matrix::from_blocks(DType::Q4K, &blocks, 32, 256).unwrap();
