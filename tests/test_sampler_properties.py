@@ -203,3 +203,29 @@ def test_guidance_is_a_no_op_without_given_tokens(eng, L, kw):
 def test_one_step_fills_everything_at_once(eng, sampler):
     g = eng.diffuse_tokens([1] + [MASK] * (MAXLEN - 1), steps=1, sampler=sampler, seed=3)
     assert MASK not in g.tokens and g.steps_run == 1 and g.forward_passes == 1
+
+
+def test_sampled_tokens_follow_the_models_distribution():
+    """At temperature 1 a one-step ancestral generation reveals every masked
+    position with a token drawn from the model's softmax, so the mean committed
+    confidence over many seeds must match E[p(token)] = sum_i p_i^2, computed
+    here from the logits in NumPy (catches a biased sampler, e.g. one that
+    favours the top token or draws the mask)."""
+    import numpy as np
+    from pathlib import Path
+
+    e = aios_rt.Engine(Path(__file__).resolve().parents[1] / "models" / "aios-text-tiny", dtype="f32", threads=2)
+    first = e.diffuse("The old house", length=64, steps=1, sampler="ancestral", seed=0)
+    given = np.array(first.given)
+    canvas = np.where(given, np.array(first.tokens), MASK).tolist()
+    lg = e.logits([canvas])[0].astype(np.float64)
+    lg[:, MASK] = -np.inf
+    p = np.exp(lg - lg.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    expected = (p**2).sum(1)[~given].mean()
+    means = []
+    for seed in range(40):
+        g = e.diffuse("The old house", length=64, steps=1, sampler="ancestral", seed=seed)
+        assert MASK not in g.tokens
+        means.append(np.array(g.confidence)[~given].mean())
+    assert abs(np.mean(means) - expected) < 0.1 * expected, (np.mean(means), expected)
