@@ -282,8 +282,9 @@ impl Rope {
 /// The forward pass runs on plain row-major f32 buffers (`[B * L, D]`): at
 /// diffusion sizes (64-128 rows) candle's per-op allocation and thread
 /// wake-ups cost as much as the arithmetic (`perf`, bench/RESULTS.md), so
-/// only the linear layers call out, to the packed kernel or candle's
-/// quantised matmul.
+/// only the linear layers call out: to the packed f32 kernel, our int8
+/// kernel or candle's quantised matmul. Parallel loops run on the engine's
+/// `threads::Pool`.
 #[derive(Clone, Debug)]
 pub struct Dit {
     pub cfg: ModelConfig,

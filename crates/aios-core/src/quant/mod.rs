@@ -1,6 +1,7 @@
-//! INT8 / INT4 / INT2 block quantisation (GGML Q8_0 / Q4_K / Q2_K via candle's
-//! kernels), conversion of stored tensors to candle tensors, and the linear
-//! layer that runs over either f32 or quantised weights.
+//! INT8 / INT4 / INT2 block quantisation (GGML Q8_0 / Q4_K / Q2_K, quantised
+//! and dequantised with candle's code), conversion of stored tensors to candle
+//! tensors, and the linear layer that runs over either f32 weights (`packed`)
+//! or quantised ones (our `int8` kernel, or candle's QMatMul).
 
 pub(crate) mod file;
 pub mod int8;
