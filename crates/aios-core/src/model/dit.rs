@@ -9,7 +9,7 @@ use crate::threads::parallel_for;
 use candle_core::{Device, Tensor};
 
 use super::config::ModelConfig;
-use super::ops::{exp_f32, max_by_lanes, mean_var_f64, sum_by_lanes};
+use super::ops::{exp_f32, max_and_nan, mean_var_f64, sum_by_lanes};
 use crate::adapter::ActiveLora;
 use crate::error::{Error, Result};
 use crate::format::WeightFile;
@@ -233,7 +233,7 @@ fn attention(qkv: &[f32], l: usize, d: usize, heads: usize, rope: &Rope, causal:
             let seen = if causal { i + 1 } else { l };
             // max(s * scale) = max(s) * scale exactly: scaling by a positive
             // number is monotonic, rounding too.
-            let max = max_by_lanes(&row[..seen]) * scale;
+            let max = max_and_nan(&row[..seen]).0 * scale;
             row[..seen].iter_mut().for_each(|s| *s = exp_f32(*s * scale - max));
             row[seen..].iter_mut().for_each(|s| *s = 0.0);
             let inv = 1.0 / sum_by_lanes(row);

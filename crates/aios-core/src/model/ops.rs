@@ -38,18 +38,21 @@ pub fn gelu_tanh_scalar(x: f32) -> f32 {
     x / (1.0 + exp_f32(-2.0 * z))
 }
 
-/// `max(x)` in 16 lanes (vectorises; NaN-ignoring like `f32::max`), -inf if empty.
+/// The maximum of `x` (NaN ignored; -inf if empty) and whether `x` holds a
+/// NaN, in one pass of 16 lanes (vectorises).
 #[inline]
-pub fn max_by_lanes(x: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 16];
+pub fn max_and_nan(x: &[f32]) -> (f32, bool) {
+    let (mut m, mut nan) = ([f32::NEG_INFINITY; 16], [false; 16]);
     let chunks = x.chunks_exact(16);
-    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let tail = chunks.remainder();
     for c in chunks {
         for l in 0..16 {
-            lanes[l] = if c[l] > lanes[l] { c[l] } else { lanes[l] };
+            m[l] = if c[l] > m[l] { c[l] } else { m[l] };
+            nan[l] |= c[l].is_nan();
         }
     }
-    lanes.iter().fold(tail, |m, &v| m.max(v))
+    let m = tail.iter().chain(&m).fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
+    (m, nan.contains(&true) || tail.iter().any(|v| v.is_nan()))
 }
 
 /// `Σ x` in 16 lane sums and a fixed pairwise tree (vectorises; the order,
@@ -125,7 +128,7 @@ mod tests {
         for n in [0usize, 1, 15, 16, 17, 64, 100] {
             let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.37).collect();
             let want_max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            assert_eq!(max_by_lanes(&x), want_max, "{n}");
+            assert_eq!(max_and_nan(&x).0, want_max, "{n}");
             let want: f64 = x.iter().map(|&v| v as f64).sum();
             assert!((sum_by_lanes(&x) as f64 - want).abs() < 1e-4, "{n}");
             if n > 0 {

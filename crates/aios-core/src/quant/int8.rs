@@ -36,7 +36,7 @@
 
 use crate::error::{Error, Result};
 use crate::format::DType;
-use crate::quant::packed::{filled_buffer, for_each_tile, SendPtr};
+use crate::quant::packed::{filled_buffer, for_each_tile, SendPtr, TILES_PER_TASK};
 use crate::quant::Activation;
 
 /// Output columns per panel (two AVX-512 registers of 16 int32 lanes).
@@ -46,8 +46,6 @@ const NR: usize = 32;
 const MR: usize = 6;
 /// Multiply-adds per parallel task (a few microseconds on one core).
 const INT8_GRAIN: usize = 1 << 21;
-/// Row tiles per task in `for_each_tile` (its TILES_PER_TASK).
-const TILES_PER_TASK_HINT: usize = 8;
 
 /// A `[n, k]` GGML block matrix repacked for the int8 kernel.
 #[derive(Clone, Debug, PartialEq)]
@@ -198,7 +196,7 @@ impl Int8Matrix {
         let out = SendPtr(y);
         let out = &out;
         // Tasks of about INT8_GRAIN products (see `parallel_for_grouped`).
-        let task_macs = (rows.min(MR * TILES_PER_TASK_HINT) * self.k * NR).max(1);
+        let task_macs = (rows.min(MR * TILES_PER_TASK) * self.k * NR).max(1);
         for_each_tile(rows, MR, n.div_ceil(NR), true, INT8_GRAIN.div_ceil(task_macs), |p, r, mr| {
             let ncols = NR.min(n - p * NR);
             // SAFETY: the tile writes rows [r, r + mr) x columns

@@ -22,7 +22,7 @@ const NR: usize = 32;
 /// fit in AVX-512's 32 vector registers.
 const MR: usize = 12;
 /// Row tiles per task when a matrix is split by rows too (large inputs).
-const TILES_PER_TASK: usize = 8;
+pub(crate) const TILES_PER_TASK: usize = 8;
 
 /// A `[n, k]` weight matrix packed in column panels.
 #[derive(Clone, Debug, PartialEq)]

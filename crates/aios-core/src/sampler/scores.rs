@@ -2,7 +2,7 @@
 //! (the mask token can never be predicted).
 
 use super::rng::Stream;
-use crate::model::ops::exp_f32;
+use crate::model::ops::{exp_f32, max_and_nan};
 
 /// What a sampler needs to know about one masked position at one step.
 #[derive(Clone, Copy, Debug)]
@@ -92,22 +92,6 @@ pub fn score_row(row: &[f32], mask_id: u32, temperature: f64, rng: &mut Stream) 
         entropy: entropy.max(0.0) as f32,
         margin: (p1 - p2) as f32,
     })
-}
-
-/// The maximum of `x` (NaN ignored; -inf if empty) and whether `x` holds a
-/// NaN, in one vectorisable pass.
-fn max_and_nan(x: &[f32]) -> (f32, bool) {
-    let (mut m, mut nan) = ([f32::NEG_INFINITY; 16], [false; 16]);
-    let chunks = x.chunks_exact(16);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for l in 0..16 {
-            m[l] = if c[l] > m[l] { c[l] } else { m[l] };
-            nan[l] |= c[l].is_nan();
-        }
-    }
-    let m = tail.iter().chain(&m).fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
-    (m, nan.contains(&true) || tail.iter().any(|v| v.is_nan()))
 }
 
 /// The first index holding exactly `v`, checking 16 entries at a time.
