@@ -86,6 +86,45 @@ pub fn parallel_for_grouped(n: usize, group: usize, task: impl Fn(usize) + Sync)
     parallel_for(n.div_ceil(group), |g| (g * group..((g + 1) * group).min(n)).for_each(&task));
 }
 
+/// Runs `f(first_row, a_rows, b_rows)` in parallel over blocks of
+/// `rows_per_task` rows of two row-major buffers with the same number of
+/// rows (`a` rows are `a_width` wide, `b` rows `b_width`). For row-wise
+/// passes (norms, residual adds) that write two buffers at once.
+pub fn parallel_row_blocks<A: Send, B: Send>(
+    (a, a_width): (&mut [A], usize),
+    (b, b_width): (&mut [B], usize),
+    rows_per_task: usize,
+    f: impl Fn(usize, &mut [A], &mut [B]) + Sync,
+) {
+    let rows = if a_width == 0 { 0 } else { a.len() / a_width };
+    assert!(a.len() == rows * a_width && b.len() == rows * b_width, "parallel_row_blocks: buffers disagree on rows");
+    let rows_per_task = rows_per_task.max(1);
+    let (pa, pb) = (RawSlice(a.as_mut_ptr()), RawSlice(b.as_mut_ptr()));
+    let (pa, pb) = (&pa, &pb);
+    parallel_for(rows.div_ceil(rows_per_task), |t| {
+        let (start, end) = (t * rows_per_task, ((t + 1) * rows_per_task).min(rows));
+        // SAFETY: task t alone touches rows [start, end) of each buffer, and
+        // both buffers have `rows` rows (asserted above).
+        let (ra, rb) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(pa.0.add(start * a_width), (end - start) * a_width),
+                std::slice::from_raw_parts_mut(pb.0.add(start * b_width), (end - start) * b_width),
+            )
+        };
+        f(start, ra, rb);
+    });
+}
+
+/// [`parallel_row_blocks`] over one buffer.
+pub fn parallel_rows<A: Send>(a: &mut [A], width: usize, rows_per_task: usize, f: impl Fn(usize, &mut [A]) + Sync) {
+    parallel_row_blocks((a, width), (&mut [] as &mut [u8], 0), rows_per_task, |r, a, _| f(r, a));
+}
+
+/// A buffer's base pointer, shared by tasks that write disjoint parts.
+struct RawSlice<T>(*mut T);
+// SAFETY: only used by `parallel_row_blocks`, whose tasks write disjoint rows.
+unsafe impl<T: Send> Sync for RawSlice<T> {}
+
 /// `(0..n).map(f)` computed with [`parallel_for`], in order.
 pub fn parallel_map<T: Send + Sync>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
     let slots: Vec<OnceLock<T>> = (0..n).map(|_| OnceLock::new()).collect();

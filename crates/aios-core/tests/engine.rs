@@ -103,20 +103,36 @@ fn output_rows_subset_equals_full_logits() {
     use aios_core::model::Dit;
     use candle_core::{Device, Tensor};
     let dir = tempfile::tempdir().unwrap();
+    // The last block computes only the kept rows after attention; that must
+    // not change them, with any weight kernel, causal or not, in a batch.
+    for (dtype, causal) in [(DType::F32, false), (DType::F32, true), (DType::Q8_0, false), (DType::Q4K, true)] {
+        let mut c = cfg(true);
+        c.causal = causal;
+        let p = dir.path().join(format!("subset.{}.{causal}.parquet", dtype.alias()));
+        write_random_model(&p, &c, 7, dtype).unwrap();
+        let m = Dit::load(&WeightFile::open(&p).unwrap(), c, Default::default()).unwrap();
+        let toks: Vec<u32> = (0..80u32).map(|i| i * 3 % 64).collect();
+        let toks = Tensor::from_vec(toks, (2, 40), &Device::Cpu).unwrap();
+        let sigma = Tensor::new(&[0.4f32, 0.7], &Device::Cpu).unwrap();
+        let full = m.forward(&toks, Some(&sigma)).unwrap();
+        let reversed: Vec<usize> = (0..40).rev().collect();
+        for pos in [&[3usize, 0, 39, 17, 17][..], &[5], &reversed] {
+            let part = m.forward_at(&toks, Some(&sigma), Some(pos), &Default::default()).unwrap();
+            assert_eq!(part.dims(), &[2, pos.len(), 64]);
+            for b in 0..2 {
+                for (j, &i) in pos.iter().enumerate() {
+                    let a: Vec<f32> = full.get(b).unwrap().get(i).unwrap().to_vec1().unwrap();
+                    let got: Vec<f32> = part.get(b).unwrap().get(j).unwrap().to_vec1().unwrap();
+                    // Every value is one fixed chain of operations per row
+                    // however many rows go through, so the subset is exact.
+                    assert_eq!(a, got, "{dtype:?} causal {causal}: batch {b} row {i}");
+                }
+            }
+        }
+    }
     let p = model(dir.path(), true, DType::F32);
     let m = Dit::load(&WeightFile::open(&p).unwrap(), cfg(true), Default::default()).unwrap();
-    let toks = Tensor::from_vec((0..40u32).map(|i| i * 3 % 64).collect::<Vec<_>>(), (1, 40), &Device::Cpu).unwrap();
-    let sigma = Tensor::new(&[0.4f32], &Device::Cpu).unwrap();
-    let full = m.forward(&toks, Some(&sigma)).unwrap();
-    let pos = [3usize, 0, 39, 17];
-    let part = m.forward_at(&toks, Some(&sigma), Some(&pos), &Default::default()).unwrap();
-    for (j, &i) in pos.iter().enumerate() {
-        let a: Vec<f32> = full.get(0).unwrap().get(i).unwrap().to_vec1().unwrap();
-        let b: Vec<f32> = part.get(0).unwrap().get(j).unwrap().to_vec1().unwrap();
-        // Every logit is one fixed FMA chain however many rows go through the
-        // output layer (quant::packed), so the subset is exact, not just close.
-        assert_eq!(a, b, "row {i}");
-    }
+    let toks = Tensor::from_vec((0..40u32).collect::<Vec<_>>(), (1, 40), &Device::Cpu).unwrap();
     assert!(m.forward_at(&toks, None, Some(&[40]), &Default::default()).is_err());
 }
 

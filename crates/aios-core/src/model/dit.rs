@@ -5,7 +5,7 @@
 //! Shapes: tokens `[B, L]` (u32) -> logits `[B, L, V]` (f32, raw: the
 //! absorbing-state SUBS masking is the sampler's job).
 
-use crate::threads::parallel_for;
+use crate::threads::{parallel_for, parallel_row_blocks, parallel_rows};
 use candle_core::{Device, Tensor};
 
 use super::config::ModelConfig;
@@ -37,21 +37,50 @@ impl LayerNorm {
         &self,
         x: &[f32],
         l: usize,
-        shift: impl Fn(usize) -> &'a [f32],
-        scale: impl Fn(usize) -> &'a [f32],
+        shift: impl Fn(usize) -> &'a [f32] + Sync,
+        scale: impl Fn(usize) -> &'a [f32] + Sync,
     ) -> Vec<f32> {
         let d = self.weight.len();
         let mut out = vec![0f32; x.len()];
-        for (r, (row, o)) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
-            let (mean, var) = mean_var_f64(row);
-            let inv = (1.0 / (var + self.eps as f64).sqrt()) as f32;
-            let mean = mean as f32;
-            let (sh, sc) = (shift(r / l), scale(r / l));
-            for i in 0..d {
-                o[i] = ((row[i] - mean) * inv * self.weight[i]) * (1.0 + sc[i]) + sh[i];
+        parallel_rows(&mut out, d, ROWS_PER_TASK, |first, block| {
+            for (i, o) in block.chunks_exact_mut(d).enumerate() {
+                let r = first + i;
+                self.normalize_row(&x[r * d..(r + 1) * d], shift(r / l), scale(r / l), o);
             }
-        }
+        });
         out
+    }
+
+    /// `x += gate(b) * y` row by row, then [`LayerNorm::forward_modulated`]
+    /// of the new `x`: the residual add and the next norm in one pass.
+    fn add_gated_then_forward<'a>(
+        &self,
+        x: &mut [f32],
+        y: &[f32],
+        l: usize,
+        gate: impl Fn(usize) -> &'a [f32] + Sync,
+        shift: impl Fn(usize) -> &'a [f32] + Sync,
+        scale: impl Fn(usize) -> &'a [f32] + Sync,
+    ) -> Vec<f32> {
+        let d = self.weight.len();
+        let mut out = vec![0f32; x.len()];
+        parallel_row_blocks((x, d), (&mut out, d), ROWS_PER_TASK, |first, xs, os| {
+            for (i, (xr, o)) in xs.chunks_exact_mut(d).zip(os.chunks_exact_mut(d)).enumerate() {
+                let r = first + i;
+                add_gated_row(xr, &y[r * d..(r + 1) * d], gate(r / l));
+                self.normalize_row(xr, shift(r / l), scale(r / l), o);
+            }
+        });
+        out
+    }
+
+    fn normalize_row(&self, row: &[f32], shift: &[f32], scale: &[f32], out: &mut [f32]) {
+        let (mean, var) = mean_var_f64(row);
+        let inv = (1.0 / (var + self.eps as f64).sqrt()) as f32;
+        let mean = mean as f32;
+        for i in 0..row.len() {
+            out[i] = ((row[i] - mean) * inv * self.weight[i]) * (1.0 + scale[i]) + shift[i];
+        }
     }
 }
 
@@ -121,14 +150,24 @@ impl Modulation {
     }
 }
 
+/// Rows per task of the row-wise passes: 64 rows make 8 tasks of a few
+/// microseconds.
+const ROWS_PER_TASK: usize = 8;
+
 /// `x += gate(b) * y` row by row.
-fn add_gated<'a>(x: &mut [f32], y: &[f32], l: usize, gate: impl Fn(usize) -> &'a [f32]) {
+fn add_gated<'a>(x: &mut [f32], y: &[f32], l: usize, gate: impl Fn(usize) -> &'a [f32] + Sync) {
     let d = gate(0).len();
-    for (r, (xr, yr)) in x.chunks_exact_mut(d).zip(y.chunks_exact(d)).enumerate() {
-        let g = gate(r / l);
-        for i in 0..d {
-            xr[i] += g[i] * yr[i];
+    parallel_rows(x, d, ROWS_PER_TASK, |first, block| {
+        for (i, xr) in block.chunks_exact_mut(d).enumerate() {
+            let r = first + i;
+            add_gated_row(xr, &y[r * d..(r + 1) * d], gate(r / l));
         }
+    });
+}
+
+fn add_gated_row(x: &mut [f32], y: &[f32], gate: &[f32]) {
+    for i in 0..x.len() {
+        x[i] += gate[i] * y[i];
     }
 }
 
@@ -180,57 +219,97 @@ impl Block {
         [&mut self.attn_qkv, &mut self.attn_out, &mut self.mlp_in, &mut self.mlp_out].into_iter().nth(i)
     }
 
-    /// One block over `x` (`[B * L, D]`, in place).
+    /// One block over `x` (`[B * L, D]`). With `keep`, only those positions
+    /// of each sequence leave the block (`[B * keep.len(), D]`): in the last
+    /// block nothing reads the other rows after attention, whose keys and
+    /// values still come from every position.
     fn forward(
         &self,
-        x: &mut [f32],
+        x: Vec<f32>,
         l: usize,
         m: &Modulation,
         rope: &Rope,
         causal: bool,
         lora: &ActiveLora,
-    ) -> Result<()> {
+        keep: Option<&[usize]>,
+    ) -> Result<Vec<f32>> {
         let d = self.norm1.weight.len();
         let rows = x.len() / d;
+        let batch = rows / l;
         // Parts: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
-        let h = self.norm1.forward_modulated(x, l, |b| m.part(b, 0), |b| m.part(b, 1));
+        let h = self.norm1.forward_modulated(&x, l, |b| m.part(b, 0), |b| m.part(b, 1));
         let qkv = self.linear(0, &h, rows, lora, Activation::Identity)?;
-        let o = attention(&qkv, l, d, self.n_heads, rope, causal);
+        let o = attention(&qkv, l, d, self.n_heads, rope, causal, keep);
+        let (mut x, l) = match keep {
+            Some(keep) => (gather_rows(&x, d, l, keep), keep.len()),
+            None => (x, l),
+        };
+        let rows = batch * l;
         let a = self.linear(1, &o, rows, lora, Activation::Identity)?;
-        add_gated(x, &a, l, |b| m.part(b, 2));
-        let h = self.norm2.forward_modulated(x, l, |b| m.part(b, 3), |b| m.part(b, 4));
+        let h = self.norm2.add_gated_then_forward(&mut x, &a, l, |b| m.part(b, 2), |b| m.part(b, 3), |b| m.part(b, 4));
         let u = self.linear(2, &h, rows, lora, Activation::GeluTanh)?;
         let y = self.linear(3, &u, rows, lora, Activation::Identity)?;
-        add_gated(x, &y, l, |b| m.part(b, 5));
-        Ok(())
+        add_gated(&mut x, &y, l, |b| m.part(b, 5));
+        Ok(x)
     }
+}
+
+/// Rows `positions` of each length-`l` sequence in `x` (`[B * L, D]`).
+fn gather_rows(x: &[f32], d: usize, l: usize, positions: &[usize]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len() / l * positions.len());
+    for seq in x.chunks_exact(l * d) {
+        for &p in positions {
+            out.extend_from_slice(&seq[p * d..(p + 1) * d]);
+        }
+    }
+    out
 }
 
 /// Softmax attention, one task per (batch item, head). `qkv` rows are
 /// `[q | k | v]` with heads contiguous inside each part; the output rows are
-/// `[head 0 | head 1 | ...]`. With `causal`, position i sees 0..=i. Both
-/// products run on the packed kernel: packing K and V costs O(L hd), the
-/// products O(L^2 hd).
-fn attention(qkv: &[f32], l: usize, d: usize, heads: usize, rope: &Rope, causal: bool) -> Vec<f32> {
+/// `[head 0 | head 1 | ...]`, one per query position: `queries` of each
+/// sequence, or all. With `causal`, position i sees 0..=i. Both products run
+/// on the packed kernel: packing K and V costs O(L hd), the products O(L^2 hd).
+fn attention(
+    qkv: &[f32],
+    l: usize,
+    d: usize,
+    heads: usize,
+    rope: &Rope,
+    causal: bool,
+    queries: Option<&[usize]>,
+) -> Vec<f32> {
     let hd = d / heads;
     let batch = qkv.len() / (3 * d * l);
+    let all: Vec<usize>;
+    let queries = match queries {
+        Some(q) => q,
+        None => {
+            all = (0..l).collect();
+            &all
+        }
+    };
+    let nq = queries.len();
     let scale = (1.0 / (hd as f64).sqrt()) as f32;
-    let mut out = vec![0f32; batch * l * d];
+    let mut out = vec![0f32; batch * nq * d];
     let out_ptr = SendPtr(out.as_mut_ptr());
     let out_ptr = &out_ptr;
     parallel_for(batch * heads, |task| {
         let (b, head) = (task / heads, task % heads);
         let (mut q, mut k, mut v) =
-            (Vec::with_capacity(l * hd), Vec::with_capacity(l * hd), Vec::with_capacity(l * hd));
-        for (pos, row) in qkv[b * l * 3 * d..(b + 1) * l * 3 * d].chunks_exact(3 * d).enumerate() {
-            let at = |part: usize| &row[part * d + head * hd..part * d + (head + 1) * hd];
-            rope.rotate_into(at(0), pos, &mut q);
-            rope.rotate_into(at(1), pos, &mut k);
-            v.extend_from_slice(at(2));
+            (Vec::with_capacity(nq * hd), Vec::with_capacity(l * hd), Vec::with_capacity(l * hd));
+        let seq = &qkv[b * l * 3 * d..(b + 1) * l * 3 * d];
+        let at = |pos: usize, part: usize| &seq[pos * 3 * d + part * d + head * hd..][..hd];
+        for pos in 0..l {
+            rope.rotate_into(at(pos, 1), pos, &mut k);
+            v.extend_from_slice(at(pos, 2));
         }
-        let mut scores = PackedMatrix::pack(&k, l, hd).linear_serial(&q, None, l); // [L, L]
-        for (i, row) in scores.chunks_exact_mut(l).enumerate() {
-            let seen = if causal { i + 1 } else { l };
+        for &pos in queries {
+            rope.rotate_into(at(pos, 0), pos, &mut q);
+        }
+        let mut scores = PackedMatrix::pack(&k, l, hd).linear_serial(&q, None, nq); // [nq, L]
+        for (row, &pos) in scores.chunks_exact_mut(l).zip(queries) {
+            let seen = if causal { pos + 1 } else { l };
             // max(s * scale) = max(s) * scale exactly: scaling by a positive
             // number is monotonic, rounding too.
             let max = max_and_nan(&row[..seen]).0 * scale;
@@ -239,11 +318,11 @@ fn attention(qkv: &[f32], l: usize, d: usize, heads: usize, rope: &Rope, causal:
             let inv = 1.0 / sum_by_lanes(row);
             row.iter_mut().for_each(|s| *s *= inv);
         }
-        let o = PackedMatrix::pack_transposed(&v, hd, l).linear_serial(&scores, None, l); // [L, hd]
+        let o = PackedMatrix::pack_transposed(&v, hd, l).linear_serial(&scores, None, nq); // [nq, hd]
         for (i, o) in o.chunks_exact(hd).enumerate() {
-            // SAFETY: row b * l + i, columns [head * hd, (head + 1) * hd) of
-            // `out` belong to this task only; the row exists (out has batch * l rows).
-            unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), out_ptr.0.add((b * l + i) * d + head * hd), hd) };
+            // SAFETY: row b * nq + i, columns [head * hd, (head + 1) * hd) of
+            // `out` belong to this task only; the row exists (out has batch * nq rows).
+            unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), out_ptr.0.add((b * nq + i) * d + head * hd), hd) };
         }
     });
     out
@@ -402,21 +481,19 @@ impl Dit {
                 (&computed.0, &computed.1)
             }
         };
-        let mut x: Vec<f32> =
-            tokens.iter().flat_map(|&t| &self.embedding[t as usize * d..(t as usize + 1) * d]).copied().collect();
-        for (block, m) in self.blocks.iter().zip(block_mods) {
-            block.forward(&mut x, l, m, &self.rope, self.cfg.causal, lora)?;
+        let mut x = Vec::with_capacity(tokens.len() * d);
+        for &t in tokens {
+            x.extend_from_slice(&self.embedding[t as usize * d..(t as usize + 1) * d]);
         }
-        let (x, p) = match positions {
-            Some(pos) if pos.len() < l => {
-                let picked = (0..batch)
-                    .flat_map(|b| pos.iter().flat_map(move |&p| (b * l + p) * d..(b * l + p + 1) * d))
-                    .map(|i| x[i])
-                    .collect();
-                (picked, pos.len())
-            }
-            _ => (x, l),
-        };
+        // Only the rows at `positions` reach the output layer, so the last
+        // block computes only those after attention.
+        let keep = positions.filter(|pos| !pos.iter().copied().eq(0..l));
+        let last = self.blocks.len() - 1;
+        for (i, (block, m)) in self.blocks.iter().zip(block_mods).enumerate() {
+            x = block.forward(x, l, m, &self.rope, self.cfg.causal, lora, keep.filter(|_| i == last))?;
+        }
+        // (A config has at least one block: `ModelConfig::validate`.)
+        let p = keep.map_or(l, <[usize]>::len);
         let h = self.final_norm.forward_modulated(&x, p, |b| final_mod.part(b, 0), |b| final_mod.part(b, 1));
         let mut logits = self.output.forward_rows(&h, batch * p)?;
         lora.apply("output_layer.linear", &h, batch * p, &mut logits);
