@@ -96,7 +96,7 @@ pub fn parallel_row_blocks<A: Send, B: Send>(
     rows_per_task: usize,
     f: impl Fn(usize, &mut [A], &mut [B]) + Sync,
 ) {
-    let rows = if a_width == 0 { 0 } else { a.len() / a_width };
+    let rows = a.len().checked_div(a_width).unwrap_or(0);
     assert!(a.len() == rows * a_width && b.len() == rows * b_width, "parallel_row_blocks: buffers disagree on rows");
     let rows_per_task = rows_per_task.max(1);
     let (pa, pb) = (RawSlice(a.as_mut_ptr()), RawSlice(b.as_mut_ptr()));

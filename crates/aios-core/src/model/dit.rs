@@ -223,16 +223,8 @@ impl Block {
     /// of each sequence leave the block (`[B * keep.len(), D]`): in the last
     /// block nothing reads the other rows after attention, whose keys and
     /// values still come from every position.
-    fn forward(
-        &self,
-        x: Vec<f32>,
-        l: usize,
-        m: &Modulation,
-        rope: &Rope,
-        causal: bool,
-        lora: &ActiveLora,
-        keep: Option<&[usize]>,
-    ) -> Result<Vec<f32>> {
+    fn forward(&self, x: Vec<f32>, l: usize, m: &Modulation, pass: &Pass, keep: Option<&[usize]>) -> Result<Vec<f32>> {
+        let Pass { rope, causal, lora } = *pass;
         let d = self.norm1.weight.len();
         let rows = x.len() / d;
         let batch = rows / l;
@@ -252,6 +244,14 @@ impl Block {
         add_gated(&mut x, &y, l, |b| m.part(b, 5));
         Ok(x)
     }
+}
+
+/// What every block of one forward pass shares.
+#[derive(Clone, Copy)]
+struct Pass<'a> {
+    rope: &'a Rope,
+    causal: bool,
+    lora: &'a ActiveLora,
 }
 
 /// Rows `positions` of each length-`l` sequence in `x` (`[B * L, D]`).
@@ -489,8 +489,9 @@ impl Dit {
         // block computes only those after attention.
         let keep = positions.filter(|pos| !pos.iter().copied().eq(0..l));
         let last = self.blocks.len() - 1;
+        let pass = Pass { rope: &self.rope, causal: self.cfg.causal, lora };
         for (i, (block, m)) in self.blocks.iter().zip(block_mods).enumerate() {
-            x = block.forward(x, l, m, &self.rope, self.cfg.causal, lora, keep.filter(|_| i == last))?;
+            x = block.forward(x, l, m, &pass, keep.filter(|_| i == last))?;
         }
         // (A config has at least one block: `ModelConfig::validate`.)
         let p = keep.map_or(l, <[usize]>::len);
