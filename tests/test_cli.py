@@ -73,7 +73,7 @@ def test_top_level_help_and_version():
 
 
 @pytest.mark.parametrize("sub,options", [
-    ("generate", ["--model", "--suffix", "--length", "--steps", "--sampler", "--seed", "--temperature",
+    ("generate", ["--model", "--suffix", "--length", "--steps", "--sampler", "--seed", "--temperature", "--top-p",
                   "--block-length", "--guidance", "--threshold", "--threads", "--dtype", "--matmul", "--quiet",
                   "<PROMPT>", "ancestral", "threshold"]),
     ("info", ["<MODEL>", "--dtype"]),
@@ -198,6 +198,7 @@ def bad_files(folder, tmp_path_factory):
     (["--steps", 0], 3),
     (["--steps", 1, "--block-length", 4, "--length", 30], 3),
     (["--temperature", "nan"], 3),
+    (["--top-p", 0], 3),
     (["--guidance", "nan"], 3),
     (["--threshold", 0], 3),
     (["--block-length", 0], 3),

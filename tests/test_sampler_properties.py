@@ -52,6 +52,7 @@ def sampler_kwargs(draw, L):
         block_length=draw(st.none() | st.integers(1, L + 3) | st.integers(1, 3)),
         guidance=draw(st.just(0.0) | st.floats(0.0, 5.0)),
         temperature=draw(st.sampled_from([0.0, 1.0]) | st.floats(0.0, 3.0)),
+        top_p=draw(st.sampled_from([1.0, 0.9]) | st.floats(1e-6, 1.0)),
         threshold=draw(st.floats(0.05, 1.0)),
         seed=draw(st.integers(0, 2**64 - 1)),
     )
@@ -154,7 +155,7 @@ def test_errors_leave_the_engine_usable(eng, canvas, kw):
     bad = kw.draw(st.sampled_from([
         dict(steps=0), dict(temperature=float("nan")), dict(temperature=-0.5), dict(guidance=-1.0),
         dict(guidance=float("inf")), dict(block_length=0), dict(threshold=0.0), dict(threshold=1.5),
-        dict(sampler="greedy"),
+        dict(sampler="greedy"), dict(top_p=0.0), dict(top_p=1.5), dict(top_p=float("nan")),
     ]))
     with pytest.raises(aios_rt.InputError):
         eng.diffuse_tokens(canvas, **bad)
@@ -229,3 +230,40 @@ def test_sampled_tokens_follow_the_models_distribution():
         assert MASK not in g.tokens
         means.append(np.array(g.confidence)[~given].mean())
     assert abs(np.mean(means) - expected) < 0.1 * expected, (np.mean(means), expected)
+
+
+def test_nucleus_sampling_keeps_to_the_nucleus():
+    """With top_p a one-step ancestral generation draws every position from
+    the smallest set of most probable tokens holding top_p of the tempered
+    mass, computed here in NumPy from the same logits; a tiny nucleus is the
+    greedy choice."""
+    import numpy as np
+    from pathlib import Path
+
+    e = aios_rt.Engine(Path(__file__).resolve().parents[1] / "models" / "aios-text-tiny", dtype="f32", threads=2)
+    first = e.diffuse("The old house", length=64, steps=1, sampler="ancestral", seed=0)
+    given = np.array(first.given)
+    canvas = np.where(given, np.array(first.tokens), MASK).tolist()
+    lg = e.logits([canvas])[0].astype(np.float64)
+    lg[:, MASK] = -np.inf
+    for temperature, top_p in [(1.0, 0.5), (0.7, 0.9)]:
+        z = lg / temperature
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        order = np.argsort(-p, axis=1, kind="stable")
+        sorted_p = np.take_along_axis(p, order, 1)
+        # Size of each nucleus: tokens until the running mass reaches top_p
+        # (one more for f32 rounding at the boundary).
+        size = (np.cumsum(sorted_p, 1) < top_p).sum(1) + 2
+        drawn_sizes = []
+        for seed in range(10):
+            g = e.diffuse("The old house", length=64, steps=1, sampler="ancestral", seed=seed,
+                          temperature=temperature, top_p=top_p)
+            for pos in np.flatnonzero(~given):
+                rank = int(np.flatnonzero(order[pos] == g.tokens[pos])[0])
+                assert rank < size[pos], (temperature, top_p, pos, rank, size[pos])
+                drawn_sizes.append(rank)
+        assert max(drawn_sizes) > 0  # it still samples, not just the argmax
+    greedy = e.diffuse("The old house", length=64, steps=16, sampler="confidence", temperature=0.0)
+    tiny = e.diffuse("The old house", length=64, steps=16, sampler="confidence", seed=7, top_p=1e-9)
+    assert tiny.tokens == greedy.tokens

@@ -44,6 +44,7 @@ class Engine:
         block_length: Optional[int] = None,
         guidance: float = 0.0,
         temperature: float = 1.0,
+        top_p: float = 1.0,
         threshold: float = 0.9,
         suffix: Optional[str] = None,
     ) -> Generation: ...
@@ -56,6 +57,7 @@ class Engine:
         block_length: Optional[int] = None,
         guidance: float = 0.0,
         temperature: float = 1.0,
+        top_p: float = 1.0,
         threshold: float = 0.9,
     ) -> Generation: ...
     def logits(self, batch: Sequence[Sequence[int]], sigma: Optional[float] = None) -> np.ndarray: ...

@@ -171,12 +171,14 @@ fn sampler_options(
     block_length: Option<&Bound<'_, PyAny>>,
     guidance: f64,
     temperature: f64,
+    top_p: f64,
     threshold: f64,
 ) -> PyResult<SamplerOptions> {
     let o = SamplerOptions {
         strategy: Strategy::parse(sampler).map_err(to_py)?,
         steps: count_or(steps, DEFAULT_STEPS, "steps")?,
         temperature,
+        top_p,
         block_length: opt_count(block_length, "block_length")?,
         guidance,
         threshold,
@@ -205,7 +207,7 @@ impl Engine {
 
     /// Generates from a prompt. `length` is the whole canvas (prompt included).
     #[pyo3(signature = (prompt="", modality="text", length=None, steps=None, sampler="confidence", seed=None,
-                        block_length=None, guidance=0.0, temperature=1.0, threshold=0.9, suffix=None))]
+                        block_length=None, guidance=0.0, temperature=1.0, top_p=1.0, threshold=0.9, suffix=None))]
     #[allow(clippy::too_many_arguments)]
     fn diffuse(
         &self,
@@ -219,6 +221,7 @@ impl Engine {
         block_length: Option<&Bound<'_, PyAny>>,
         guidance: f64,
         temperature: f64,
+        top_p: f64,
         threshold: f64,
         suffix: Option<String>,
     ) -> PyResult<Generation> {
@@ -227,7 +230,7 @@ impl Engine {
                 "modality {modality:?} is not available: this model has only a text head"
             )));
         }
-        let sampler = sampler_options(sampler, steps, seed, block_length, guidance, temperature, threshold)?;
+        let sampler = sampler_options(sampler, steps, seed, block_length, guidance, temperature, top_p, threshold)?;
         let req = TextRequest {
             prompt: prompt.to_string(),
             suffix,
@@ -240,7 +243,7 @@ impl Engine {
     /// Generates on a token canvas: every `mask_token_id` is filled, all other
     /// tokens are kept (infilling anywhere).
     #[pyo3(signature = (tokens, steps=None, sampler="confidence", seed=None, block_length=None, guidance=0.0,
-                        temperature=1.0, threshold=0.9))]
+                        temperature=1.0, top_p=1.0, threshold=0.9))]
     #[allow(clippy::too_many_arguments)]
     fn diffuse_tokens(
         &self,
@@ -252,9 +255,10 @@ impl Engine {
         block_length: Option<&Bound<'_, PyAny>>,
         guidance: f64,
         temperature: f64,
+        top_p: f64,
         threshold: f64,
     ) -> PyResult<Generation> {
-        let opts = sampler_options(sampler, steps, seed, block_length, guidance, temperature, threshold)?;
+        let opts = sampler_options(sampler, steps, seed, block_length, guidance, temperature, top_p, threshold)?;
         let tokens = token_ids(tokens)?;
         let mut g = run(py, || self.inner.generate_tokens(tokens, &opts, &mut |_| {}))?;
         if let Ok(text) = self.inner.decode(&g.tokens) {

@@ -67,8 +67,12 @@ struct GenerateArgs {
     sampler: String,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Sampling temperature (0 = greedy).
     #[arg(long, default_value_t = 1.0)]
     temperature: f64,
+    /// Nucleus sampling: draw only from the most probable tokens holding this much of the mass (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
     /// Semi-autoregressive block size (default: whole canvas at once).
     #[arg(long)]
     block_length: Option<usize>,
@@ -121,6 +125,7 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
         strategy: Strategy::parse(&a.sampler)?,
         steps: a.steps,
         temperature: a.temperature,
+        top_p: a.top_p,
         block_length: a.block_length,
         guidance: a.guidance,
         threshold: a.threshold,

@@ -60,6 +60,9 @@ pub struct SamplerOptions {
     pub steps: usize,
     /// Sampling temperature; 0 = greedy.
     pub temperature: f64,
+    /// Nucleus sampling: draw only from the most probable tokens holding
+    /// this much of the tempered mass (1 = off; no effect when greedy).
+    pub top_p: f64,
     /// Semi-autoregressive block size (None = the whole canvas is one block).
     pub block_length: Option<usize>,
     /// Classifier-free guidance weight w (0 = off): `un + (w+1)(cond - un)`.
@@ -75,6 +78,7 @@ impl Default for SamplerOptions {
             strategy: Strategy::Confidence,
             steps: 16,
             temperature: 1.0,
+            top_p: 1.0,
             block_length: None,
             guidance: 0.0,
             threshold: 0.9,
@@ -92,6 +96,9 @@ impl SamplerOptions {
         }
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return crate::input_err!("temperature must be finite and >= 0, got {}", self.temperature);
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return crate::input_err!("top_p must be in (0, 1], got {}", self.top_p);
         }
         if !(self.guidance.is_finite() && self.guidance >= 0.0) {
             return crate::input_err!("guidance must be finite and >= 0, got {}", self.guidance);
@@ -220,7 +227,7 @@ pub fn sample(
             let scored: Vec<(usize, PositionScore)> = crate::threads::parallel_map(eligible.len(), |j| {
                 let i = eligible[j];
                 let mut rng = Stream::new(opts.seed, global_step as u64, i as u64);
-                score_row(&logits[j * vocab..(j + 1) * vocab], mask, opts.temperature, &mut rng)
+                score_row(&logits[j * vocab..(j + 1) * vocab], mask, opts.temperature, opts.top_p, &mut rng)
                     .map(|sc| (i, sc))
                     .ok_or_else(|| Error::Numeric(format!("the model produced non-finite logits at position {i}")))
             })

@@ -24,7 +24,13 @@ pub struct PositionScore {
 /// step on the tiny model), so every pass is written to vectorise: the
 /// exponentials are f32 (relative error 2e-7, below the f32 statistics we
 /// return) and every sum is accumulated in f64 in a fixed order.
-pub fn score_row(row: &[f32], mask_id: u32, temperature: f64, rng: &mut Stream) -> Option<PositionScore> {
+///
+/// At `temperature` > 0 the token is drawn from softmax(logits / T); with
+/// `top_p` < 1 only from its nucleus, the most probable tokens holding at
+/// least `top_p` of the (tempered) mass (Holtzman et al. 2020; temperature
+/// first, as Hugging Face's warpers do). `prob` stays the untempered model
+/// probability of the drawn token.
+pub fn score_row(row: &[f32], mask_id: u32, temperature: f64, top_p: f64, rng: &mut Stream) -> Option<PositionScore> {
     let mask = mask_id as usize;
     // Logits with the mask at -inf: it can never be predicted.
     let mut d = row.to_vec();
@@ -75,12 +81,21 @@ pub fn score_row(row: &[f32], mask_id: u32, temperature: f64, rng: &mut Stream) 
         // without two logarithms per vocabulary entry (which were two thirds
         // of a temperature-1 generation's time).
         let u = rng.uniform();
-        if temperature == 1.0 {
-            sample_index(&exps, u * sum)
+        let tempered;
+        let (weights, total) = if temperature == 1.0 {
+            (&exps, sum)
         } else {
             let t = temperature as f32;
-            let weights: Vec<f32> = d.iter().map(|&v| exp0(v / t)).collect();
-            sample_index(&weights, u * sum_f64(&weights))
+            tempered = d.iter().map(|&v| exp0(v / t)).collect::<Vec<f32>>();
+            (&tempered, sum_f64(&tempered))
+        };
+        if top_p < 1.0 {
+            // The largest weight is exp(0) = 1 at any temperature.
+            let cut = nucleus_threshold(weights, 1.0, top_p * total);
+            let nucleus: Vec<f32> = weights.iter().map(|&w| if w >= cut { w } else { 0.0 }).collect();
+            sample_index(&nucleus, u * sum_f64(&nucleus))
+        } else {
+            sample_index(weights, u * total)
         }
     } else {
         i1
@@ -138,6 +153,35 @@ fn sum_f64(x: &[f32]) -> f64 {
     tree8(acc) + tail
 }
 
+/// The largest `cut` such that the weights `>= cut` sum to at least `target`
+/// (`0 < target <= Σ weights`; `max` is the largest weight): the nucleus is
+/// every weight `>= cut`. Bisection over the bit patterns of non-negative
+/// f32s, which order like the numbers: 31 vectorised passes, no sort.
+fn nucleus_threshold(weights: &[f32], max: f32, target: f64) -> f32 {
+    let mass = |cut: f32| {
+        let mut lanes = [0f32; 16];
+        let chunks = weights.chunks_exact(16);
+        let tail: f32 = chunks.remainder().iter().filter(|&&w| w >= cut).sum();
+        for c in chunks {
+            for l in 0..16 {
+                lanes[l] += if c[l] >= cut { c[l] } else { 0.0 };
+            }
+        }
+        lanes.iter().map(|&v| v as f64).sum::<f64>() + tail as f64
+    };
+    // mass(0) is the total >= target; find the largest bit pattern that keeps it.
+    let (mut lo, mut hi) = (0u32, max.to_bits());
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if mass(f32::from_bits(mid)) >= target {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    f32::from_bits(lo)
+}
+
 /// The first index at which the running sum of `weights` (all >= 0) reaches
 /// `target` (in `(0, Σ weights)`). Sums whole chunks first (vectorised), then
 /// walks the chunk that crosses. Rounding can leave `target` just above the
@@ -167,7 +211,7 @@ mod tests {
     #[test]
     fn argmax_at_zero_temperature_skips_mask() {
         let row = [0.0, 5.0, 1.0, 9.0];
-        let s = score_row(&row, 3, 0.0, &mut Stream::new(0, 0, 0)).unwrap();
+        let s = score_row(&row, 3, 0.0, 1.0, &mut Stream::new(0, 0, 0)).unwrap();
         assert_eq!(s.token, 1);
         let z: f64 = [0.0f64, 5.0, 1.0].iter().map(|x| x.exp()).sum();
         assert!((s.prob as f64 - 5f64.exp() / z).abs() < 1e-6);
@@ -179,7 +223,7 @@ mod tests {
         let row = [0.0f32, (3.0f32).ln(), 0.0];
         let mut counts = [0usize; 3];
         for pos in 0..20_000 {
-            let s = score_row(&row, 2, 1.0, &mut Stream::new(1, 0, pos)).unwrap();
+            let s = score_row(&row, 2, 1.0, 1.0, &mut Stream::new(1, 0, pos)).unwrap();
             counts[s.token as usize] += 1;
         }
         assert_eq!(counts[2], 0);
@@ -198,13 +242,63 @@ mod tests {
             let n = 40_000;
             let mut counts = vec![0usize; row.len()];
             for pos in 0..n {
-                counts[score_row(&row, 7, t, &mut Stream::new(3, 1, pos)).unwrap().token as usize] += 1;
+                counts[score_row(&row, 7, t, 1.0, &mut Stream::new(3, 1, pos)).unwrap().token as usize] += 1;
             }
             assert_eq!(counts[7], 0);
             // Total variation distance between empirical and exact: ~0.03 at this n.
             let tv: f64 = counts.iter().zip(&w).map(|(&c, &w)| (c as f64 / n as f64 - w / z).abs()).sum::<f64>() / 2.0;
             assert!(tv < 0.05, "T = {t}: total variation {tv}");
         }
+    }
+
+    #[test]
+    fn nucleus_sampling_draws_from_the_renormalised_nucleus() {
+        // 200 tokens with distinct logits; the mask (7) never comes out.
+        let row: Vec<f32> = (0..200).map(|i| ((i * 37 % 199) as f32) * 0.02 - 2.0).collect();
+        for (t, top_p) in [(1.0f64, 0.5f64), (0.7, 0.9), (2.0, 0.3)] {
+            let w: Vec<f64> =
+                row.iter().enumerate().map(|(i, &x)| if i == 7 { 0.0 } else { (x as f64 / t).exp() }).collect();
+            let z: f64 = w.iter().sum();
+            // The nucleus from a sort: most probable first, until top_p of the mass.
+            let mut order: Vec<usize> = (0..row.len()).filter(|&i| i != 7).collect();
+            order.sort_by(|&a, &b| w[b].total_cmp(&w[a]));
+            let (mut kept, mut acc) = (vec![false; row.len()], 0.0);
+            for &i in &order {
+                kept[i] = true;
+                acc += w[i] / z;
+                if acc >= top_p {
+                    break;
+                }
+            }
+            let zk: f64 = (0..row.len()).filter(|&i| kept[i]).map(|i| w[i]).sum();
+            let n = 40_000;
+            let mut counts = vec![0usize; row.len()];
+            for pos in 0..n {
+                counts[score_row(&row, 7, t, top_p, &mut Stream::new(5, 2, pos)).unwrap().token as usize] += 1;
+            }
+            for i in 0..row.len() {
+                assert!(kept[i] || counts[i] == 0, "T = {t}, top_p = {top_p}: token {i} is outside the nucleus");
+            }
+            let tv: f64 = (0..row.len())
+                .map(|i| (counts[i] as f64 / n as f64 - if kept[i] { w[i] / zk } else { 0.0 }).abs())
+                .sum::<f64>()
+                / 2.0;
+            assert!(tv < 0.05, "T = {t}, top_p = {top_p}: total variation {tv}");
+        }
+    }
+
+    #[test]
+    fn a_tiny_nucleus_is_greedy_and_ties_stay_in() {
+        let row = [0.5f32, 2.0, -1.0, 2.0, 1.9];
+        for pos in 0..200 {
+            let s = score_row(&row, 2, 1.0, 1e-6, &mut Stream::new(9, 0, pos)).unwrap();
+            assert!(s.token == 1 || s.token == 3, "{}", s.token);
+        }
+        let mut no_tail = [0f32; 64];
+        no_tail[10] = 1.0;
+        assert_eq!(nucleus_threshold(&no_tail, 1.0, 1.0), 1.0);
+        // A target just above the mass (rounding at top_p ~ 1): everything is kept.
+        assert_eq!(nucleus_threshold(&no_tail, 1.0, 1.0 + 1e-3), 0.0);
     }
 
     #[test]
@@ -219,7 +313,7 @@ mod tests {
         }
         // Two equal maxima: the first is the token, the margin is 0.
         let row = [0.0f32, 3.0, 1.0, 3.0, -1.0];
-        let s = score_row(&row, 4, 0.0, &mut Stream::new(0, 0, 0)).unwrap();
+        let s = score_row(&row, 4, 0.0, 1.0, &mut Stream::new(0, 0, 0)).unwrap();
         assert_eq!((s.token, s.margin), (1, 0.0));
     }
 
@@ -238,7 +332,7 @@ mod tests {
     #[test]
     fn statistics_match_a_direct_computation() {
         let row: Vec<f32> = (0..4096).map(|i| ((i * 7919 % 1000) as f32 / 100.0) - 5.0).collect();
-        let s = score_row(&row, 3, 0.0, &mut Stream::new(0, 0, 0)).unwrap();
+        let s = score_row(&row, 3, 0.0, 1.0, &mut Stream::new(0, 0, 0)).unwrap();
         let valid: Vec<f64> = row.iter().enumerate().filter(|&(i, _)| i != 3).map(|(_, &x)| x as f64).collect();
         let z: f64 = valid.iter().map(|x| x.exp()).sum();
         let p: Vec<f64> = valid.iter().map(|x| x.exp() / z).collect();
@@ -257,7 +351,7 @@ mod tests {
     #[test]
     fn non_finite_rows_are_rejected() {
         let mut rng = Stream::new(0, 0, 0);
-        assert!(score_row(&[f32::NAN, 1.0, 0.0], 2, 1.0, &mut rng).is_none());
-        assert!(score_row(&[f32::NEG_INFINITY, f32::NEG_INFINITY, 0.0], 2, 1.0, &mut rng).is_none());
+        assert!(score_row(&[f32::NAN, 1.0, 0.0], 2, 1.0, 1.0, &mut rng).is_none());
+        assert!(score_row(&[f32::NEG_INFINITY, f32::NEG_INFINITY, 0.0], 2, 1.0, 1.0, &mut rng).is_none());
     }
 }
