@@ -206,12 +206,10 @@ def test_one_step_fills_everything_at_once(eng, sampler):
     assert MASK not in g.tokens and g.steps_run == 1 and g.forward_passes == 1
 
 
-def test_sampled_tokens_follow_the_models_distribution():
-    """At temperature 1 a one-step ancestral generation reveals every masked
-    position with a token drawn from the model's softmax, so the mean committed
-    confidence over many seeds must match E[p(token)] = sum_i p_i^2, computed
-    here from the logits in NumPy (catches a biased sampler, e.g. one that
-    favours the top token or draws the mask)."""
+def shipped_first_step_logits():
+    """The shipped model (f32), which positions "The old house" gives on a
+    64-token canvas, and the float64 logits of that canvas's first step with
+    the mask token at -inf."""
     import numpy as np
     from pathlib import Path
 
@@ -221,6 +219,18 @@ def test_sampled_tokens_follow_the_models_distribution():
     canvas = np.where(given, np.array(first.tokens), MASK).tolist()
     lg = e.logits([canvas])[0].astype(np.float64)
     lg[:, MASK] = -np.inf
+    return e, given, lg
+
+
+def test_sampled_tokens_follow_the_models_distribution():
+    """At temperature 1 a one-step ancestral generation reveals every masked
+    position with a token drawn from the model's softmax, so the mean committed
+    confidence over many seeds must match E[p(token)] = sum_i p_i^2, computed
+    here from the logits in NumPy (catches a biased sampler, e.g. one that
+    favours the top token or draws the mask)."""
+    import numpy as np
+
+    e, given, lg = shipped_first_step_logits()
     p = np.exp(lg - lg.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     expected = (p**2).sum(1)[~given].mean()
@@ -238,14 +248,8 @@ def test_nucleus_sampling_keeps_to_the_nucleus():
     mass, computed here in NumPy from the same logits; a tiny nucleus is the
     greedy choice."""
     import numpy as np
-    from pathlib import Path
 
-    e = aios_rt.Engine(Path(__file__).resolve().parents[1] / "models" / "aios-text-tiny", dtype="f32", threads=2)
-    first = e.diffuse("The old house", length=64, steps=1, sampler="ancestral", seed=0)
-    given = np.array(first.given)
-    canvas = np.where(given, np.array(first.tokens), MASK).tolist()
-    lg = e.logits([canvas])[0].astype(np.float64)
-    lg[:, MASK] = -np.inf
+    e, given, lg = shipped_first_step_logits()
     for temperature, top_p in [(1.0, 0.5), (0.7, 0.9)]:
         z = lg / temperature
         p = np.exp(z - z.max(1, keepdims=True))
