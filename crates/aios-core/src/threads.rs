@@ -400,13 +400,7 @@ mod tests {
         assert_eq!(total.load(SeqCst), 3 * 50 * 10);
         // After the spin window the worker parks; a new job must wake it.
         std::thread::sleep(SPIN * 3);
-        let count = AtomicUsize::new(0);
-        pool.install(|| {
-            parallel_for(100, |_| {
-                count.fetch_add(1, SeqCst);
-            })
-        });
-        assert_eq!(count.load(SeqCst), 100);
+        assert_eq!(tasks_run(&pool, 100), 100);
     }
 
     #[test]
@@ -415,13 +409,36 @@ mod tests {
         let r =
             catch_unwind(AssertUnwindSafe(|| pool.install(|| parallel_for(10, |i| assert!(i != 5, "task 5 fails")))));
         assert!(r.is_err());
+        assert_eq!(tasks_run(&pool, 10), 10);
+    }
+
+    /// How many of `n` tasks ran when a parallel loop of `n` runs on `pool`.
+    fn tasks_run(pool: &Pool, n: usize) -> usize {
         let count = AtomicUsize::new(0);
         pool.install(|| {
-            parallel_for(10, |_| {
+            parallel_for(n, |_| {
                 count.fetch_add(1, SeqCst);
             })
         });
-        assert_eq!(count.load(SeqCst), 10);
+        count.load(SeqCst)
+    }
+
+    #[test]
+    fn row_blocks_cover_every_row_once() {
+        let pool = Pool::new(Some(3), "test").unwrap();
+        for rows in [0usize, 1, 7, 8, 9, 64] {
+            let (mut a, mut b) = (vec![0u32; rows * 3], vec![0u32; rows]);
+            pool.install(|| {
+                parallel_row_blocks((&mut a, 3), (&mut b, 1), 8, |first, ra, rb| {
+                    for (i, (r, v)) in ra.chunks_exact_mut(3).zip(rb.iter_mut()).enumerate() {
+                        r.iter_mut().for_each(|x| *x += (first + i) as u32 + 1);
+                        *v += 1;
+                    }
+                })
+            });
+            assert!(a.chunks_exact(3).enumerate().all(|(i, r)| r.iter().all(|&x| x == i as u32 + 1)), "{rows}");
+            assert!(b.iter().all(|&v| v == 1), "{rows}");
+        }
     }
 
     #[test]
