@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import torch
 
@@ -41,6 +43,20 @@ def test_resume_continues_identically(tmp_path):
         assert torch.equal(a, b), k
     for k in full["ema"].shadow:
         assert torch.equal(full["ema"].shadow[k], resumed["ema"].shadow[k]), k
+
+
+def test_time_limit_counts_this_invocation_only(tmp_path):
+    # elapsed_s is cumulative over resumes; the time limit must not be, or a resumed long run stops at once.
+    assert train(_args(tmp_path / "d", steps=8, stop_after=4))["stopped_early"]
+    state = tmp_path / "d" / "ckpt" / "state.json"
+    s = json.loads(state.read_text())
+    s["elapsed_s"] = 1e6
+    state.write_text(json.dumps(s))
+    r = train(_args(tmp_path / "d", steps=8, time_limit_min=60))
+    assert not r["stopped_early"] and r["steps"] == 8
+    assert r["elapsed_s"] > 1e6  # the log keeps the cumulative clock
+    r = train(_args(tmp_path / "e", steps=8, time_limit_min=0))
+    assert r["stopped_early"] and r["steps"] == 1
 
 
 def test_export_and_eval(tmp_path):

@@ -52,7 +52,9 @@ class TrainArgs:
     eval_every: int = 250
     eval_windows: int = 64
     ckpt_every: int = 250
-    time_limit_min: float | None = None  # safety stop (saves a checkpoint); use fixed steps for fair budgets
+    # Safety stop (saves a checkpoint) after this many minutes of *this* invocation; a resumed run gets the
+    # full limit again. Use fixed steps for fair budgets.
+    time_limit_min: float | None = None
     stop_after: int | None = None        # stop (with a checkpoint) after this global step; simulates interruption
     progress: bool = True
 
@@ -201,7 +203,8 @@ def train(a: TrainArgs, resume: bool = True) -> dict:
 
     log = open(out / "log.jsonl", "a")
     start_step = counters["step"]
-    t0 = time.time() - counters["elapsed_s"]
+    t0 = time.time() - counters["elapsed_s"]  # elapsed_s in logs and checkpoints is cumulative over resumes
+    invocation_start = time.time()
     bar = tqdm(total=a.steps, initial=start_step, desc="train-ar" if a.ar else "train-mdlm", unit="step",
                disable=not a.progress, dynamic_ncols=True)
     losses: list[float] = []
@@ -243,7 +246,7 @@ def train(a: TrainArgs, resume: bool = True) -> dict:
             stopped_early = True
             checkpoint()
             break
-        if a.time_limit_min is not None and time.time() - t0 > 60 * a.time_limit_min and not last:
+        if a.time_limit_min is not None and time.time() - invocation_start > 60 * a.time_limit_min and not last:
             tqdm.write(f"time limit {a.time_limit_min} min reached at step {step + 1}; checkpointing and stopping")
             stopped_early = True
             checkpoint()
