@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--eval-every", type=int, default=250)
     s.add_argument("--eval-windows", type=int, default=64)
     s.add_argument("--ckpt-every", type=int, default=100)
-    s.add_argument("--time-limit-min", type=float, default=None, help="safety stop with a checkpoint after this many minutes of this invocation")
+    s.add_argument("--time-limit-min", type=float, default=None,
+                   help="safety stop with a checkpoint after this many minutes of this invocation")
     s.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
     s.set_defaults(fn=cmd_train)
 
