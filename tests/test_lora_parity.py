@@ -4,6 +4,7 @@ random configs; a PEFT folder imported gives the same logits as the file
 exported from the same adapter; quantised bases stay close."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,3 +132,28 @@ def test_quantized_base_with_adapter_stays_close(tmp_path):
         e.load_adapter(lora)
     d = np.abs(e8.logits(tokens) - e32.logits(tokens))
     assert d.mean() < 0.05, d.mean()
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models"
+BASE, ADAPTER = SHIPPED / "aios-text-tiny", SHIPPED / "aios-text-tiny-bible-lora" / "adapter.lora.parquet"
+
+
+@pytest.mark.skipif(not ADAPTER.exists(), reason="shipped adapter not built yet")
+def test_shipped_adapter_fits_shipped_base():
+    # Retraining the base changes its fingerprint; this catches a release that forgot to retrain the adapter.
+    base, _ = load_model(BASE / "model.f32.parquet")  # apply_lora checks config and fingerprint
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(4, base.config.vocab_size, size=(1, base.config.max_length))
+    tokens[:, ::3] = base.config.mask_token_id
+    tokens[:, 0] = 1
+    tokens = tokens.tolist()
+    want = torch_logits(apply_lora(base, ADAPTER, weight=1.0), tokens, 0.0)
+    for dtype, tol in (("f32", 1e-4), ("int4", None)):
+        eng = aios_rt.Engine(BASE, dtype=dtype, threads=2)
+        eng.load_adapter(ADAPTER, name="bible")
+        got = eng.logits(tokens)
+        if tol is not None:
+            assert np.abs(got - want).max() < tol, np.abs(got - want).max()
+        else:  # the int4 base: same direction of change, small error on average
+            assert np.abs(got - want).mean() < 0.5, np.abs(got - want).mean()
+    assert np.abs(want - torch_logits(base, tokens, 0.0)).max() > 1.0  # the adapter matters
