@@ -37,7 +37,7 @@ setup:
 
 # Generate English text with the shipped tiny model (progress bar on stderr).
 demo prompt="The old house" *args="": setup
-    target/release/aios-run generate --model {{model}} "{{prompt}}" --length 64 --steps 64 --sampler ancestral --top-p 0.9 --seed 0 {{args}}
+    target/release/aios-run generate --model {{model}} "{{prompt}}" --length 64 --steps 64 --sampler ancestral --top-p 0.8 --seed 0 {{args}}
 
 # Store a few memories and search them (MiniLM embeddings, Arrow segments).
 memory-demo dir="runs/memory-demo": setup
