@@ -4,13 +4,12 @@ random configs; a PEFT folder imported gives the same logits as the file
 exported from the same adapter; quantised bases stay close."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import _train_path  # noqa: F401
+from _train_path import ROOT
 import aios_rt
 from aios_train.export import load_model
 from aios_train.lora import apply_lora, import_peft
@@ -134,14 +133,14 @@ def test_quantized_base_with_adapter_stays_close(tmp_path):
     assert d.mean() < 0.05, d.mean()
 
 
-SHIPPED = Path(__file__).resolve().parents[1] / "models"
-BASE, ADAPTER = SHIPPED / "aios-text-tiny", SHIPPED / "aios-text-tiny-bible-lora" / "adapter.lora.parquet"
+SHIPPED = ROOT / "models" / "aios-text-tiny"  # the same name as in test_parity.py and test_engine.py
+ADAPTER = ROOT / "models" / "aios-text-tiny-bible-lora" / "adapter.lora.parquet"
 
 
 @pytest.mark.skipif(not ADAPTER.exists(), reason="shipped adapter not built yet")
 def test_shipped_adapter_fits_shipped_base():
     # Retraining the base changes its fingerprint; this catches a release that forgot to retrain the adapter.
-    base, _ = load_model(BASE / "model.f32.parquet")  # apply_lora checks config and fingerprint
+    base, _ = load_model(SHIPPED / "model.f32.parquet")  # apply_lora checks config and fingerprint
     rng = np.random.default_rng(0)
     tokens = rng.integers(4, base.config.vocab_size, size=(1, base.config.max_length))
     tokens[:, ::3] = base.config.mask_token_id
@@ -150,7 +149,7 @@ def test_shipped_adapter_fits_shipped_base():
     want = torch_logits(apply_lora(base, ADAPTER, weight=1.0), tokens, 0.0)
     err = {}
     for dtype in ("f32", "int4"):
-        eng = aios_rt.Engine(BASE, dtype=dtype, threads=2)
+        eng = aios_rt.Engine(SHIPPED, dtype=dtype, threads=2)
         eng.load_adapter(ADAPTER, name="bible")
         err[dtype] = np.abs(eng.logits(tokens) - want)
     assert err["f32"].max() < 1e-4, err["f32"].max()
