@@ -12,6 +12,7 @@ pub mod adapter;
 pub mod engine;
 pub mod error;
 pub mod format;
+pub mod guard;
 pub mod memory;
 pub mod model;
 pub mod quant;

@@ -69,10 +69,10 @@ impl WeightFile {
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
         let bytes = Bytes::from_owner(mmap);
         let shown = path.display().to_string();
-        let parsed = std::panic::catch_unwind(|| parse(bytes, &shown));
+        let parsed = crate::guard::catch_silent(|| parse(bytes, &shown));
         let (metadata, tensors) = match parsed {
-            Ok(r) => r?,
-            Err(_) => return Err(Error::format(&shown, "the Parquet decoder rejected the file (corrupt data)")),
+            Some(r) => r?,
+            None => return Err(Error::format(&shown, "the Parquet decoder rejected the file (corrupt data)")),
         };
         Self::from_parts(path, len, metadata, tensors)
     }

@@ -13,18 +13,37 @@ use crate::{Error, Result};
 pub const TEMP_PREFIX: &str = ".tmp-";
 
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
-    let tmp = dir.join(format!("{TEMP_PREFIX}{name}"));
-    let target = dir.join(name);
+    write_temp(dir, name, bytes)?;
+    commit_temp(dir, name)?;
+    sync_dir(dir).map_err(|e| Error::io(dir, e))
+}
+
+/// The temp name under which `name` is written before it is committed.
+pub fn temp_name(name: &str) -> String {
+    format!("{TEMP_PREFIX}{name}")
+}
+
+/// Writes and fsyncs `bytes` as the temp file of `name` (not yet visible
+/// under `name`); removed again if anything fails.
+pub fn write_temp(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    let tmp = dir.join(temp_name(name));
     let result = (|| {
         let mut file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
         file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&tmp, &target)?;
-        sync_dir(dir)
+        file.sync_all()
     })();
     result.map_err(|e| {
         let _ = fs::remove_file(&tmp);
-        Error::io(&target, e)
+        Error::io(dir.join(name), e)
+    })
+}
+
+/// Renames the temp file of `name` to `name` (the caller fsyncs the folder).
+pub fn commit_temp(dir: &Path, name: &str) -> Result<()> {
+    let tmp = dir.join(temp_name(name));
+    fs::rename(&tmp, dir.join(name)).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        Error::io(dir.join(name), e)
     })
 }
 

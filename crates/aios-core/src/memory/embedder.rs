@@ -64,8 +64,8 @@ impl Embedder {
         let weights = read("model.safetensors")?;
         let fingerprint = format!("{:08x}-{}", crc32fast::hash(&weights), weights.len());
         let shown = weights_path.display().to_string();
-        let tensors = std::panic::catch_unwind(|| candle_core::safetensors::load_buffer(&weights, &Device::Cpu))
-            .map_err(|_| Error::format(&shown, "panicked while reading (corrupt file?)"))?
+        let tensors = crate::guard::catch_silent(|| candle_core::safetensors::load_buffer(&weights, &Device::Cpu))
+            .ok_or_else(|| Error::format(&shown, "the safetensors decoder rejected the file (corrupt data)"))?
             .map_err(|e| Error::format(&shown, e.to_string()))?;
         let model = Bert::load(tensors, config, &shown)?;
         Ok(Embedder { model, tokenizer, dim, name: format!("bert-l{layers}-h{dim}"), fingerprint })

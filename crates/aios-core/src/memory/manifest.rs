@@ -124,6 +124,14 @@ impl Manifest {
         if m.deleted.windows(2).any(|w| w[0] >= w[1]) {
             return Err(bad("deleted ids are not sorted"));
         }
+        // A segment entry names a file inside the store, as this build writes
+        // it: never an absolute path, `..` or another folder.
+        if let Some(r) = m.segments.iter().find(|r| segment_version(&r.file).is_none()) {
+            return Err(bad(&format!("segment entry {:?} is not a segment file name (seg-<version>.arrow)", r.file)));
+        }
+        if let Some(r) = m.segments.iter().find(|r| r.rows == 0 || r.first_id > r.last_id) {
+            return Err(bad(&format!("segment entry {:?} has an empty or inverted id range", r.file)));
+        }
         Ok(m)
     }
 
@@ -135,7 +143,30 @@ impl Manifest {
         self.segments.iter().map(|s| s.rows).sum()
     }
 
+    /// Rows not deleted. The store drops tombstones of ids it does not hold
+    /// when it loads a manifest, so this never counts them.
     pub fn live(&self) -> u64 {
-        self.rows() - self.deleted.len() as u64
+        self.rows().saturating_sub(self.deleted.len() as u64)
     }
+
+    /// The id the next memory gets: past every id this manifest's segments
+    /// hold, whatever `next_id` says (a reused id would hide a memory).
+    pub fn first_free_id(&self) -> u64 {
+        self.segments.iter().map(|s| s.last_id + 1).fold(self.next_id, u64::max)
+    }
+}
+
+/// The version in a segment file name `seg-<16 digits>.arrow`, or None for
+/// any other name (paths, `..`, other files).
+pub fn segment_version(file: &str) -> Option<u64> {
+    let digits = file.strip_prefix("seg-")?.strip_suffix(".arrow")?;
+    if digits.len() != 16 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The file name of the segment written at `version`.
+pub fn segment_file(version: u64) -> String {
+    format!("seg-{version:016}.arrow")
 }

@@ -14,8 +14,12 @@ use arrow_ipc::writer::FileWriter;
 use arrow_schema::{DataType, Field, Schema};
 use serde_json::{Map, Value};
 
+use super::manifest::VectorSource;
 use super::search::{quantize_rows, Int8Rows};
 use crate::{Error, Result};
+
+/// Schema metadata key holding the [`VectorSource`] as JSON.
+const KEY_SOURCE: &str = "aios.source";
 
 /// Rows per Arrow record batch (keeps utf8 offsets far below i32::MAX).
 const BATCH_ROWS: usize = 16_384;
@@ -33,6 +37,10 @@ pub struct Segment {
     pub created_ms: Vec<i64>,
     /// `len * dim` floats, row-major, each row of unit length.
     pub vectors: Vec<f32>,
+    /// Where the vectors came from, as recorded in the file (files written
+    /// before this was recorded have none); lets a store whose manifests are
+    /// lost be rebuilt from its segments alone.
+    pub source: Option<VectorSource>,
     int8: OnceLock<Int8Rows>,
 }
 
@@ -93,7 +101,7 @@ impl Segment {
         );
     }
 
-    fn schema(dim: usize) -> Arc<Schema> {
+    fn schema(dim: usize, source: Option<&VectorSource>) -> Arc<Schema> {
         let item = Arc::new(Field::new("item", DataType::Float32, false));
         let fields = vec![
             Field::new("id", DataType::UInt64, false),
@@ -102,14 +110,17 @@ impl Segment {
             Field::new("created_ms", DataType::Int64, false),
             Field::new("embedding", DataType::FixedSizeList(item, dim as i32), false),
         ];
-        let metadata: std::collections::HashMap<String, String> =
+        let mut metadata: std::collections::HashMap<String, String> =
             [("aios.kind".to_string(), "memory-segment".to_string())].into_iter().collect();
+        if let Some(source) = source {
+            metadata.insert(KEY_SOURCE.to_string(), serde_json::to_string(source).expect("source serialises"));
+        }
         Arc::new(Schema::new_with_metadata(fields, metadata))
     }
 
     /// The Arrow IPC file bytes of this segment.
     pub fn encode(&self, name: &str) -> Result<Vec<u8>> {
-        let schema = Self::schema(self.dim);
+        let schema = Self::schema(self.dim, self.source.as_ref());
         let arrow = |e: arrow_schema::ArrowError| Error::format(name, format!("arrow: {e}"));
         let mut buf = Vec::new();
         let mut writer = FileWriter::try_new(&mut buf, &schema).map_err(arrow)?;
@@ -138,18 +149,33 @@ impl Segment {
     }
 
     /// Parses and validates a segment file's bytes; `name` is used in errors.
-    pub fn decode(bytes: Vec<u8>, dim: usize, name: &str) -> Result<Segment> {
+    /// `dim` is the store's dimension, or None to take the file's own (when
+    /// a store is rebuilt from segments alone).
+    pub fn decode(bytes: Vec<u8>, dim: Option<usize>, name: &str) -> Result<Segment> {
         let bad = |msg: String| Error::format(name, msg);
         let reader =
             FileReader::try_new(Cursor::new(bytes), None).map_err(|e| bad(format!("not an Arrow IPC file: {e}")))?;
-        let expected = Self::schema(dim);
+        let dim = match dim {
+            Some(d) => d,
+            None => match reader.schema().fields().get(4).map(|f| f.data_type().clone()) {
+                Some(DataType::FixedSizeList(_, d)) if d > 0 && d as usize <= super::store::MAX_DIM => d as usize,
+                _ => return Err(bad("no embedding column of a valid dimension".into())),
+            },
+        };
+        let source = match reader.schema().metadata().get(KEY_SOURCE) {
+            Some(json) => Some(
+                serde_json::from_str::<VectorSource>(json).map_err(|e| bad(format!("invalid {KEY_SOURCE}: {e}")))?,
+            ),
+            None => None,
+        };
+        let expected = Self::schema(dim, None);
         if reader.schema().fields() != expected.fields() {
             return Err(bad(format!(
                 "unexpected schema {:?}; expected id, text, meta, created_ms, embedding[{dim}]",
                 reader.schema().fields().iter().map(|f| format!("{}: {}", f.name(), f.data_type())).collect::<Vec<_>>()
             )));
         }
-        let mut seg = Segment::new(dim);
+        let mut seg = Segment { source, ..Segment::new(dim) };
         for batch in reader {
             let batch = batch.map_err(|e| bad(format!("unreadable record batch: {e}")))?;
             let col = |i: usize| batch.column(i).clone();

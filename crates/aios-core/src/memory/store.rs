@@ -4,11 +4,20 @@
 //! - `seg-<version>.arrow`: immutable Arrow IPC segments ([`Segment`]);
 //! - `MANIFEST-<version>`: the checksummed list of live segments and
 //!   tombstones ([`Manifest`]); the newest one that verifies is the store;
-//! - `LOCK`: held (flock) by the one process that may write;
-//! - `.tmp-*`: an interrupted write; ignored and removed.
+//! - `LOCK`: held (flock) by the one process that may write, which also locks
+//!   the folder itself, so deleting `LOCK` does not let a second writer in;
+//! - `.tmp-*`: a write in progress or interrupted; ignored and removed.
 //!
-//! Every mutation writes its new files atomically and then publishes a new
-//! manifest, so a crash at any instant leaves the previous or the next state.
+//! A mutation writes its segment and its manifest as fsynced temp files, then
+//! renames the segment and, last, the manifest (the commit point). A crash at
+//! any instant leaves the previous or the next state; a segment whose
+//! manifest is still a temp file is recognisably an interrupted write.
+//!
+//! The store never deletes a file it cannot account for. A segment that no
+//! manifest names and that is not an interrupted write (its manifest was lost
+//! or deleted) is reported in `warnings` and kept; `recover` adds its
+//! memories back. Segments are removed only together with the old manifests
+//! that named them, once newer manifests no longer do.
 //! Readers work on an immutable [`Snapshot`]; writers build a new one and swap
 //! it in, so searches never see half an append.
 
@@ -21,9 +30,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rayon::prelude::*;
 use serde_json::{Map, Value};
 
-use super::durable::{sync_dir, write_atomic, TEMP_PREFIX};
+use super::durable::{commit_temp, sync_dir, temp_name, write_temp, TEMP_PREFIX};
 use super::embedder::Embedder;
-use super::manifest::{Manifest, SegmentRef, VectorSource};
+use super::manifest::{segment_file, segment_version, Manifest, SegmentRef, VectorSource};
 use super::search::{dot_f32, dot_i8, quantize_one, rerank_pool, Filter, Precision, Scored, TopK};
 use super::segment::Segment;
 use crate::{input_err, Error, Result};
@@ -51,7 +60,10 @@ pub struct StoreOptions {
     pub embedder: Option<PathBuf>,
     /// Threads for search and embedding (default: all cores).
     pub threads: Option<usize>,
-    /// Skip damaged segments (reported in `warnings`) instead of failing.
+    /// Recover what can be recovered, reporting it in `warnings`: skip
+    /// damaged segments instead of failing, and (writable stores) add back
+    /// the memories of segments that no manifest names, rebuilding the
+    /// manifest when every manifest is lost.
     pub recover: bool,
 }
 
@@ -122,12 +134,90 @@ impl Snapshot {
     }
 }
 
+/// A segment file that no manifest names (its manifest was lost), decoded if
+/// it could be.
+struct Orphan {
+    file: String,
+    version: u64,
+    segment: Result<Segment>,
+}
+
+/// The cross-process writer lock: flocks on `LOCK` and on the folder itself.
+/// `LOCK` alone can be deleted while held, after which a second process
+/// would lock a new file of the same name; the folder cannot be swapped under
+/// an open handle, and its identity is checked before every write.
+struct WriterLock {
+    _file: File,
+    #[cfg(unix)]
+    dir: File,
+}
+
+impl WriterLock {
+    fn acquire(dir: &Path) -> Result<WriterLock> {
+        let busy = || {
+            input_err!(
+                "{} is open for writing elsewhere (another process or MemoryStore holds its LOCK); open it read_only",
+                dir.display()
+            )
+        };
+        let try_lock = |f: &File, path: &Path| match f.try_lock() {
+            Ok(()) => Ok(true),
+            Err(fs::TryLockError::WouldBlock) => Ok(false),
+            Err(fs::TryLockError::Error(e)) => Err(Error::io(path, e)),
+        };
+        #[cfg(unix)]
+        let dir_lock = {
+            let f = File::open(dir).map_err(|e| Error::io(dir, e))?;
+            if !try_lock(&f, dir)? {
+                return busy();
+            }
+            f
+        };
+        let lock_path = dir.join("LOCK");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(&lock_path, e))?;
+        if !try_lock(&file, &lock_path)? {
+            return busy();
+        }
+        Ok(WriterLock {
+            _file: file,
+            #[cfg(unix)]
+            dir: dir_lock,
+        })
+    }
+
+    /// Errors if `dir` is no longer the folder this lock holds (moved,
+    /// deleted or replaced since the store was opened).
+    fn check_owner(&self, dir: &Path) -> Result<()> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let held = self.dir.metadata().map_err(|e| Error::io(dir, e))?;
+            let now = fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
+            if (held.dev(), held.ino()) != (now.dev(), now.ino()) {
+                return Err(Error::io(
+                    dir,
+                    std::io::Error::other(
+                        "the store folder was moved or replaced since it was opened; reopen it to write",
+                    ),
+                ));
+            }
+        }
+        let _ = dir;
+        Ok(())
+    }
+}
+
 pub struct MemoryStore {
     dir: PathBuf,
     read_only: bool,
     snapshot: RwLock<Arc<Snapshot>>,
-    /// Serialises writers in this process; holds the cross-process `LOCK`.
-    writer: Mutex<Option<File>>,
+    /// Serialises writers in this process; holds the cross-process lock.
+    writer: Mutex<Option<WriterLock>>,
     embedder_path: Option<PathBuf>,
     embedder: Mutex<Option<Arc<Embedder>>>,
     pool: rayon::ThreadPool,
@@ -170,6 +260,41 @@ fn parse_meta(meta: Option<&str>) -> Result<(String, Map<String, Value>)> {
     }
 }
 
+/// Decodes a segment file; a panic inside the Arrow decoder on a hostile
+/// file becomes a format error, silently.
+fn decode_segment(bytes: Vec<u8>, dim: Option<usize>, name: &str) -> Result<Segment> {
+    crate::guard::catch_silent(|| Segment::decode(bytes, dim, name))
+        .unwrap_or_else(|| Err(Error::format(name, "the Arrow decoder rejected the file (corrupt data)")))
+}
+
+/// "3 segment files (memories 1..=40)" for error messages.
+fn orphan_summary(orphans: &[Orphan]) -> String {
+    let ids: Vec<(u64, u64)> = orphans
+        .iter()
+        .filter_map(|o| o.segment.as_ref().ok())
+        .filter_map(|s| Some((*s.ids.first()?, *s.ids.last()?)))
+        .collect();
+    let files = orphans.iter().map(|o| o.file.as_str()).collect::<Vec<_>>().join(", ");
+    match (ids.iter().map(|r| r.0).min(), ids.iter().map(|r| r.1).max()) {
+        (Some(a), Some(b)) => format!("{} segment file(s) hold memories {a}..={b} ({files})", orphans.len()),
+        _ => format!("{} unreadable segment file(s) are here ({files})", orphans.len()),
+    }
+}
+
+fn orphan_warning(o: &Orphan, manifest_version: u64, read_only: bool) -> String {
+    let held = match &o.segment {
+        Ok(s) => format!("memories {}..={}", s.ids.first().unwrap_or(&0), s.ids.last().unwrap_or(&0)),
+        Err(e) => format!("unreadable: {e}"),
+    };
+    let why = if o.version > manifest_version {
+        "it is newer than the newest manifest, whose last change may have been lost or deleted (rolled back)"
+    } else {
+        "its manifest was lost or deleted"
+    };
+    let how = if read_only { "open the store writable with recover=True" } else { "reopen with recover=True" };
+    format!("segment {} ({held}) is in no manifest: {why}. The file is kept; {how} to add its memories back", o.file)
+}
+
 fn check_text(text: &str) -> Result<()> {
     if text.trim().is_empty() {
         return input_err!("a memory's text must not be empty");
@@ -197,29 +322,13 @@ impl MemoryStore {
             None
         } else {
             fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-            let lock_path = dir.join("LOCK");
-            let lock = OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&lock_path)
-                .map_err(|e| Error::io(&lock_path, e))?;
-            match lock.try_lock() {
-                Ok(()) => {}
-                Err(fs::TryLockError::WouldBlock) => {
-                    return input_err!(
-                        "{} is open for writing elsewhere (another process or MemoryStore holds its LOCK); open it read_only",
-                        dir.display()
-                    )
-                }
-                Err(fs::TryLockError::Error(e)) => return Err(Error::io(&lock_path, e)),
-            }
-            Some(lock)
+            Some(WriterLock::acquire(&dir)?)
         };
 
         let mut warnings = Vec::new();
-        let mut snapshot = Self::load(&dir, None, opts.recover, &mut warnings)?;
-        if Manifest::list(&dir)?.is_empty() {
+        let (mut snapshot, orphans) = Self::load(&dir, None, opts.recover, &mut warnings)?;
+        let no_manifest = Manifest::list(&dir)?.is_empty();
+        if no_manifest && orphans.is_empty() {
             if writer.is_none() {
                 return input_err!("{} is not a memory store (no MANIFEST file)", dir.display());
             }
@@ -228,11 +337,31 @@ impl MemoryStore {
             snapshot.manifest.source = opts.dim.map(|_| VectorSource::Caller);
             snapshot.manifest.publish(&dir)?;
         }
-        // Never reuse a file name: after falling back from a damaged manifest,
-        // newer files on disk (kept for inspection) must not be overwritten.
-        let newest_on_disk = Self::newest_file_version(&dir)?;
-        snapshot.manifest.version = snapshot.manifest.version.max(newest_on_disk);
-        let store = MemoryStore {
+        let adopt = !orphans.is_empty() && opts.recover && writer.is_some();
+        if !orphans.is_empty() && !adopt {
+            let what = orphan_summary(&orphans);
+            if no_manifest {
+                return Err(Error::format(
+                    dir.display(),
+                    format!(
+                        "no MANIFEST file, but {what}: the store's manifests were lost. Nothing was changed; open it \
+                         writable with recover=True (aios-run memory ... --recover) to rebuild the store from them"
+                    ),
+                ));
+            }
+            for o in &orphans {
+                warnings.push(orphan_warning(o, snapshot.manifest.version, opts.read_only));
+            }
+        }
+        if writer.is_some() {
+            // Never reuse a file name: after falling back from a damaged
+            // manifest, newer files on disk (kept for inspection) must not be
+            // overwritten. (Read-only handles keep the manifest's own version,
+            // so `refresh` sees the writer's next publication.)
+            let newest_on_disk = Self::newest_file_version(&dir)?;
+            snapshot.manifest.version = snapshot.manifest.version.max(newest_on_disk);
+        }
+        let mut store = MemoryStore {
             dir,
             read_only: opts.read_only,
             snapshot: RwLock::new(Arc::new(snapshot)),
@@ -242,11 +371,99 @@ impl MemoryStore {
             pool,
             warnings,
         };
-        if !store.read_only {
+        if adopt {
+            store.adopt(orphans)?;
+        } else if !store.read_only {
             store.collect_garbage()?;
         }
         store.check_dim_option(opts.dim)?;
         Ok(store)
+    }
+
+    /// Recovery: folds the memories of orphan segments into the store (the
+    /// newest copy of each id wins; ids the manifest deleted stay deleted),
+    /// as one new segment and manifest, then removes the orphans it folded.
+    fn adopt(&mut self, orphans: Vec<Orphan>) -> Result<()> {
+        let writer = self.lock_writer()?;
+        let snap = self.snap();
+        let mut m = snap.manifest.clone();
+        let mut sources: Vec<(u64, Arc<Segment>)> = m
+            .segments
+            .iter()
+            .zip(&snap.segments)
+            .map(|(r, s)| (segment_version(&r.file).unwrap_or(0), s.clone()))
+            .collect();
+        let mut adopted = Vec::new();
+        let mut notes = Vec::new();
+        for o in orphans {
+            match o.segment {
+                Ok(seg) if m.dim.is_some_and(|d| d != seg.dim) => notes.push(format!(
+                    "kept {} aside: its vectors are {}-d, the store's are {}-d",
+                    o.file,
+                    seg.dim,
+                    m.dim.unwrap_or(0)
+                )),
+                Ok(seg) => {
+                    m.dim = Some(seg.dim);
+                    if m.source.is_none() {
+                        m.source = seg.source.clone();
+                    }
+                    adopted.push(o.file.clone());
+                    sources.push((o.version, Arc::new(seg)));
+                }
+                Err(e) => notes.push(format!("kept {} aside: it is damaged ({e})", o.file)),
+            }
+        }
+        // Newest file first: its copy of an id is the one kept.
+        sources.sort_by(|a, b| b.0.cmp(&a.0));
+        let mut rows: std::collections::BTreeMap<u64, (usize, usize)> = Default::default();
+        for (i, (_, seg)) in sources.iter().enumerate() {
+            for (row, id) in seg.ids.iter().enumerate() {
+                if !snap.deleted.contains(id) {
+                    rows.entry(*id).or_insert((i, row));
+                }
+            }
+        }
+        let before = m.live();
+        let dim = m.dim.unwrap_or(0);
+        let mut merged = Segment::new(dim);
+        for &(i, row) in rows.values() {
+            merged.push_from(&sources[i].1, row);
+        }
+        m.version += 1;
+        m.next_id = rows.keys().next_back().map_or(0, |id| id + 1).max(m.first_free_id());
+        m.deleted.clear();
+        let mut segments = Vec::new();
+        let new_file = if merged.is_empty() {
+            m.segments.clear();
+            None
+        } else {
+            let (r, seg) = self.write_segment(merged, m.version, m.source.as_ref())?;
+            m.segments = vec![r.clone()];
+            segments.push(Arc::new(seg));
+            Some(r.file)
+        };
+        if m.source.is_none() && !segments.is_empty() {
+            notes.push("the vector source (embedder or caller vectors) is unknown; the next add sets it".into());
+        }
+        let after = m.live();
+        self.publish(m, segments, new_file.as_deref(), &writer)?;
+        // The adopted files' rows now live in the new segment.
+        for f in &adopted {
+            let _ = fs::remove_file(self.dir.join(f));
+        }
+        let _ = sync_dir(&self.dir);
+        drop(writer);
+        self.warnings.push(format!(
+            "recovered: added back {} memories from {} segment file(s) no manifest named ({}); {} memories now. \
+             Memories deleted after those files were written may have come back: check and delete them again",
+            after.saturating_sub(before),
+            adopted.len(),
+            adopted.join(", "),
+            after
+        ));
+        self.warnings.extend(notes);
+        Ok(())
     }
 
     /// The highest version in any manifest or segment file name in `dir`.
@@ -274,18 +491,28 @@ impl MemoryStore {
     }
 
     /// Reads the newest manifest that verifies and its segments, reusing
-    /// segments already in memory (`previous`).
-    fn load(dir: &Path, previous: Option<&Snapshot>, recover: bool, warnings: &mut Vec<String>) -> Result<Snapshot> {
+    /// segments already in memory (`previous`), and finds the orphans: the
+    /// segment files no manifest names.
+    fn load(
+        dir: &Path,
+        previous: Option<&Snapshot>,
+        recover: bool,
+        warnings: &mut Vec<String>,
+    ) -> Result<(Snapshot, Vec<Orphan>)> {
         // A reader may race a writer that deletes files after publishing a
         // newer manifest: re-list and retry a few times before giving up.
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match Self::load_once(dir, previous, recover, warnings, attempt == 5) {
+            let mut tried = Vec::new();
+            match Self::load_once(dir, previous, recover, &mut tried, attempt == 5) {
                 Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound && attempt < 5 => {
                     continue
                 }
-                other => return other,
+                other => {
+                    warnings.extend(tried);
+                    return other;
+                }
             }
         }
     }
@@ -298,32 +525,47 @@ impl MemoryStore {
         recover: bool,
         warnings: &mut Vec<String>,
         final_attempt: bool,
-    ) -> Result<Snapshot> {
+    ) -> Result<(Snapshot, Vec<Orphan>)> {
         let versions = if dir.is_dir() { Manifest::list(dir)? } else { Vec::new() };
         let mut manifest = None;
         let mut skipped = Vec::new();
+        // Every segment any readable manifest names (older ones included).
+        let mut named = HashSet::new();
         for v in &versions {
             let name = Manifest::file_name(*v);
             let path = dir.join(&name);
-            let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+            let bytes = match fs::read(&path) {
+                Ok(b) => b,
+                // An old manifest removed by a writer since the listing.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && manifest.is_some() => continue,
+                Err(e) => return Err(Error::io(&path, e)),
+            };
             match Manifest::decode(&bytes, &path.display().to_string()) {
                 Ok(m) if m.version == *v => {
-                    manifest = Some(m);
-                    break;
+                    named.extend(m.segments.iter().map(|r| r.file.clone()));
+                    if manifest.is_none() {
+                        manifest = Some(m);
+                    }
                 }
-                Ok(_) => skipped.push(format!("{name}: version inside differs from its name")),
-                Err(e @ Error::Config(_)) => return Err(e),
-                Err(e) => skipped.push(e.to_string()),
+                Ok(_) if manifest.is_none() => skipped.push(format!("{name}: version inside differs from its name")),
+                Err(e @ Error::Config(_)) if manifest.is_none() => return Err(e),
+                Err(e) if manifest.is_none() => skipped.push(e.to_string()),
+                _ => {}
             }
         }
         for s in &skipped {
             warnings.push(format!("skipped damaged manifest: {s}"));
         }
+        let orphans = Self::find_orphans(dir, &named, &versions)?;
         let Some(mut manifest) = manifest else {
-            if versions.is_empty() {
-                return Ok(Snapshot { manifest: Manifest::empty(), segments: Vec::new(), deleted: HashSet::new() });
+            if versions.is_empty() || recover {
+                let snapshot = Snapshot { manifest: Manifest::empty(), segments: Vec::new(), deleted: HashSet::new() };
+                return Ok((snapshot, orphans));
             }
-            return Err(Error::format(dir.display(), format!("no manifest verifies: {}", skipped.join("; "))));
+            return Err(Error::format(
+                dir.display(),
+                format!("no manifest verifies: {}; open with recover=True to rebuild it from the segments", skipped.join("; ")),
+            ));
         };
         let dim = manifest.dim.unwrap_or(0);
         let mut segments = Vec::with_capacity(manifest.segments.len());
@@ -366,8 +608,63 @@ impl MemoryStore {
             }
         }
         manifest.segments = kept_refs;
+        // Tombstones of ids no segment holds would make the count wrong.
+        let holds = |id: &u64| {
+            let s = manifest.segments.partition_point(|r| r.last_id < *id);
+            segments.get(s).is_some_and(|seg| seg.find(*id).is_some())
+        };
+        let unknown: Vec<u64> = manifest.deleted.iter().copied().filter(|id| !holds(id)).collect();
+        if !unknown.is_empty() {
+            warnings.push(format!("ignored {} deletion(s) of ids the store does not hold: {unknown:?}", unknown.len()));
+            manifest.deleted.retain(|id| !unknown.contains(id));
+        }
+        // Ids are never reused: a new memory with an id already present
+        // would hide one of them.
+        let free = orphans
+            .iter()
+            .filter_map(|o| o.segment.as_ref().ok().and_then(|s| s.ids.last()).map(|id| id + 1))
+            .fold(manifest.first_free_id(), u64::max);
+        if free > manifest.next_id {
+            if free == manifest.first_free_id() {
+                warnings.push(format!(
+                    "the manifest's next id {} is behind ids the store holds; new memories start at {free}",
+                    manifest.next_id
+                ));
+            }
+            manifest.next_id = free;
+        }
         let deleted = manifest.deleted.iter().copied().collect();
-        Ok(Snapshot { manifest, segments, deleted })
+        Ok((Snapshot { manifest, segments, deleted }, orphans))
+    }
+
+    /// Segment files that no manifest names and that are not interrupted
+    /// writes (whose manifest is still a temp file), decoded where possible.
+    fn find_orphans(dir: &Path, named: &HashSet<String>, manifests: &[u64]) -> Result<Vec<Orphan>> {
+        let mut orphans = Vec::new();
+        if !dir.is_dir() {
+            return Ok(orphans);
+        }
+        for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.flatten() {
+            let file = entry.file_name().to_string_lossy().to_string();
+            let Some(version) = segment_version(&file) else { continue };
+            // (A manifest published since the listing also accounts for it.)
+            let interrupted = !manifests.contains(&version)
+                && (dir.join(temp_name(&Manifest::file_name(version))).exists()
+                    || dir.join(Manifest::file_name(version)).exists());
+            if named.contains(&file) || interrupted {
+                continue;
+            }
+            let path = dir.join(&file);
+            let segment = match fs::read(&path) {
+                Ok(bytes) => decode_segment(bytes, None, &path.display().to_string()),
+                // Removed by a writer since the listing: not an orphan.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => Err(Error::io(&path, e)),
+            };
+            orphans.push(Orphan { file, version, segment });
+        }
+        orphans.sort_by_key(|o| o.version);
+        Ok(orphans)
     }
 
     fn read_segment(dir: &Path, r: &SegmentRef, dim: usize) -> Result<Segment> {
@@ -380,8 +677,7 @@ impl MemoryStore {
         if crc32fast::hash(&bytes) != r.crc32 {
             return Err(Error::format(&name, "checksum mismatch (damaged file)"));
         }
-        let seg = std::panic::catch_unwind(|| Segment::decode(bytes, dim, &name))
-            .map_err(|_| Error::format(&name, "panicked while decoding"))??;
+        let seg = decode_segment(bytes, Some(dim), &name)?;
         if seg.len() as u64 != r.rows
             || seg.ids.first().copied().unwrap_or(0) != r.first_id
             || seg.ids.last().copied().unwrap_or(0) != r.last_id
@@ -458,7 +754,7 @@ impl MemoryStore {
     pub fn refresh(&self) -> Result<bool> {
         let old = self.snap();
         let mut warnings = Vec::new();
-        let new = Self::load(&self.dir, Some(&old), false, &mut warnings)?;
+        let (new, _) = Self::load(&self.dir, Some(&old), false, &mut warnings)?;
         let changed = new.manifest.version != old.manifest.version;
         if changed {
             *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
@@ -550,13 +846,14 @@ impl MemoryStore {
             segments.pop();
             refs.pop();
         }
-        let (r, seg) = self.write_segment(pending, m.version)?;
+        let (r, seg) = self.write_segment(pending, m.version, m.source.as_ref())?;
+        let file = r.file.clone();
         refs.push(r);
         segments.push(Arc::new(seg));
         m.segments = refs;
         m.deleted = deleted;
         let ids = (first..m.next_id).collect();
-        self.publish(m, segments, &writer)?;
+        self.publish(m, segments, Some(&file), &writer)?;
         Ok(ids)
     }
 
@@ -576,10 +873,18 @@ impl MemoryStore {
         }
     }
 
-    fn write_segment(&self, seg: Segment, version: u64) -> Result<(SegmentRef, Segment)> {
-        let file = format!("seg-{version:016}.arrow");
+    /// Encodes `seg` and writes it as the temp file of its name; `publish`
+    /// commits it together with the manifest that names it.
+    fn write_segment(
+        &self,
+        mut seg: Segment,
+        version: u64,
+        source: Option<&VectorSource>,
+    ) -> Result<(SegmentRef, Segment)> {
+        let file = segment_file(version);
+        seg.source = source.cloned();
         let bytes = seg.encode(&file)?;
-        write_atomic(&self.dir, &file, &bytes)?;
+        write_temp(&self.dir, &file, &bytes)?;
         let r = SegmentRef {
             file,
             rows: seg.len() as u64,
@@ -591,16 +896,42 @@ impl MemoryStore {
         Ok((r, seg))
     }
 
-    /// Publishes `m` (the commit point), swaps the in-memory snapshot and
-    /// removes files no retained manifest needs. The writer guard proves the
-    /// caller holds the write lock.
+    /// Publishes `m` and the segment `new_segment` written for it, swaps the
+    /// in-memory snapshot and removes files no retained manifest needs. The
+    /// manifest is written (temp, fsynced) before the segment is renamed into
+    /// place, so a segment without its manifest is always recognisable as an
+    /// interrupted write; renaming the manifest is the commit point. The
+    /// writer guard proves the caller holds the write lock.
     fn publish(
         &self,
         m: Manifest,
         segments: Vec<Arc<Segment>>,
-        _writer: &std::sync::MutexGuard<Option<File>>,
+        new_segment: Option<&str>,
+        writer: &std::sync::MutexGuard<Option<WriterLock>>,
     ) -> Result<()> {
-        m.publish(&self.dir)?;
+        let dir = &self.dir;
+        let result = (|| {
+            writer.as_ref().map_or(Ok(()), |w| w.check_owner(dir))?;
+            let name = Manifest::file_name(m.version);
+            write_temp(dir, &name, &m.encode())?;
+            sync_dir(dir).map_err(|e| Error::io(dir, e))?;
+            if let Some(seg) = new_segment {
+                commit_temp(dir, seg)?;
+            }
+            commit_temp(dir, &name)?;
+            sync_dir(dir).map_err(|e| Error::io(dir, e))
+        })();
+        if let Err(e) = result {
+            // Nothing was acknowledged: leave no half-published files.
+            let _ = fs::remove_file(dir.join(temp_name(&Manifest::file_name(m.version))));
+            if let Some(seg) = new_segment {
+                let _ = fs::remove_file(dir.join(temp_name(seg)));
+                if !dir.join(Manifest::file_name(m.version)).exists() {
+                    let _ = fs::remove_file(dir.join(seg));
+                }
+            }
+            return Err(e);
+        }
         let deleted = m.deleted.iter().copied().collect();
         *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) =
             Arc::new(Snapshot { manifest: m, segments, deleted });
@@ -609,32 +940,50 @@ impl MemoryStore {
         Ok(())
     }
 
-    /// Removes temp files, manifests beyond the newest few, and segments no
-    /// retained manifest references.
+    /// Removes manifests beyond the newest few together with the segments
+    /// only they name, temp files, and interrupted writes (a segment whose
+    /// manifest is still a temp file). Any other file stays.
     fn collect_garbage(&self) -> Result<()> {
         if !self.warnings.is_empty() {
             return Ok(()); // something was damaged: keep every file for inspection
         }
         let versions = Manifest::list(&self.dir)?;
         let mut keep_segments = HashSet::new();
+        let mut dropped = Vec::new();
         for (i, v) in versions.iter().enumerate() {
             let path = self.dir.join(Manifest::file_name(*v));
-            if i >= KEEP_MANIFESTS {
-                let _ = fs::remove_file(&path);
-                continue;
-            }
-            let Ok(bytes) = fs::read(&path) else { continue };
+            let Ok(bytes) = fs::read(&path) else { return Ok(()) };
             match Manifest::decode(&bytes, "") {
-                Ok(m) => keep_segments.extend(m.segments.into_iter().map(|s| s.file)),
-                Err(_) => return Ok(()), // be conservative
+                Ok(m) if i < KEEP_MANIFESTS => keep_segments.extend(m.segments.into_iter().map(|s| s.file)),
+                Ok(m) => dropped.push((path, m.segments)),
+                Err(_) if i < KEEP_MANIFESTS => return Ok(()), // be conservative
+                Err(_) => {} // an old damaged manifest: kept, with whatever it names
             }
         }
+        // Segments first: a crash between the two steps leaves an old
+        // manifest naming missing files (never used while newer ones verify),
+        // rather than segments that no manifest accounts for.
+        for (path, segments) in dropped {
+            for r in segments.iter().filter(|r| !keep_segments.contains(&r.file)) {
+                let _ = fs::remove_file(self.dir.join(&r.file));
+            }
+            let _ = fs::remove_file(path);
+        }
+        let temp_manifest = temp_name(&Manifest::file_name(0));
+        let temp_manifest = &temp_manifest[..temp_manifest.len() - 16];
         for entry in fs::read_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?.flatten() {
             let name = entry.file_name().to_string_lossy().to_string();
-            let stale_segment = name.starts_with("seg-") && name.ends_with(".arrow") && !keep_segments.contains(&name);
-            if name.starts_with(TEMP_PREFIX) || stale_segment {
-                let _ = fs::remove_file(entry.path());
+            if !name.starts_with(TEMP_PREFIX) {
+                continue;
             }
+            // An interrupted write: its segment was renamed, its manifest not.
+            if let Some(v) = name.strip_prefix(temp_manifest).and_then(|v| v.parse::<u64>().ok()) {
+                let seg = segment_file(v);
+                if !versions.contains(&v) && !keep_segments.contains(&seg) {
+                    let _ = fs::remove_file(self.dir.join(seg));
+                }
+            }
+            let _ = fs::remove_file(entry.path());
         }
         let _ = sync_dir(&self.dir);
         Ok(())
@@ -651,7 +1000,7 @@ impl MemoryStore {
     }
 
     /// The writer guard, refused on read-only or closed stores.
-    fn lock_writer(&self) -> Result<std::sync::MutexGuard<'_, Option<File>>> {
+    fn lock_writer(&self) -> Result<std::sync::MutexGuard<'_, Option<WriterLock>>> {
         if self.read_only {
             return input_err!("this MemoryStore was opened read_only");
         }
@@ -686,7 +1035,7 @@ impl MemoryStore {
         m.version += 1;
         m.deleted.extend(unique);
         m.deleted.sort_unstable();
-        self.publish(m, snap.segments.clone(), &writer)
+        self.publish(m, snap.segments.clone(), None, &writer)
     }
 
     /// Rewrites all segments into one without deleted rows. Returns the
@@ -710,15 +1059,16 @@ impl MemoryStore {
         }
         let dropped = m.deleted.len() as u64;
         m.deleted.clear();
-        let segments = if merged.is_empty() {
+        let (segments, file) = if merged.is_empty() {
             m.segments.clear();
-            Vec::new()
+            (Vec::new(), None)
         } else {
-            let (r, seg) = self.write_segment(merged, m.version)?;
+            let (r, seg) = self.write_segment(merged, m.version, m.source.as_ref())?;
+            let file = r.file.clone();
             m.segments = vec![r];
-            vec![Arc::new(seg)]
+            (vec![Arc::new(seg)], Some(file))
         };
-        self.publish(m, segments, &writer)?;
+        self.publish(m, segments, file.as_deref(), &writer)?;
         Ok(dropped)
     }
 

@@ -268,7 +268,9 @@ fn damaged_files_are_reported_never_silently_dropped() {
     let good = fs::read(&path).unwrap();
     fs::write(&path, &good[..good.len() / 2]).unwrap();
     let s = MemoryStore::open(dir.path(), StoreOptions { read_only: true, ..Default::default() }).unwrap();
-    assert_eq!(s.warnings().len(), 1);
+    assert!(s.warnings()[0].starts_with("skipped damaged manifest"), "{:?}", s.warnings());
+    // The segment only the damaged manifest named is reported, not dropped.
+    assert!(s.warnings()[1].contains("in no manifest"), "{:?}", s.warnings());
     assert_eq!(s.len(), 8);
     drop(s);
     // Writing after the fall-back never overwrites the newer files on disk.
@@ -297,4 +299,195 @@ fn damaged_files_are_reported_never_silently_dropped() {
     fs::write(dir.path().join(Manifest::file_name(newest + 1)), newer).unwrap();
     let err = MemoryStore::open(dir.path(), opts(4)).unwrap_err();
     assert!(matches!(err, Error::Config(_)) && err.to_string().contains("newer"), "{err}");
+}
+
+fn manifests(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    Manifest::list(dir).unwrap().into_iter().map(|v| dir.join(Manifest::file_name(v))).collect()
+}
+
+fn segment_files(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("seg-"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Rewrites the newest manifest through `edit` (checksum recomputed).
+fn rewrite_newest_manifest(dir: &std::path::Path, edit: impl FnOnce(&mut Manifest)) {
+    let path = manifests(dir)[0].clone();
+    let mut m = Manifest::decode(&fs::read(&path).unwrap(), "test").unwrap();
+    edit(&mut m);
+    fs::write(&path, m.encode()).unwrap();
+}
+
+#[test]
+fn lost_manifests_never_delete_segments_and_recover_rebuilds() {
+    let dir = tempfile::tempdir().unwrap();
+    let vs = vectors(5, 4, 21);
+    {
+        let s = MemoryStore::open(dir.path(), opts(4)).unwrap();
+        fill(&s, &vs[..3]);
+        fill(&s, &vs[3..]);
+        s.delete(&[2]).unwrap();
+    }
+    let segs = segment_files(dir.path());
+    for p in manifests(dir.path()) {
+        fs::remove_file(p).unwrap();
+    }
+    // Writable or read-only: a clear error, and every segment stays.
+    for read_only in [false, true] {
+        let err = MemoryStore::open(dir.path(), StoreOptions { read_only, ..opts(4) }).unwrap_err();
+        assert!(matches!(err, Error::Format { .. }) && err.to_string().contains("recover"), "{err}");
+        assert_eq!(segment_files(dir.path()), segs);
+    }
+    // Recovery rebuilds the store from its segments, with a warning.
+    let s = MemoryStore::open(dir.path(), StoreOptions { recover: true, ..opts(4) }).unwrap();
+    assert!(s.warnings().iter().any(|w| w.contains("recovered")), "{:?}", s.warnings());
+    assert_eq!(s.len(), 5, "the deletion was in the lost manifest: the memory comes back, as the warning says");
+    assert_eq!(s.get(5).unwrap().text, "memory 1");
+    let id = s.add(mem("after recovery", &[1.0, 0.0, 0.0, 0.0])).unwrap();
+    assert_eq!(id, 6, "ids are never reused");
+    drop(s);
+    let s = MemoryStore::open(dir.path(), opts(4)).unwrap();
+    assert!(s.warnings().is_empty(), "{:?}", s.warnings());
+    assert_eq!(s.len(), 6);
+}
+
+#[test]
+fn a_deleted_newest_manifest_is_reported_and_recoverable() {
+    let dir = tempfile::tempdir().unwrap();
+    let vs = vectors(4, 4, 22);
+    {
+        let s = MemoryStore::open(dir.path(), opts(4)).unwrap();
+        fill(&s, &vs[..3]);
+        s.add(mem("the last change", &vs[3])).unwrap();
+    }
+    fs::remove_file(&manifests(dir.path())[0]).unwrap();
+    for read_only in [true, false] {
+        let s = MemoryStore::open(dir.path(), StoreOptions { read_only, ..opts(4) }).unwrap();
+        assert_eq!(s.len(), 3);
+        assert!(
+            s.warnings().iter().any(|w| w.contains("in no manifest") && w.contains("rolled back")),
+            "{:?}",
+            s.warnings()
+        );
+    }
+    // Writing on top keeps the orphan (and the warning) until recovery.
+    {
+        let s = MemoryStore::open(dir.path(), opts(4)).unwrap();
+        let id = s.add(mem("written after", &[0.0, 1.0, 0.0, 0.0])).unwrap();
+        assert_eq!(id, 5, "the orphan's id 4 is not reused");
+    }
+    let s = MemoryStore::open(dir.path(), opts(4)).unwrap();
+    assert!(s.warnings().iter().any(|w| w.contains("in no manifest")), "{:?}", s.warnings());
+    drop(s);
+    let s = MemoryStore::open(dir.path(), StoreOptions { recover: true, ..opts(4) }).unwrap();
+    assert_eq!(s.len(), 5);
+    assert_eq!(s.get(4).unwrap().text, "the last change");
+}
+
+#[test]
+fn an_interrupted_write_is_rolled_back_silently() {
+    let dir = tempfile::tempdir().unwrap();
+    let vs = vectors(3, 4, 23);
+    {
+        let s = MemoryStore::open(dir.path(), opts(4)).unwrap();
+        fill(&s, &vs[..2]);
+        s.add(mem("unacknowledged", &vs[2])).unwrap();
+    }
+    // The state a crash leaves between the segment's rename and the
+    // manifest's: the manifest is still its temp file.
+    let newest = manifests(dir.path())[0].clone();
+    let tmp = dir.path().join(format!(".tmp-{}", newest.file_name().unwrap().to_string_lossy()));
+    fs::rename(&newest, &tmp).unwrap();
+    let s = MemoryStore::open(dir.path(), StoreOptions { read_only: true, ..opts(4) }).unwrap();
+    assert!(s.warnings().is_empty(), "{:?}", s.warnings());
+    assert_eq!(s.len(), 2);
+    drop(s);
+    let s = MemoryStore::open(dir.path(), opts(4)).unwrap();
+    assert!(s.warnings().is_empty(), "{:?}", s.warnings());
+    assert_eq!(s.len(), 2);
+    assert!(!tmp.exists());
+    assert_eq!(segment_files(dir.path()).len(), 1, "the interrupted write's segment is removed");
+}
+
+#[test]
+fn a_reader_opened_mid_write_sees_the_publication() {
+    let dir = tempfile::tempdir().unwrap();
+    let vs = vectors(3, 4, 24);
+    let writer = MemoryStore::open(dir.path(), opts(4)).unwrap();
+    fill(&writer, &vs[..2]);
+    writer.add(mem("third", &vs[2])).unwrap();
+    // Reopen the window: segment renamed, manifest not yet.
+    let newest = manifests(dir.path())[0].clone();
+    let tmp = dir.path().join(format!(".tmp-{}", newest.file_name().unwrap().to_string_lossy()));
+    fs::rename(&newest, &tmp).unwrap();
+    let reader = MemoryStore::open(dir.path(), StoreOptions { read_only: true, ..opts(4) }).unwrap();
+    assert_eq!(reader.len(), 2);
+    fs::rename(&tmp, &newest).unwrap(); // the writer's commit
+    assert!(reader.refresh().unwrap(), "refresh must see the newly published manifest");
+    assert_eq!(reader.len(), 3);
+    assert_eq!(reader.get(3).unwrap().text, "third");
+}
+
+#[test]
+fn manifests_are_not_trusted_blindly() {
+    let dir = tempfile::tempdir().unwrap();
+    let vs = vectors(3, 4, 25);
+    {
+        let s = MemoryStore::open(dir.path(), opts(4)).unwrap();
+        fill(&s, &vs);
+    }
+    let pristine: Vec<(std::path::PathBuf, Vec<u8>)> =
+        manifests(dir.path()).into_iter().map(|p| (p.clone(), fs::read(&p).unwrap())).collect();
+    let restore = || {
+        for (p, b) in &pristine {
+            fs::write(p, b).unwrap();
+        }
+    };
+    // Segment entries must be plain segment names inside the store.
+    for bad in ["/etc/passwd", "../seg-0000000000000001.arrow", "sub/seg-0000000000000001.arrow", "LOCK"] {
+        rewrite_newest_manifest(dir.path(), |m| m.segments[0].file = bad.into());
+        let s = MemoryStore::open(dir.path(), StoreOptions { read_only: true, ..Default::default() }).unwrap();
+        assert!(s.warnings().iter().any(|w| w.contains("not a segment file name")), "{bad}: {:?}", s.warnings());
+        restore();
+    }
+    // next_id behind the ids present: corrected, never reused.
+    rewrite_newest_manifest(dir.path(), |m| m.next_id = 1);
+    {
+        let s = MemoryStore::open(dir.path(), opts(4)).unwrap();
+        assert!(s.warnings().iter().any(|w| w.contains("next id")), "{:?}", s.warnings());
+        assert_eq!(s.add(mem("new", &[1.0, 2.0, 3.0, 4.0])).unwrap(), 4);
+        assert_eq!(s.get(1).unwrap().text, "memory 0");
+        assert_eq!(s.len(), 4);
+    }
+    // Tombstones of unknown ids do not break the count.
+    rewrite_newest_manifest(dir.path(), |m| m.deleted = vec![2, 999, 1000, 1001, 1002, 1003]);
+    let s = MemoryStore::open(dir.path(), StoreOptions { read_only: true, ..Default::default() }).unwrap();
+    assert_eq!(s.len(), 3);
+    assert_eq!(s.stats().deleted, 1);
+    assert!(s.warnings().iter().any(|w| w.contains("does not hold")), "{:?}", s.warnings());
+}
+
+#[test]
+fn deleting_lock_does_not_let_a_second_writer_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = MemoryStore::open(dir.path(), opts(4)).unwrap();
+    fs::remove_file(dir.path().join("LOCK")).unwrap();
+    let err = MemoryStore::open(dir.path(), opts(4)).unwrap_err();
+    assert!(err.to_string().contains("open for writing elsewhere"), "{err}");
+    first.add(mem("still the writer", &[1.0, 0.0, 0.0, 0.0])).unwrap();
+    drop(first);
+    // A folder replaced under an open writer is refused, not written.
+    let s = MemoryStore::open(dir.path(), opts(4)).unwrap();
+    let moved = dir.path().with_extension("moved");
+    fs::rename(dir.path(), &moved).unwrap();
+    fs::create_dir(dir.path()).unwrap();
+    let err = s.add(mem("into the void", &[0.0, 1.0, 0.0, 0.0])).unwrap_err();
+    assert!(matches!(err, Error::Io { .. }) && err.to_string().contains("moved or replaced"), "{err}");
+    fs::remove_dir(dir.path()).unwrap();
+    fs::rename(&moved, dir.path()).unwrap();
 }
