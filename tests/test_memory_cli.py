@@ -99,12 +99,22 @@ def test_errors_and_exit_codes(tmp_path):
         assert p.returncode == code, (p.args, p.returncode, p.stderr)
         assert msg in p.stderr, (p.args, p.stderr)
 
-    # A bad line stops an import; earlier batches stay, nothing half-written.
-    jsonl = tmp_path / "bad.jsonl"
-    jsonl.write_text('{"text": "first good line"}\n{"text": "second"}\n{"nope": 1}\n{"text": "never"}\n')
-    p = run("import", store, jsonl, "--batch", "1")
-    assert p.returncode == 3 and "line 3" in p.stderr
-    assert "memories  3" in run("stats", store).stdout
+    # The whole file is validated first: any bad line adds nothing and is
+    # named by its number, whatever kind of error it has.
+    bad_lines = [
+        (b'{"nope": 1}', "needs a \"text\""),
+        (b'{"text": "caf\xe9"}', "not valid UTF-8"),
+        (b'{"text": "x", "vector": [1, 2]}', "do not pass vectors"),
+        (b'{"text": "x", "meta": [1]}', "must be an object"),
+        (b'{"text": "   "}', "must not be empty"),
+        (b"{not json", "invalid JSON"),
+    ]
+    for line, msg in bad_lines:
+        jsonl = tmp_path / "bad.jsonl"
+        jsonl.write_bytes(b'{"text": "first good line"}\n{"text": "second"}\n' + line + b'\n{"text": "never"}\n')
+        p = run("import", store, jsonl, "--batch", "1")
+        assert p.returncode == 3 and "line 3" in p.stderr and msg in p.stderr, (line, p.stderr)
+        assert "memories  1" in run("stats", store).stdout, line
 
     # A damaged segment is a format error (exit 4) that names the file.
     seg = sorted(store.glob("seg-*.arrow"))[-1]
@@ -113,6 +123,25 @@ def test_errors_and_exit_codes(tmp_path):
     seg.write_bytes(bytes(data))
     p = run("search", store, "x")
     assert p.returncode == 4 and seg.name in p.stderr and "recover" in p.stderr
+
+
+def test_lost_manifests_are_an_error_and_recover_rebuilds(tmp_path):
+    """Neither opening nor `compact` deletes segments whose manifests are gone."""
+    store = tmp_path / "mem"
+    assert run("add", store, KYOTO).returncode == 0
+    segs = sorted(p.name for p in store.glob("seg-*.arrow"))
+    for m in store.glob("MANIFEST-*"):
+        m.unlink()
+    for cmd in (("compact", store), ("stats", store), ("add", store, "another")):
+        p = run(*cmd)
+        assert p.returncode == 4 and "recover" in p.stderr, (cmd, p.stderr)
+        assert sorted(p.name for p in store.glob("seg-*.arrow")) == segs
+    p = run("stats", store, "--recover")
+    assert p.returncode == 4, "a read-only command cannot rebuild the manifest"
+    p = run("compact", store, "--recover")
+    assert p.returncode == 0 and "recovered" in p.stderr, p.stderr
+    assert "memories  1" in run("stats", store).stdout
+    assert KYOTO in run("search", store, "Kyoto", "-k", "1").stdout
 
 
 def test_vectors_in_jsonl(tmp_path):

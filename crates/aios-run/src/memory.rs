@@ -21,6 +21,10 @@ pub struct MemoryArgs {
     /// Worker threads (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Recover a damaged store: skip damaged segments and add back the
+    /// memories of segments whose manifest was lost (printed as warnings).
+    #[arg(long, global = true)]
+    recover: bool,
 }
 
 #[derive(Subcommand)]
@@ -68,7 +72,8 @@ enum MemoryCommand {
 fn open(dir: &Path, a: &MemoryArgs, read_only: bool) -> Result<MemoryStore, Error> {
     let embedder =
         a.embedder.clone().or_else(|| std::env::var_os("AIOS_EMBEDDER").filter(|v| !v.is_empty()).map(PathBuf::from));
-    let store = MemoryStore::open(dir, StoreOptions { read_only, embedder, threads: a.threads, ..Default::default() })?;
+    let opts = StoreOptions { read_only, embedder, threads: a.threads, recover: a.recover, ..Default::default() };
+    let store = MemoryStore::open(dir, opts)?;
     for w in store.warnings() {
         eprintln!("warning: {w}");
     }
@@ -154,8 +159,11 @@ fn parse_line(line: &str, line_no: usize) -> Result<NewMemory, Error> {
     Ok(NewMemory { text: text.to_string(), meta, vector })
 }
 
-/// Imports in atomic batches: a bad line stops the import before its batch,
-/// and every earlier batch stays committed.
+/// Imports all or nothing as far as the input goes: every line is read and
+/// validated first (JSON, text, meta, vector), so a bad line adds nothing
+/// and names its line number. The valid file is then added in atomic
+/// batches; if writing fails midway (a full disk), the batches before it stay
+/// committed and the error says how many memories and lines that is.
 fn import(store: &MemoryStore, file: &Path, batch: usize) -> Result<(), Error> {
     let f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
     let total = f.metadata().map(|m| m.len()).unwrap_or(0);
@@ -164,25 +172,65 @@ fn import(store: &MemoryStore, file: &Path, batch: usize) -> Result<(), Error> {
             .expect("template")
             .progress_chars("=> "),
     );
-    let mut pending = Vec::new();
-    let mut added = 0usize;
-    let flush = |pending: &mut Vec<NewMemory>, added: &mut usize| -> Result<(), Error> {
-        *added += store.add_many(std::mem::take(pending))?.len();
+    let mut memories = Vec::new();
+    let mut with_vector: Option<(usize, usize)> = None; // (line, dim) of the first vector
+    let mut without_vector: Option<usize> = None;
+    let validate = |memories: &mut Vec<(usize, NewMemory)>,
+                    with_vector: &mut Option<(usize, usize)>,
+                    without_vector: &mut Option<usize>|
+     -> Result<(), Error> {
+        for line in BufReader::new(f).split(b'\n').enumerate().map(|(i, l)| (i + 1, l)) {
+            let (line_no, bytes) = line;
+            let bytes = bytes.map_err(|e| Error::io(file, e))?;
+            bar.inc(bytes.len() as u64 + 1);
+            let text = String::from_utf8(bytes)
+                .map_err(|e| Error::Input(format!("line {line_no}: not valid UTF-8 ({e})")))?;
+            if text.trim().is_empty() {
+                continue;
+            }
+            let m = parse_line(&text, line_no)?;
+            let here = |e: Error| Error::Input(format!("line {line_no}: {}", e.to_string().trim_start_matches("invalid input: ")));
+            store.check(&m).map_err(here)?;
+            match (&m.vector, *with_vector, *without_vector) {
+                (Some(v), Some((first, dim)), _) if v.len() != dim => {
+                    return input_err!("line {line_no}: vector has dimension {}, line {first}'s has {dim}", v.len())
+                }
+                (Some(_), _, Some(first)) | (None, Some((first, _)), _) => {
+                    return input_err!(
+                        "line {line_no}: pass a \"vector\" on every line or on none (line {first} differs)"
+                    )
+                }
+                (Some(v), None, _) => *with_vector = Some((line_no, v.len())),
+                (None, _, None) => *without_vector = Some(line_no),
+                _ => {}
+            }
+            memories.push((line_no, m));
+        }
         Ok(())
     };
-    for (i, line) in BufReader::new(f).lines().enumerate() {
-        let line = line.map_err(|e| Error::io(file, e))?;
-        bar.inc(line.len() as u64 + 1);
-        if line.trim().is_empty() {
-            continue;
+    validate(&mut memories, &mut with_vector, &mut without_vector).inspect_err(|_| bar.abandon())?;
+    bar.set_position(0);
+    bar.set_length(memories.len() as u64);
+    let mut added = 0usize;
+    let mut last_line = 0;
+    let mut rest = memories.into_iter().peekable();
+    while rest.peek().is_some() {
+        let chunk: Vec<(usize, NewMemory)> = rest.by_ref().take(batch).collect();
+        let end_line = chunk.last().map_or(0, |c| c.0);
+        let n = chunk.len();
+        if let Err(e) = store.add_many(chunk.into_iter().map(|c| c.1).collect()) {
+            bar.abandon();
+            eprintln!(
+                "import stopped: {added} memories (lines 1..={last_line}) were committed before this error; \
+                 the rest of the file was not added"
+            );
+            return Err(e);
         }
-        pending.push(parse_line(&line, i + 1).inspect_err(|_| bar.abandon())?);
-        if pending.len() == batch {
-            flush(&mut pending, &mut added).inspect_err(|_| bar.abandon())?;
-            bar.set_message(format!("{added} memories"));
-        }
+        added += n;
+        last_line = end_line;
+        bar.inc(n as u64);
+        bar.set_message(format!("{added} memories"));
     }
-    flush(&mut pending, &mut added)?;
     bar.finish_and_clear();
     eprintln!("imported {added} memories into {}", store.dir().display());
     Ok(())

@@ -762,6 +762,24 @@ impl MemoryStore {
         Ok(changed)
     }
 
+    /// Validates a memory as `add` would (text, meta, and a vector's
+    /// presence, dimension and values against this store) without adding it.
+    pub fn check(&self, m: &NewMemory) -> Result<()> {
+        check_text(&m.text)?;
+        parse_meta(m.meta.as_deref())?;
+        let snap = self.snap();
+        match (&m.vector, &snap.manifest.source) {
+            (Some(_), Some(VectorSource::Embedder { .. })) => {
+                input_err!("this store embeds text itself; do not pass vectors")
+            }
+            (None, Some(VectorSource::Caller)) => {
+                input_err!("this store holds caller-supplied vectors; pass a vector with each memory")
+            }
+            (Some(v), _) => normalised(v, snap.manifest.dim.unwrap_or(v.len()), "vector").map(|_| ()),
+            (None, _) => Ok(()),
+        }
+    }
+
     pub fn add(&self, memory: NewMemory) -> Result<u64> {
         Ok(self.add_many(vec![memory])?[0])
     }
