@@ -102,6 +102,39 @@ def test_exception_hierarchy():
     for e in (aios_rt.FormatError, aios_rt.ConfigError, aios_rt.InputError, aios_rt.TokenizerError,
               aios_rt.AiosIOError):
         assert issubclass(e, aios_rt.AiosError) and issubclass(e, Exception)
+    assert issubclass(aios_rt.InputError, ValueError) and issubclass(aios_rt.AiosIOError, OSError)
+    with pytest.raises(ValueError):
+        aios_rt.Engine("models/aios-text-tiny", threads=-1)
+    with pytest.raises(OSError):
+        aios_rt.Engine("/no/such/model")
+
+
+@pytest.mark.parametrize("call", [
+    lambda p: aios_rt.Engine(p),
+    lambda p: aios_rt.MemoryStore(p, dim=4),
+    lambda p: aios_rt.Embedder(p),
+    lambda p: aios_rt.quantize_file(p, "out.parquet", "int8"),
+    lambda p: aios_rt.quantize_file("in.parquet", p, "int8"),
+    lambda p: aios_rt.read_tensors(p),
+    lambda p: aios_rt.write_random_model(p, "{}"),
+], ids=["Engine", "MemoryStore", "Embedder", "quantize_in", "quantize_out", "read_tensors", "write_random"])
+@pytest.mark.parametrize("path", ["\ud800", "x\ud800y", "a\x00b"])
+def test_unencodable_paths_are_input_errors(call, path):
+    """A lone surrogate or NUL in a path is an InputError (an Exception), never
+    pyo3's PanicException (a BaseException that `except Exception` misses)."""
+    try:
+        call(path)
+    except BaseException as e:  # noqa: B036 - the point is what kind it is
+        assert isinstance(e, aios_rt.AiosError), (type(e).__mro__, e)
+        assert "panick" not in str(e).lower()
+    else:
+        pytest.fail("accepted")
+
+
+def test_engine_threads_must_be_a_count(folder):
+    for bad in (-1, 1.5, "2", 2**70):
+        with pytest.raises(aios_rt.InputError, match="threads"):
+            aios_rt.Engine(folder, threads=bad)
     assert len({aios_rt.FormatError, aios_rt.ConfigError, aios_rt.InputError, aios_rt.TokenizerError,
                 aios_rt.AiosIOError}) == 5
 
@@ -343,25 +376,37 @@ def nan_folder(good, folder, tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def overflow_folder(good, folder, tmp_path_factory):
+    """Finite weights (so the file loads) large enough that the forward pass
+    overflows: the NaN/inf reaches the logits and the samplers."""
+    d = tmp_path_factory.mktemp("aios_overflow")
+    shutil.copy(folder / "tokenizer.json", d / "tokenizer.json")
+
+    def poison(c):
+        i = _idx(c, "blocks.0.attn_qkv.weight")
+        a = np.frombuffer(c["data"][i], "<f4").copy()
+        a[:] = 3e38
+        c["data"][i] = a.tobytes()
+    edited(good, d / "model.f32.parquet", cols_fn=poison)
+    return d
+
+
 @pytest.mark.parametrize("sampler", aios_rt.SAMPLERS)
-def test_nan_weights_give_a_clear_error_not_garbage(nan_folder, sampler):
-    try:
-        e = aios_rt.Engine(nan_folder, threads=1)
-    except aios_rt.FormatError:
-        return  # rejecting the file at load time is fine too
-    with pytest.raises(aios_rt.AiosError, match="non-finite"):
+def test_non_finite_logits_give_a_clear_error_not_garbage(overflow_folder, sampler):
+    e = aios_rt.Engine(overflow_folder, threads=1)  # finite weights: loading must succeed
+    with pytest.raises(aios_rt.NumericError, match="non-finite"):
         e.diffuse(PROMPT, length=16, steps=4, sampler=sampler)
-    with pytest.raises(aios_rt.AiosError, match="non-finite"):
+    with pytest.raises(aios_rt.NumericError, match="non-finite"):
         e.diffuse_tokens([1] + [MASK] * 7, steps=3, sampler=sampler, guidance=1.0)
-    # quantising the file refuses the NaN values as a file problem
-    with pytest.raises(aios_rt.FormatError, match="not finite"):
-        aios_rt.quantize_file(nan_folder / "model.f32.parquet", nan_folder / "q.parquet", "int8")
 
 
 def test_nan_weights_are_a_format_error(nan_folder):
-    with pytest.raises(aios_rt.FormatError):
-        e = aios_rt.Engine(nan_folder, threads=1)
-        e.diffuse(PROMPT, length=16, steps=4)
+    with pytest.raises(aios_rt.FormatError, match="blocks.0.attn_qkv.weight"):
+        aios_rt.Engine(nan_folder, threads=1)
+    # quantising the file refuses the NaN values as a file problem
+    with pytest.raises(aios_rt.FormatError, match="not finite"):
+        aios_rt.quantize_file(nan_folder / "model.f32.parquet", nan_folder / "q.parquet", "int8")
 
 
 # ---------------------------------------------------------------------------------------------- paths, tokenizer

@@ -703,16 +703,27 @@ def test_truncated_manifest_falls_back_to_the_previous_one(tmp_path):
     for ro in (True, False):
         mem = MemoryStore(tmp_path, read_only=ro)
         assert len(mem) == 13  # the state before the last add
-        assert len(mem.warnings) == 1 and newest.name in mem.warnings[0]
+        assert newest.name in mem.warnings[0]
+        # The segment only the damaged manifest named is reported, not dropped.
+        assert len(mem.warnings) == 2 and "in no manifest" in mem.warnings[1]
         assert mem.get(14) is None and mem.get(13).text == "t12"
         del mem
     mem = MemoryStore(tmp_path)
-    assert len(mem.warnings) == 1
-    # Writing again publishes a good manifest; warnings are gone on the next open.
-    assert mem.add("again", vector=np.ones(D)) == 14
+    assert len(mem.warnings) == 2
+    # Writing again publishes a good manifest, with an id past the orphan's
+    # (ids 14 and 15 are in the kept segment: reusing them would hide them).
+    assert mem.add("again", vector=np.ones(D)) == 16
     del mem
     mem = MemoryStore(tmp_path)
-    assert mem.warnings == [] and len(mem) == 14 and mem.get(14).text == "again"
+    assert len(mem) == 14 and mem.get(16).text == "again"
+    assert len(mem.warnings) == 1 and "in no manifest" in mem.warnings[0]
+    del mem
+    # Recovery adds the lost change back; then the store opens cleanly.
+    mem = MemoryStore(tmp_path, recover=True)
+    assert len(mem) == 16 and mem.get(14).text == "t13" and mem.get(16).text == "again"
+    del mem
+    mem = MemoryStore(tmp_path)
+    assert mem.warnings == [] and len(mem) == 16
 
 
 def test_manifest_with_bad_checksum_or_wrong_name(tmp_path):
@@ -767,7 +778,9 @@ def test_leftover_temp_files_and_stale_segments_are_removed(tmp_path):
     make_store(tmp_path)
     (tmp_path / ".tmp-seg-0000000000000009.arrow").write_bytes(b"half a segment")
     (tmp_path / ".tmp-MANIFEST-0000000000000009").write_bytes(b"half a manifest")
+    # An interrupted write: the segment was renamed, its manifest is still a temp file.
     (tmp_path / "seg-0000000000000077.arrow").write_bytes(b"never published")
+    (tmp_path / ".tmp-MANIFEST-0000000000000077").write_bytes(b"its manifest")
     ro = MemoryStore(tmp_path, read_only=True)  # readers touch nothing
     assert len(ro) == 15 and ro.warnings == []
     assert (tmp_path / ".tmp-seg-0000000000000009.arrow").exists()
@@ -776,6 +789,15 @@ def test_leftover_temp_files_and_stale_segments_are_removed(tmp_path):
     names = {p.name for p in tmp_path.iterdir()}
     assert not any(n.startswith(".tmp-") for n in names) and "seg-0000000000000077.arrow" not in names
     assert len(manifests(tmp_path)) <= 3
+    del mem
+    # A segment that nothing accounts for (no manifest, no temp manifest) is
+    # never deleted: it is reported, and stays.
+    (tmp_path / "seg-0000000000000078.arrow").write_bytes(b"whose manifest was lost")
+    mem = MemoryStore(tmp_path)
+    assert len(mem) == 15 and any("seg-0000000000000078.arrow" in w for w in mem.warnings)
+    mem.add("another", vector=[1.0] * D)
+    del mem
+    assert (tmp_path / "seg-0000000000000078.arrow").exists()
 
 
 def _recovered_store_with_tombstones(path):

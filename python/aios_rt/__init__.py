@@ -17,16 +17,10 @@ from typing import Dict, Tuple
 import numpy as np
 
 from . import _native
+from ._errors import AiosError, AiosIOError, ConfigError, FormatError, InputError, NumericError, TokenizerError
 from ._native import (
     SAMPLERS,
-    AiosError,
-    AiosIOError,
-    ConfigError,
-    FormatError,
     Generation,
-    InputError,
-    NumericError,
-    TokenizerError,
     __version__,
     dequantize as _dequantize,
     quantize as _quantize,

@@ -170,8 +170,12 @@ class MemoryStore:
         return self._native.refresh()
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        raw = self._native.embed(list(texts))
-        return np.frombuffer(raw, dtype="<f4").reshape(len(texts), -1).copy()
+        """Embeds texts with this store's embedder: float32 ``[len(texts), dim]``
+        (``[0, dim]`` for no texts, as ``Embedder.embed``)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        raw, dim = self._native.embed(list(texts))
+        return np.frombuffer(raw, dtype="<f4").reshape(len(texts), dim).copy()
 
     def stats(self) -> Dict[str, Any]:
         return self._native.stats()

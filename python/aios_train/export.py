@@ -17,6 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+# One FormatError for the runtime and the trainer (a ValueError subclass).
+from aios_rt._errors import FormatError
 
 from .config import ModelConfig
 from .model import DiT, expected_shapes
@@ -34,8 +36,6 @@ MAX_TENSOR_BYTES = 2**31 - 1  # one Parquet BYTE_ARRAY value
 FINGERPRINT_KEY = "aios.fingerprint"
 
 
-class FormatError(ValueError):
-    """A Parquet file that is not a valid aios container."""
 
 
 def _encode(arr: np.ndarray, dtype: str) -> bytes:

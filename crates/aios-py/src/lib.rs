@@ -13,30 +13,108 @@ use aios_core::sampler::{SamplerOptions, Strategy};
 use aios_core::{Engine as CoreEngine, EngineOptions, Error, TextRequest};
 mod memory;
 
-use pyo3::create_exception;
-use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyDict, PyType};
 
-create_exception!(_native, AiosError, PyException, "Base class of every aios runtime error.");
-create_exception!(_native, FormatError, AiosError, "A weight file is corrupt, truncated or inconsistent.");
-create_exception!(_native, ConfigError, AiosError, "A model configuration is invalid.");
-create_exception!(_native, InputError, AiosError, "An argument is invalid (length, steps, sampler, ...).");
-create_exception!(_native, TokenizerError, AiosError, "The tokenizer is missing or failed.");
-create_exception!(_native, AiosIOError, AiosError, "An operating-system I/O error.");
-create_exception!(_native, NumericError, AiosError, "The model produced NaN or infinite values.");
+/// The exception classes, defined in Python (`aios_rt._errors`) so that each
+/// also derives from the standard class that fits (`InputError` is a
+/// `ValueError`, `AiosIOError` an `OSError`) and `aios_train` shares them.
+static ERRORS: PyOnceLock<[Py<PyType>; 7]> = PyOnceLock::new();
+const ERROR_NAMES: [&str; 7] =
+    ["AiosError", "FormatError", "ConfigError", "InputError", "TokenizerError", "AiosIOError", "NumericError"];
+
+fn error_classes(py: Python<'_>) -> PyResult<&[Py<PyType>; 7]> {
+    ERRORS.get_or_try_init(py, || {
+        let m = py.import("aios_rt._errors")?;
+        let get = |n: &str| -> PyResult<Py<PyType>> { Ok(m.getattr(n)?.cast_into::<PyType>()?.unbind()) };
+        Ok([
+            get("AiosError")?,
+            get("FormatError")?,
+            get("ConfigError")?,
+            get("InputError")?,
+            get("TokenizerError")?,
+            get("AiosIOError")?,
+            get("NumericError")?,
+        ])
+    })
+}
+
+/// An exception of class `ERROR_NAMES[i]` with `msg`.
+fn error(i: usize, msg: String) -> PyErr {
+    Python::attach(|py| match error_classes(py) {
+        Ok(c) => PyErr::from_type(c[i].bind(py).clone(), msg),
+        Err(e) => e,
+    })
+}
+
+pub(crate) fn aios_error(msg: impl Into<String>) -> PyErr {
+    error(0, msg.into())
+}
+
+/// `InputError(msg)`.
+pub(crate) fn input_error(msg: impl Into<String>) -> PyErr {
+    error(3, msg.into())
+}
 
 /// The one mapping from core errors to Python exceptions.
 pub(crate) fn to_py(e: Error) -> PyErr {
     let msg = e.to_string();
-    match e {
-        Error::Format { .. } => FormatError::new_err(msg),
-        Error::Config(_) => ConfigError::new_err(msg),
-        Error::Input(_) => InputError::new_err(msg),
-        Error::Tokenizer(_) => TokenizerError::new_err(msg),
-        Error::Io { .. } => AiosIOError::new_err(msg),
-        Error::Numeric(_) => NumericError::new_err(msg),
-        Error::Backend(_) => AiosError::new_err(msg),
+    let class = match e {
+        Error::Format { .. } => 1,
+        Error::Config(_) => 2,
+        Error::Input(_) => 3,
+        Error::Tokenizer(_) => 4,
+        Error::Io { .. } => 5,
+        Error::Numeric(_) => 6,
+        Error::Backend(_) => 0,
+    };
+    error(class, msg)
+}
+
+/// A filesystem path argument (str, bytes or os.PathLike). Unlike pyo3's
+/// `PathBuf`, a str that the filesystem encoding cannot represent (a lone
+/// surrogate) is an `InputError`, never a panic.
+pub(crate) struct PyPath(pub PathBuf);
+
+impl std::ops::Deref for PyPath {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for PyPath {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl<'a, 'py> FromPyObject<'a, 'py> for PyPath {
+    type Error = PyErr;
+
+    fn extract(ob: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let py = ob.py();
+        let bad = |why: String| {
+            input_error(format!("invalid path {}: {why}", ob.repr().map_or_else(|_| "?".into(), |r| r.to_string())))
+        };
+        let encoded = py
+            .import("os")
+            .and_then(|os| os.getattr("fsencode"))
+            .and_then(|f| f.call1((ob,)))
+            .map_err(|e| bad(e.value(py).to_string()))?;
+        let bytes: Vec<u8> = encoded.extract().map_err(|e: PyErr| bad(e.value(py).to_string()))?;
+        if bytes.contains(&0) {
+            return Err(bad("holds a NUL byte".into()));
+        }
+        #[cfg(unix)]
+        let path = {
+            use std::os::unix::ffi::OsStringExt;
+            PathBuf::from(std::ffi::OsString::from_vec(bytes))
+        };
+        #[cfg(not(unix))]
+        let path = PathBuf::from(String::from_utf8(bytes).map_err(|e| bad(e.to_string()))?);
+        Ok(PyPath(path))
     }
 }
 
@@ -49,7 +127,7 @@ pub(crate) fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, Error> 
                 .cloned()
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
-            AiosError::new_err(format!("internal error (please report): {what}"))
+            aios_error(format!("internal error (please report): {what}"))
         })?
         .map_err(to_py)
 }
@@ -60,7 +138,7 @@ pub(crate) fn count(v: &Bound<'_, PyAny>, name: &str) -> PyResult<usize> {
     v.extract::<u64>()
         .ok()
         .and_then(|x| usize::try_from(x).ok())
-        .ok_or_else(|| InputError::new_err(format!("{name} must be a non-negative integer, got {v}")))
+        .ok_or_else(|| input_error(format!("{name} must be a non-negative integer, got {v}")))
 }
 
 pub(crate) fn opt_count(v: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<Option<usize>> {
@@ -76,7 +154,7 @@ fn count_or(v: Option<&Bound<'_, PyAny>>, default: usize, name: &str) -> PyResul
 /// Little-endian f32 bytes (how the wrapper passes arrays) -> floats.
 pub(crate) fn floats(data: &[u8], what: &str) -> PyResult<Vec<f32>> {
     if !data.len().is_multiple_of(4) {
-        return Err(InputError::new_err(format!("{what}: {} bytes is not a whole number of f32", data.len())));
+        return Err(input_error(format!("{what}: {} bytes is not a whole number of f32", data.len())));
     }
     Ok(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
 }
@@ -91,18 +169,14 @@ const DEFAULT_LENGTH: usize = 64;
 const DEFAULT_STEPS: usize = 16;
 
 fn token_ids(v: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
-    let ids: Vec<Bound<'_, PyAny>> =
-        v.extract().map_err(|_| InputError::new_err("tokens must be a sequence of ints"))?;
+    let ids: Vec<Bound<'_, PyAny>> = v.extract().map_err(|_| input_error("tokens must be a sequence of ints"))?;
     ids.iter()
-        .map(|t| {
-            t.extract::<u32>().map_err(|_| InputError::new_err(format!("token id {t} is not a valid id (0..2^32)")))
-        })
+        .map(|t| t.extract::<u32>().map_err(|_| input_error(format!("token id {t} is not a valid id (0..2^32)"))))
         .collect()
 }
 
 fn parse_dtype(s: &str) -> PyResult<DType> {
-    DType::parse(s)
-        .ok_or_else(|| InputError::new_err(format!("unknown dtype {s:?}; use f32, f16, bf16, int8, int4 or int2")))
+    DType::parse(s).ok_or_else(|| input_error(format!("unknown dtype {s:?}; use f32, f16, bf16, int8, int4 or int2")))
 }
 
 /// The result of one generation.
@@ -184,9 +258,9 @@ fn sampler_options(
         threshold,
         seed: match seed.filter(|s| !s.is_none()) {
             None => 0,
-            Some(s) => s
-                .extract::<u64>()
-                .map_err(|_| InputError::new_err(format!("seed must be an integer in 0..2^64, got {s}")))?,
+            Some(s) => {
+                s.extract::<u64>().map_err(|_| input_error(format!("seed must be an integer in 0..2^64, got {s}")))?
+            }
         },
     };
     o.validate().map_err(to_py)?;
@@ -197,9 +271,16 @@ fn sampler_options(
 impl Engine {
     #[new]
     #[pyo3(signature = (path, threads=None, dtype=None, matmul="auto"))]
-    fn new(py: Python<'_>, path: PathBuf, threads: Option<usize>, dtype: Option<&str>, matmul: &str) -> PyResult<Self> {
+    fn new(
+        py: Python<'_>,
+        path: PyPath,
+        threads: Option<&Bound<'_, PyAny>>,
+        dtype: Option<&str>,
+        matmul: &str,
+    ) -> PyResult<Self> {
+        let threads = opt_count(threads, "threads")?;
         let matmul = MatmulMode::parse(matmul).ok_or_else(|| {
-            InputError::new_err(format!("unknown matmul mode {matmul:?}; use auto, int8, dequantize or quantized"))
+            input_error(format!("unknown matmul mode {matmul:?}; use auto, int8, dequantize or quantized"))
         })?;
         let opts = EngineOptions { threads, dtype: dtype.map(parse_dtype).transpose()?, matmul };
         Ok(Engine { inner: run(py, || CoreEngine::open(&path, &opts))? })
@@ -226,7 +307,7 @@ impl Engine {
         suffix: Option<String>,
     ) -> PyResult<Generation> {
         if modality != "text" {
-            return Err(InputError::new_err(format!(
+            return Err(input_error(format!(
                 "modality {modality:?} is not available: this model has only a text head"
             )));
         }
@@ -277,7 +358,7 @@ impl Engine {
         sigma: Option<f32>,
     ) -> PyResult<(Bound<'py, PyBytes>, Vec<usize>)> {
         let rows: Vec<Bound<'py, PyAny>> =
-            batch.extract().map_err(|_| InputError::new_err("batch must be a sequence of token sequences"))?;
+            batch.extract().map_err(|_| input_error("batch must be a sequence of token sequences"))?;
         let batch = rows.iter().map(token_ids).collect::<PyResult<Vec<_>>>()?;
         let shape = vec![batch.len(), batch.first().map_or(0, Vec::len), self.inner.config().vocab_size];
         let v = run(py, || self.inner.logits(&batch, sigma))?;
@@ -315,7 +396,7 @@ impl Engine {
     fn load_adapter(
         &self,
         py: Python<'_>,
-        path: PathBuf,
+        path: PyPath,
         name: Option<String>,
         weight: Option<f32>,
     ) -> PyResult<String> {
@@ -404,7 +485,7 @@ fn dequantize<'py>(py: Python<'py>, data: &[u8], shape: Vec<usize>, dtype: &str)
 /// Reads and validates a container: `(tensors, metadata)` where tensors maps
 /// name -> (stored dtype, shape, f32 bytes dequantised).
 #[pyfunction]
-fn read_tensors_raw<'py>(py: Python<'py>, path: PathBuf) -> PyResult<(Bound<'py, PyDict>, HashMap<String, String>)> {
+fn read_tensors_raw<'py>(py: Python<'py>, path: PyPath) -> PyResult<(Bound<'py, PyDict>, HashMap<String, String>)> {
     let (tensors, meta) = run(py, || {
         let f = WeightFile::open(&path)?;
         let mut out = vec![];
@@ -423,7 +504,7 @@ fn read_tensors_raw<'py>(py: Python<'py>, path: PathBuf) -> PyResult<(Bound<'py,
 
 /// Quantises a whole model file; returns {"in_bytes", "out_bytes", "dtypes": {name: dtype}}.
 #[pyfunction]
-fn quantize_file<'py>(py: Python<'py>, input: PathBuf, output: PathBuf, dtype: &str) -> PyResult<Bound<'py, PyDict>> {
+fn quantize_file<'py>(py: Python<'py>, input: PyPath, output: PyPath, dtype: &str) -> PyResult<Bound<'py, PyDict>> {
     let d = parse_dtype(dtype)?;
     let r = run(py, || quant::quantize_file(&input, &output, d))?;
     let out = PyDict::new(py);
@@ -437,7 +518,7 @@ fn quantize_file<'py>(py: Python<'py>, input: PathBuf, output: PathBuf, dtype: &
 /// Writes a model with random weights (tests and benchmarks).
 #[pyfunction]
 #[pyo3(signature = (path, config_json, seed=0, dtype="f32"))]
-fn write_random_model(py: Python<'_>, path: PathBuf, config_json: &str, seed: u64, dtype: &str) -> PyResult<()> {
+fn write_random_model(py: Python<'_>, path: PyPath, config_json: &str, seed: u64, dtype: &str) -> PyResult<()> {
     let d = parse_dtype(dtype)?;
     let cfg = aios_core::model::ModelConfig::from_json(config_json).map_err(to_py)?;
     run(py, || aios_core::model::random::write_random_model(&path, &cfg, seed, d))
@@ -449,7 +530,7 @@ fn write_random_model(py: Python<'_>, path: PathBuf, config_json: &str, seed: u6
 #[allow(clippy::too_many_arguments)]
 fn write_random_lora(
     py: Python<'_>,
-    path: PathBuf,
+    path: PyPath,
     config_json: &str,
     base_fingerprint: &str,
     modules: Vec<String>,
@@ -478,13 +559,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize_file, m)?)?;
     m.add_function(wrap_pyfunction!(write_random_model, m)?)?;
     m.add_function(wrap_pyfunction!(write_random_lora, m)?)?;
-    m.add("AiosError", py.get_type::<AiosError>())?;
-    m.add("FormatError", py.get_type::<FormatError>())?;
-    m.add("ConfigError", py.get_type::<ConfigError>())?;
-    m.add("InputError", py.get_type::<InputError>())?;
-    m.add("TokenizerError", py.get_type::<TokenizerError>())?;
-    m.add("AiosIOError", py.get_type::<AiosIOError>())?;
-    m.add("NumericError", py.get_type::<NumericError>())?;
+    for (name, class) in ERROR_NAMES.iter().zip(error_classes(py)?) {
+        m.add(*name, class.bind(py))?;
+    }
     m.add("SAMPLERS", Strategy::NAMES.to_vec())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -2,14 +2,12 @@
 //! wrapper in `python/aios_rt` converts dicts to JSON and arrays to bytes;
 //! here every argument is plain and every call releases the GIL.
 
-use std::path::PathBuf;
-
 use aios_core::memory::store::Query;
 use aios_core::memory::{self as core, Filter, NewMemory, Precision};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
-use crate::{count, f32_bytes, floats, opt_count, run, to_py, InputError};
+use crate::{count, f32_bytes, floats, input_error, opt_count, run, to_py, PyPath};
 
 /// (id, score, text, meta JSON, created_ms)
 type HitTuple = (u64, f32, String, String, i64);
@@ -33,9 +31,9 @@ impl MemoryStore {
     #[pyo3(signature = (path, dim=None, embedder=None, read_only=false, threads=None, recover=false))]
     fn new(
         py: Python<'_>,
-        path: PathBuf,
+        path: PyPath,
         dim: Option<&Bound<'_, PyAny>>,
-        embedder: Option<PathBuf>,
+        embedder: Option<PyPath>,
         read_only: bool,
         threads: Option<&Bound<'_, PyAny>>,
         recover: bool,
@@ -43,7 +41,7 @@ impl MemoryStore {
         let opts = core::StoreOptions {
             read_only,
             dim: opt_count(dim, "dim")?,
-            embedder,
+            embedder: embedder.map(|p| p.0),
             threads: opt_count(threads, "threads")?,
             recover,
         };
@@ -60,17 +58,13 @@ impl MemoryStore {
         vectors: Option<&[u8]>,
     ) -> PyResult<Vec<u64>> {
         if metas.len() != texts.len() {
-            return Err(InputError::new_err(format!("{} texts but {} metas", texts.len(), metas.len())));
+            return Err(input_error(format!("{} texts but {} metas", texts.len(), metas.len())));
         }
         let mut rows: Vec<Option<Vec<f32>>> = vec![None; texts.len()];
         if let Some(data) = vectors {
             let flat = floats(data, "vectors")?;
             if texts.is_empty() || flat.len() % texts.len() != 0 {
-                return Err(InputError::new_err(format!(
-                    "{} floats do not split into {} vectors",
-                    flat.len(),
-                    texts.len()
-                )));
+                return Err(input_error(format!("{} floats do not split into {} vectors", flat.len(), texts.len())));
             }
             let dim = flat.len() / texts.len();
             for (slot, v) in rows.iter_mut().zip(flat.chunks_exact(dim.max(1))) {
@@ -119,7 +113,7 @@ impl MemoryStore {
     fn delete(&self, py: Python<'_>, ids: Vec<Bound<'_, PyAny>>) -> PyResult<()> {
         let ids: Vec<u64> = ids
             .iter()
-            .map(|i| i.extract::<u64>().map_err(|_| InputError::new_err(format!("no memory with id {i}"))))
+            .map(|i| i.extract::<u64>().map_err(|_| input_error(format!("no memory with id {i}"))))
             .collect::<PyResult<_>>()?;
         run(py, || self.inner.delete(&ids))
     }
@@ -139,11 +133,11 @@ impl MemoryStore {
         run(py, || self.inner.refresh())
     }
 
-    /// Embeds texts with this store's embedder -> f32 bytes.
-    fn embed(&self, py: Python<'_>, texts: Vec<String>) -> PyResult<Py<PyBytes>> {
+    /// Embeds texts with this store's embedder -> (f32 bytes, dimension).
+    fn embed(&self, py: Python<'_>, texts: Vec<String>) -> PyResult<(Py<PyBytes>, usize)> {
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let v = run(py, || self.inner.embed(&refs))?;
-        Ok(f32_bytes(py, &v).unbind())
+        let (v, dim) = run(py, || Ok((self.inner.embed(&refs)?, self.inner.embedder()?.dim())))?;
+        Ok((f32_bytes(py, &v).unbind(), dim))
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -204,7 +198,7 @@ pub struct Embedder {
 impl Embedder {
     #[new]
     #[pyo3(signature = (path, threads=None))]
-    fn new(py: Python<'_>, path: PathBuf, threads: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+    fn new(py: Python<'_>, path: PyPath, threads: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
         let threads = opt_count(threads, "threads")?;
         run(py, || {
             let pool = aios_core::threads::thread_pool(threads, "embed")?;

@@ -183,13 +183,15 @@ fn import(store: &MemoryStore, file: &Path, batch: usize) -> Result<(), Error> {
             let (line_no, bytes) = line;
             let bytes = bytes.map_err(|e| Error::io(file, e))?;
             bar.inc(bytes.len() as u64 + 1);
-            let text = String::from_utf8(bytes)
-                .map_err(|e| Error::Input(format!("line {line_no}: not valid UTF-8 ({e})")))?;
+            let text =
+                String::from_utf8(bytes).map_err(|e| Error::Input(format!("line {line_no}: not valid UTF-8 ({e})")))?;
             if text.trim().is_empty() {
                 continue;
             }
             let m = parse_line(&text, line_no)?;
-            let here = |e: Error| Error::Input(format!("line {line_no}: {}", e.to_string().trim_start_matches("invalid input: ")));
+            let here = |e: Error| {
+                Error::Input(format!("line {line_no}: {}", e.to_string().trim_start_matches("invalid input: ")))
+            };
             store.check(&m).map_err(here)?;
             match (&m.vector, *with_vector, *without_vector) {
                 (Some(v), Some((first, dim)), _) if v.len() != dim => {

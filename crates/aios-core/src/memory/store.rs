@@ -564,7 +564,10 @@ impl MemoryStore {
             }
             return Err(Error::format(
                 dir.display(),
-                format!("no manifest verifies: {}; open with recover=True to rebuild it from the segments", skipped.join("; ")),
+                format!(
+                    "no manifest verifies: {}; open with recover=True to rebuild it from the segments",
+                    skipped.join("; ")
+                ),
             ));
         };
         let dim = manifest.dim.unwrap_or(0);
@@ -975,7 +978,7 @@ impl MemoryStore {
                 Ok(m) if i < KEEP_MANIFESTS => keep_segments.extend(m.segments.into_iter().map(|s| s.file)),
                 Ok(m) => dropped.push((path, m.segments)),
                 Err(_) if i < KEEP_MANIFESTS => return Ok(()), // be conservative
-                Err(_) => {} // an old damaged manifest: kept, with whatever it names
+                Err(_) => {}                                   // an old damaged manifest: kept, with whatever it names
             }
         }
         // Segments first: a crash between the two steps leaves an old
