@@ -179,6 +179,40 @@ def test_quantize_errors(folder, tmp_path):
     assert not (tmp_path / "x.parquet").exists()
 
 
+def test_quantize_refuses_its_own_input_by_identity(folder, tmp_path):
+    """A symlink, hard link or `..` path to the input is the input: refused,
+    and the original is unchanged."""
+    src = tmp_path / "model.f32.parquet"
+    shutil.copy(folder / "model.f32.parquet", src)
+    original = src.read_bytes()
+    (tmp_path / "link.parquet").symlink_to(src)
+    os.link(src, tmp_path / "hard.parquet")
+    (tmp_path / "sub").mkdir()
+    for out_path in (tmp_path / "link.parquet", tmp_path / "hard.parquet", tmp_path / "sub" / ".." / src.name):
+        p = run("quantize", src, out_path, "--dtype", "int8")
+        assert_clean_failure(p, 3)
+        assert "input file itself" in err(p)
+    assert src.read_bytes() == original
+
+
+def test_quantize_reports_a_full_disk_as_an_io_error(folder, tmp_path):
+    """Writing fails midway (here: a file-size limit, EFBIG, standing in for
+    ENOSPC): exit 5, an I/O error, and no partial output left behind."""
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    argv = [os.fsencode(BIN), b"quantize", os.fsencode(folder / "model.f32.parquet"),
+            os.fsencode(tmp_path / "x.parquet"), b"--dtype", b"int8"]
+    p = subprocess.run(argv, capture_output=True, timeout=120, preexec_fn=limit)
+    assert_clean_failure(p, 5)
+    assert "I/O error" in err(p)
+    assert not any(tmp_path.iterdir()), list(tmp_path.iterdir())
+
+
 @pytest.fixture(scope="module")
 def bad_files(folder, tmp_path_factory):
     d = tmp_path_factory.mktemp("aios_cli_bad")

@@ -1,3 +1,6 @@
+import json
+import zlib
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,7 +36,10 @@ def test_write_read_round_trip_exact(tmp_path):
     for k in tensors:
         assert got[k].dtype == np.float32 and got[k].shape == tensors[k].shape
         assert np.array_equal(got[k], tensors[k])
+    checksums = json.loads(meta.pop("aios.checksums"))
     assert meta == {"aios.format_version": "1", "aios.kind": "lora", "aios.config": '{"x": 1}', "aios.base": "abc"}
+    # Per-tensor CRC32, the value the Rust reader verifies at load.
+    assert checksums == {k: f"{zlib.crc32(np.ascontiguousarray(v, '<f4').tobytes()):08x}" for k, v in tensors.items()}
     # The physical layout the Rust reader relies on.
     f = pq.ParquetFile(p)
     assert f.schema_arrow.field("data").type == pa.large_binary()

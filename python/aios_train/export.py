@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,14 @@ SCHEMA = pa.schema([
 ])
 MAX_TENSOR_BYTES = 2**31 - 1  # one Parquet BYTE_ARRAY value
 FINGERPRINT_KEY = "aios.fingerprint"
+# CRC32 (zlib's, as crc32fast in the runtime) of every tensor's data bytes,
+# as JSON {name: "8 hex digits"}; the runtime verifies it at load.
+CHECKSUMS_KEY = "aios.checksums"
+
+
+def checksums_json(named_data) -> str:
+    """The `aios.checksums` value for (name, data bytes) pairs."""
+    return json.dumps({n: f"{zlib.crc32(d) & 0xFFFFFFFF:08x}" for n, d in named_data}, sort_keys=True)
 
 
 
@@ -95,7 +104,8 @@ def write_tensors(
         dtypes.append(dt)
         shapes.append([int(s) for s in arr.shape])
         datas.append(buf)
-    meta = {"aios.format_version": FORMAT_VERSION, "aios.kind": kind}
+    meta = {"aios.format_version": FORMAT_VERSION, "aios.kind": kind,
+            CHECKSUMS_KEY: checksums_json(zip(names, datas))}
     if config is not None:
         meta["aios.config"] = json.dumps(config, sort_keys=True)
     for k, v in (extra_metadata or {}).items():

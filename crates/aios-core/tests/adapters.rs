@@ -122,11 +122,16 @@ fn bad_adapters_are_refused_and_the_engine_keeps_its_set() {
     let mut big = cfg();
     big.hidden_size = 512;
     write_random_lora(p("big.parquet"), &big, &fingerprint(&f.f32), &ALL[..1], 4, 8.0, false, 1).unwrap();
+    // Same fingerprint and shapes, another base config (a different eps).
+    let mut eps = cfg();
+    eps.norm_eps = 1e-3;
+    write_random_lora(p("eps.parquet"), &eps, &fingerprint(&f.f32), &ALL, 4, 8.0, false, 1).unwrap();
     let bytes = std::fs::read(&f.a).unwrap();
     std::fs::write(p("trunc.parquet"), &bytes[..bytes.len() / 2]).unwrap();
     let cases: Vec<(PathBuf, &str)> = vec![
         (p("other.parquet"), "trained on base model someone-else"),
-        (p("big.parquet"), "expected [4, 256]"),
+        (p("big.parquet"), "hidden_size: adapter 512 vs model 256"),
+        (p("eps.parquet"), "norm_eps: adapter 0.001 vs model"),
         (p("trunc.parquet"), ""),
         (f.f32.clone(), "not a LoRA adapter"),
         (p("missing.parquet"), ""),

@@ -31,6 +31,22 @@ struct LoraFileConfig {
     use_rslora: bool,
     target_modules: Vec<String>,
     base_fingerprint: String,
+    /// The whole config of the base it was trained on; must equal the
+    /// engine's (the fingerprint alone is only as good as its writer).
+    base_config: serde_json::Value,
+}
+
+/// The config fields whose values differ between `a` and `b`, for messages.
+fn differing_fields(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
+    let empty = serde_json::Map::new();
+    let (a, b) = (a.as_object().unwrap_or(&empty), b.as_object().unwrap_or(&empty));
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| format!("{k}: adapter {} vs model {}", a.get(k).unwrap_or(&serde_json::Value::Null), b.get(k).unwrap_or(&serde_json::Value::Null)))
+        .collect()
 }
 
 /// `(out_features, in_features)` of every module an adapter may target.
@@ -101,6 +117,17 @@ impl LoraAdapter {
                 )))
             }
             Some(_) => {}
+        }
+        let base: ModelConfig = serde_json::from_value(c.base_config.clone())
+            .map_err(|e| bad(format!("invalid base_config: {e}")))?;
+        if base != *cfg {
+            let model = serde_json::to_value(cfg).expect("config serialises");
+            let adapter = serde_json::to_value(&base).expect("config serialises");
+            return Err(Error::Config(format!(
+                "{}: adapter was trained on a base with another config ({})",
+                path.display(),
+                differing_fields(&adapter, &model).join("; ")
+            )));
         }
         if c.target_modules.is_empty() {
             return Err(bad("target_modules is empty".into()));

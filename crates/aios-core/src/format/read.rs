@@ -12,7 +12,7 @@ use parquet::data_type::ByteArray;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::record::{Field, RowAccessor};
 
-use super::{DType, FORMAT_VERSION, KEY_CONFIG, KEY_KIND, KEY_VERSION, MAX_TENSOR_BYTES};
+use super::{DType, FORMAT_VERSION, KEY_CHECKSUMS, KEY_CONFIG, KEY_KIND, KEY_VERSION, MAX_TENSOR_BYTES};
 use crate::error::{Error, Result};
 
 /// One tensor as stored: its bytes still live in the file mapping.
@@ -67,8 +67,12 @@ impl WeightFile {
         // accept that another process truncating the file under us is UB-adjacent
         // (SIGBUS), the standard trade-off for zero-copy loading.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-        let bytes = Bytes::from_owner(mmap);
         let shown = path.display().to_string();
+        // Validate what we can before the decoder sees the bytes.
+        if &mmap[..4] != b"PAR1" || &mmap[mmap.len() - 4..] != b"PAR1" {
+            return Err(Error::format(&shown, "no Parquet magic (PAR1) at the start and end: not Parquet, or truncated"));
+        }
+        let bytes = Bytes::from_owner(mmap);
         let parsed = crate::guard::catch_silent(|| parse(bytes, &shown));
         let (metadata, tensors) = match parsed {
             Some(r) => r?,
@@ -107,6 +111,9 @@ impl WeightFile {
                 return Err(Error::format(&shown, format!("duplicate tensor name {:?}", t.name)));
             }
         }
+        if let Some(json) = metadata.get(KEY_CHECKSUMS) {
+            verify_checksums(&shown, json, &tensors)?;
+        }
         Ok(WeightFile { path, kind, format_version: version, metadata, tensors, index, file_bytes })
     }
 
@@ -123,6 +130,36 @@ impl WeightFile {
     pub fn config_json(&self) -> Option<&str> {
         self.metadata.get(KEY_CONFIG).map(String::as_str)
     }
+}
+
+/// Checks every tensor against `aios.checksums`; a damaged tensor is named.
+fn verify_checksums(shown: &str, json: &str, tensors: &[RawTensor]) -> Result<()> {
+    let sums: BTreeMap<String, String> = serde_json::from_str(json)
+        .map_err(|e| Error::format(shown, format!("{KEY_CHECKSUMS} is not a JSON object of strings: {e}")))?;
+    if sums.len() != tensors.len() {
+        return Err(Error::format(
+            shown,
+            format!("{KEY_CHECKSUMS} lists {} tensors, the file has {}", sums.len(), tensors.len()),
+        ));
+    }
+    for t in tensors {
+        let want = sums
+            .get(&t.name)
+            .and_then(|h| u32::from_str_radix(h, 16).ok())
+            .ok_or_else(|| Error::format(shown, format!("{KEY_CHECKSUMS} has no valid entry for tensor {:?}", t.name)))?;
+        if crc32fast::hash(t.data()) != want {
+            return Err(Error::format(
+                shown,
+                format!("tensor {:?} is damaged: its data does not match its checksum", t.name),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(super) fn verify_checksums_for_tests(shown: &str, json: &str, tensors: &[RawTensor]) -> Result<()> {
+    verify_checksums(shown, json, tensors)
 }
 
 type Parsed = (BTreeMap<String, String>, Vec<RawTensor>);

@@ -87,3 +87,57 @@ fn byte_flips_never_panic() {
         let _ = WeightFile::open(&q);
     }
 }
+
+/// A flipped bit anywhere in a tensor's data is detected and the tensor named.
+#[test]
+fn every_tensor_byte_is_checksummed() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("w.parquet");
+    write_sample(&p);
+    let full = std::fs::read(&p).unwrap();
+    let a = f32_bytes(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    let at = full.windows(a.len()).position(|w| w == a.as_slice()).expect("tensor a is stored verbatim");
+    let q = dir.path().join("flip.parquet");
+    for i in at..at + a.len() {
+        for bit in 0..8 {
+            let mut b = full.clone();
+            b[i] ^= 1 << bit;
+            std::fs::write(&q, &b).unwrap();
+            let e = WeightFile::open(&q).unwrap_err();
+            assert!(e.to_string().contains("tensor \"a\" is damaged"), "byte {i} bit {bit}: {e}");
+        }
+    }
+}
+
+#[test]
+fn parquet_magic_is_checked_at_both_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("w.parquet");
+    write_sample(&p);
+    let full = std::fs::read(&p).unwrap();
+    for at in [0, 3, full.len() - 4, full.len() - 1] {
+        let mut b = full.clone();
+        b[at] ^= 0x20;
+        std::fs::write(&p, &b).unwrap();
+        let e = WeightFile::open(&p).unwrap_err();
+        assert!(e.to_string().contains("PAR1"), "byte {at}: {e}");
+    }
+}
+
+#[test]
+fn checksums_must_cover_every_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("w.parquet");
+    let a = f32_bytes(&[1.0]);
+    for bad in [r#"{}"#, r#"{"a":"zz"}"#, r#"[1]"#, r#"{"a":"00000000","b":"00000000"}"#] {
+        let meta = BTreeMap::from([(KEY_CHECKSUMS.to_string(), bad.to_string())]);
+        // The writer computes its own checksums, so forge the key afterwards
+        // by writing a file whose metadata already carries a wrong one.
+        write_weight_file(&p, "model", &meta, &[TensorToWrite { name: "a", dtype: DType::F32, shape: &[1], data: &a }])
+            .unwrap();
+        let f = WeightFile::open(&p).unwrap();
+        assert_ne!(f.metadata[KEY_CHECKSUMS], bad, "the writer must not take a caller's checksums");
+        let err = super::read::verify_checksums_for_tests("w", bad, &f.tensors).unwrap_err();
+        assert!(matches!(err, Error::Format { .. }), "{bad}: {err}");
+    }
+}

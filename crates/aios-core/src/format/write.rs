@@ -12,7 +12,7 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::parser::parse_message_type;
 
-use super::{DType, FORMAT_VERSION, KEY_KIND, KEY_VERSION, MAX_TENSOR_BYTES};
+use super::{checksums_json, DType, FORMAT_VERSION, KEY_CHECKSUMS, KEY_KIND, KEY_VERSION, MAX_TENSOR_BYTES};
 use crate::error::{Error, Result};
 
 const SCHEMA: &str = "
@@ -67,9 +67,10 @@ pub fn write_weight_file(
     let mut kv = vec![
         KeyValue::new(KEY_VERSION.to_string(), FORMAT_VERSION.to_string()),
         KeyValue::new(KEY_KIND.to_string(), kind.to_string()),
+        KeyValue::new(KEY_CHECKSUMS.to_string(), checksums_json(tensors.iter().map(|t| (t.name, t.data)))),
     ];
     for (k, v) in extra_metadata {
-        if k != KEY_VERSION && k != KEY_KIND {
+        if k != KEY_VERSION && k != KEY_KIND && k != KEY_CHECKSUMS {
             kv.push(KeyValue::new(k.clone(), v.clone()));
         }
     }
@@ -97,7 +98,18 @@ fn write_to(
         .set_write_batch_size(1)
         .build();
     let schema = Arc::new(parse_message_type(SCHEMA).expect("static schema parses"));
-    let perr = |e: parquet::errors::ParquetError| Error::format(shown, format!("write failed: {e}"));
+    // The tensors were validated above, so a failing write is the
+    // filesystem's doing (a full disk, a read-only mount): an I/O error.
+    let perr = |e: parquet::errors::ParquetError| {
+        let io = match e {
+            parquet::errors::ParquetError::External(inner) => match inner.downcast::<std::io::Error>() {
+                Ok(io) => *io,
+                Err(other) => std::io::Error::other(other.to_string()),
+            },
+            other => std::io::Error::other(other.to_string()),
+        };
+        Error::io(shown, io)
+    };
     let file = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
     let mut writer = SerializedFileWriter::new(file, schema, Arc::new(props)).map_err(perr)?;
     let mut rg = writer.next_row_group().map_err(perr)?;

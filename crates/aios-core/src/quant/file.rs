@@ -33,12 +33,30 @@ pub fn dtype_for(shape: &[usize], target: DType) -> DType {
     [target, DType::Q8_0].into_iter().find(|d| shape[1].is_multiple_of(d.block_size())).unwrap_or(DType::F32)
 }
 
+/// Whether both paths name one existing file (hard link, symlink, `..`).
+fn same_file(a: &Path, b: &Path) -> bool {
+    let (Ok(ma), Ok(mb)) = (std::fs::metadata(a), std::fs::metadata(b)) else { return false };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        (ma.dev(), ma.ino()) == (mb.dev(), mb.ino())
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (ma, mb);
+        matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+    }
+}
+
 /// Rewrites `input` with every eligible matrix stored as `target`.
 /// Metadata (config, kind) is carried over unchanged.
 pub fn quantize_file(input: impl AsRef<Path>, output: impl AsRef<Path>, target: DType) -> Result<QuantizeReport> {
     let (input, output) = (input.as_ref(), output.as_ref());
-    if input == output {
-        return Err(Error::Input("quantize: output must differ from input".into()));
+    if input == output || same_file(input, output) {
+        return Err(Error::Input(format!(
+            "quantize: the output {} is the input file itself (same path, link or symlink); write to another file",
+            output.display()
+        )));
     }
     let src = WeightFile::open(input)?;
     let mut encoded: Vec<(String, DType, Vec<usize>, Vec<u8>)> = Vec::with_capacity(src.tensors.len());
