@@ -9,6 +9,7 @@ the same tokens, then reports median latencies and the ratio.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def main() -> None:
         e = aios_rt.Engine(path, threads=args.threads)
         ms, _ = median_ms(lambda: e.diffuse_tokens(canvas, steps=args.steps, sampler="confidence", temperature=0.0), args.runs)
         rust[dtype] = ms
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}, AIOS_CPU={os.environ.get('AIOS_CPU', 'native')}")
     print(f"model {model_dir.name}, length {args.length}, steps {args.steps}, batch 1, threads {args.threads}, "
           f"median of {args.runs}")
     print(f"PyTorch eager (f32):      {torch_ms:8.1f} ms   (runs: {', '.join(f'{t:.0f}' for t in torch_all)})")

@@ -240,21 +240,15 @@ impl Int8Matrix {
 
     fn quantize_row(&self, offset: i32, x: &[f32], q: &mut [u8], scales: &mut [f32], sums: &mut [f32]) {
         let (kb, mb) = (self.kb, self.mb);
-        #[cfg(target_arch = "x86_64")]
-        let simd = has_vnni();
-        #[cfg(not(target_arch = "x86_64"))]
-        let simd = false;
+        let kernel = Kernel::detect();
         for ((block, q), scale) in x.chunks_exact(kb).zip(q.chunks_exact_mut(kb)).zip(scales.iter_mut()) {
-            *scale = if simd {
-                // SAFETY: the CPU has AVX-512 (has_vnni); kb is a multiple of 16.
+            *scale = match kernel {
+                // SAFETY: the kernel was detected on this CPU; kb is a multiple of 16.
                 #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    quantize_block_avx512(block, q, offset)
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                unreachable!()
-            } else {
-                quantize_block(block, q, offset)
+                Kernel::Vnni => unsafe { quantize_block_avx512(block, q, offset) },
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx2 => unsafe { quantize_block_avx2(block, q, offset) },
+                Kernel::Portable => quantize_block(block, q, offset),
             };
         }
         // Mins only come with the K-quants, whose input bytes are plain `xq`.
@@ -310,6 +304,10 @@ impl Int8Matrix {
             (Kernel::Vnni, true) => dispatch!(tile_vnni, true),
             #[cfg(target_arch = "x86_64")]
             (Kernel::Vnni, false) => dispatch!(tile_vnni, false),
+            #[cfg(target_arch = "x86_64")]
+            (Kernel::Avx2, true) => dispatch!(tile_avx2, true),
+            #[cfg(target_arch = "x86_64")]
+            (Kernel::Avx2, false) => dispatch!(tile_avx2, false),
             (Kernel::Portable, true) => dispatch!(tile_portable, true),
             (Kernel::Portable, false) => dispatch!(tile_portable, false),
         }
@@ -360,6 +358,36 @@ unsafe fn quantize_block_avx512(x: &[f32], q: &mut [u8], offset: i32) -> f32 {
     scale
 }
 
+/// [`quantize_block`] with AVX2 (`x.len()` a multiple of 8).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_block_avx2(x: &[f32], q: &mut [u8], offset: i32) -> f32 {
+    use std::arch::x86_64::*;
+    debug_assert!(x.len().is_multiple_of(8) && q.len() == x.len());
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let mut m = _mm256_setzero_ps();
+    for c in x.chunks_exact(8) {
+        m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(c.as_ptr()), abs_mask));
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+    let amax = lanes.iter().fold(0f32, |a, &b| a.max(b));
+    let (scale, inv) = if amax > 0.0 { (amax / 127.0, 127.0 / amax) } else { (0.0, 0.0) };
+    let (inv, lo, hi, off) =
+        (_mm256_set1_ps(inv), _mm256_set1_epi32(-127), _mm256_set1_epi32(127), _mm256_set1_epi32(offset));
+    let mut ints = [0i32; 8];
+    for (c, o) in x.chunks_exact(8).zip(q.chunks_exact_mut(8)) {
+        // cvtps rounds to nearest even (the default MXCSR mode).
+        let v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(c.as_ptr()), inv));
+        let v = _mm256_add_epi32(_mm256_min_epi32(_mm256_max_epi32(v, lo), hi), off);
+        _mm256_storeu_si256(ints.as_mut_ptr() as *mut __m256i, v);
+        for (o, &i) in o.iter_mut().zip(&ints) {
+            *o = i as u8;
+        }
+    }
+    scale
+}
+
 /// One tile's operands: `M` quantised input rows and one weight panel.
 struct Tile<'a> {
     k: usize,
@@ -374,20 +402,72 @@ struct Tile<'a> {
     offsets: &'a [i32],
 }
 
+/// The int8 kernel families. [`Kernel::detect`] picks the fastest this CPU
+/// has within `AIOS_CPU` ([`crate::quant::cpu_cap`]); tests run every
+/// family the CPU has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kernel {
+pub enum Kernel {
+    /// AVX-512 VNNI `vpdpbusd`: 64 products per instruction.
     #[cfg(target_arch = "x86_64")]
     Vnni,
+    /// AVX2 `vpmaddubsw` + `vpmaddwd`: 32 products per two instructions.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    /// Scalar, any CPU (aarch64 runs this one until a NEON kernel exists).
     Portable,
 }
 
 impl Kernel {
-    fn detect() -> Self {
+    /// Every family this CPU can run, fastest first.
+    pub fn available() -> Vec<Kernel> {
+        let mut v = Vec::new();
         #[cfg(target_arch = "x86_64")]
-        if has_vnni() {
-            return Kernel::Vnni;
+        {
+            if has_vnni() {
+                v.push(Kernel::Vnni);
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                v.push(Kernel::Avx2);
+            }
         }
-        Kernel::Portable
+        v.push(Kernel::Portable);
+        v
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni => "vnni",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => "avx2",
+            Kernel::Portable => "portable",
+        }
+    }
+
+    /// The kernel in use: the fastest available within `AIOS_CPU`.
+    pub fn detect() -> Self {
+        static CHOSEN: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(Self::choose)
+    }
+
+    fn choose() -> Self {
+        use crate::quant::{cpu_cap, CpuCap};
+        let cap = cpu_cap();
+        Kernel::available()
+            .into_iter()
+            .find(|k| match k {
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Vnni => cap >= CpuCap::Native,
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx2 => cap >= CpuCap::Avx2,
+                Kernel::Portable => true,
+            })
+            .unwrap_or(Kernel::Portable)
+    }
+
+    /// Whether this kernel beats f32 on the CPU (the portable one does not).
+    pub fn is_fast(self) -> bool {
+        self != Kernel::Portable
     }
 }
 
@@ -455,6 +535,70 @@ unsafe fn tile_vnni<const M: usize, const SIGNED: bool>(t: &Tile, out: &mut [[f3
     for (o, f) in out.iter_mut().zip(&accf) {
         _mm512_storeu_ps(o.as_mut_ptr(), f[0]);
         _mm512_storeu_ps(o.as_mut_ptr().add(16), f[1]);
+    }
+}
+
+/// AVX2: the same integer sums as [`tile_vnni`] (each of `vpmaddubsw`'s i16
+/// pair sums is at most 2 x 128 x 127 < 2^15, so nothing saturates), then the
+/// same fused multiply-adds in the same order per column, 16 columns at a
+/// time. Q8_0's input bytes are turned back into signed `xq` (xor 0x80) and
+/// multiplied by |w| with the sign moved onto `xq` (`vpsignb`), so the block
+/// sums start at 0 instead of the VNNI offsets.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2<const M: usize, const SIGNED: bool>(t: &Tile, out: &mut [[f32; NR]; MR]) {
+    use std::arch::x86_64::*;
+    let (k, kb, nb) = (t.k, t.kb, t.k / t.kb);
+    let (x, w) = (t.x.as_ptr(), t.q.as_ptr());
+    let ones = _mm256_set1_epi16(1);
+    let flip = _mm256_set1_epi8(-128);
+    for h in 0..2 {
+        let mut accf = [[_mm256_setzero_ps(); 2]; M];
+        for b in 0..nb {
+            let mut acc = [[_mm256_setzero_si256(); 2]; M];
+            for g in b * kb / 4..(b + 1) * kb / 4 {
+                let w0 = _mm256_loadu_si256(w.add(g * NR * 4 + h * 64) as *const __m256i);
+                let w1 = _mm256_loadu_si256(w.add(g * NR * 4 + h * 64 + 32) as *const __m256i);
+                let (a0, a1) = if SIGNED { (_mm256_abs_epi8(w0), _mm256_abs_epi8(w1)) } else { (w0, w1) };
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xb = _mm256_set1_epi32((x.add(i * k + g * 4) as *const i32).read_unaligned());
+                    let (p0, p1) = if SIGNED {
+                        let xs = _mm256_xor_si256(xb, flip);
+                        (
+                            _mm256_maddubs_epi16(a0, _mm256_sign_epi8(xs, w0)),
+                            _mm256_maddubs_epi16(a1, _mm256_sign_epi8(xs, w1)),
+                        )
+                    } else {
+                        (_mm256_maddubs_epi16(a0, xb), _mm256_maddubs_epi16(a1, xb))
+                    };
+                    a[0] = _mm256_add_epi32(a[0], _mm256_madd_epi16(p0, ones));
+                    a[1] = _mm256_add_epi32(a[1], _mm256_madd_epi16(p1, ones));
+                }
+            }
+            let s0 = _mm256_loadu_ps(t.scales.as_ptr().add(b * NR + h * 16));
+            let s1 = _mm256_loadu_ps(t.scales.as_ptr().add(b * NR + h * 16 + 8));
+            for (i, (f, a)) in accf.iter_mut().zip(&acc).enumerate() {
+                let xs = _mm256_set1_ps(t.xs[i * nb + b]);
+                f[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[0]), _mm256_mul_ps(s0, xs), f[0]);
+                f[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[1]), _mm256_mul_ps(s1, xs), f[1]);
+            }
+            if !SIGNED {
+                let nm = k / t.mb;
+                for m in b * kb / t.mb..(b + 1) * kb / t.mb {
+                    let m0 = _mm256_loadu_ps(t.mins.as_ptr().add(m * NR + h * 16));
+                    let m1 = _mm256_loadu_ps(t.mins.as_ptr().add(m * NR + h * 16 + 8));
+                    for (i, f) in accf.iter_mut().enumerate() {
+                        let xsum = _mm256_set1_ps(t.xsum[i * nm + m]);
+                        f[0] = _mm256_fnmadd_ps(m0, xsum, f[0]);
+                        f[1] = _mm256_fnmadd_ps(m1, xsum, f[1]);
+                    }
+                }
+            }
+        }
+        for (o, f) in out.iter_mut().zip(&accf) {
+            _mm256_storeu_ps(o.as_mut_ptr().add(h * 16), f[0]);
+            _mm256_storeu_ps(o.as_mut_ptr().add(h * 16 + 8), f[1]);
+        }
     }
 }
 
@@ -615,10 +759,12 @@ mod tests {
             assert_eq!(one.install(|| m.linear(&x, None, rows)), want);
             let three = crate::threads::Pool::new(Some(3), "test").unwrap();
             assert_eq!(three.install(|| m.linear(&x, None, rows)), want);
-            let mut kernels = vec![Kernel::Portable];
+            let kernels = Kernel::available();
             #[cfg(target_arch = "x86_64")]
-            if has_vnni() {
-                kernels.push(Kernel::Vnni);
+            for (family, name) in [(Kernel::Vnni, "AVX-512 VNNI"), (Kernel::Avx2, "AVX2+FMA")] {
+                if !kernels.contains(&family) {
+                    eprintln!("SKIPPED: int8 kernel {family:?} not tested: this CPU has no {name}");
+                }
             }
             for kernel in kernels {
                 let input = m.quantize_input(&x, rows);
@@ -647,21 +793,33 @@ mod tests {
 
     #[test]
     fn simd_and_scalar_input_quantisation_agree() {
-        #[cfg(target_arch = "x86_64")]
-        if has_vnni() {
-            // Random blocks, a zero block, and exact .5 ties (rounded to even by both).
-            let mut blocks: Vec<Vec<f32>> = (0..50).map(|i| data(32, 100 + i)).collect();
-            blocks.push(vec![0.0; 32]);
-            // amax 127 makes the scale exactly 1, so x.5 values are exact ties.
-            blocks.push((0..32).map(|i| if i == 0 { 127.0 } else { i as f32 - 16.5 }).collect());
+        // Random blocks, a zero block, and exact .5 ties (rounded to even by all).
+        let mut blocks: Vec<Vec<f32>> = (0..50).map(|i| data(32, 100 + i)).collect();
+        blocks.push(vec![0.0; 32]);
+        // amax 127 makes the scale exactly 1, so x.5 values are exact ties.
+        blocks.push((0..32).map(|i| if i == 0 { 127.0 } else { i as f32 - 16.5 }).collect());
+        let kernels = Kernel::available();
+        let mut tested = 0;
+        for kernel in kernels {
             for x in &blocks {
                 for offset in [0, 128] {
                     let (mut a, mut b) = (vec![0u8; 32], vec![0u8; 32]);
                     let sa = quantize_block(x, &mut a, offset);
-                    let sb = unsafe { quantize_block_avx512(x, &mut b, offset) };
-                    assert_eq!((sa, &a), (sb, &b), "offset {offset}, block {x:?}");
+                    // SAFETY: the kernel is available on this CPU.
+                    let sb = match kernel {
+                        #[cfg(target_arch = "x86_64")]
+                        Kernel::Vnni => unsafe { quantize_block_avx512(x, &mut b, offset) },
+                        #[cfg(target_arch = "x86_64")]
+                        Kernel::Avx2 => unsafe { quantize_block_avx2(x, &mut b, offset) },
+                        Kernel::Portable => continue,
+                    };
+                    tested += 1;
+                    assert_eq!((sa, &a), (sb, &b), "{kernel:?} offset {offset}, block {x:?}");
                 }
             }
+        }
+        if tested == 0 {
+            eprintln!("SKIPPED: no SIMD input quantiser on this CPU; only the scalar one exists here");
         }
     }
 

@@ -50,7 +50,7 @@ impl MatmulMode {
             MatmulMode::DequantizeAtLoad => KernelChoice::F32,
             MatmulMode::Quantized => KernelChoice::Candle,
             MatmulMode::Int8 => KernelChoice::Int8,
-            MatmulMode::Auto if int8::has_vnni() => KernelChoice::Int8,
+            MatmulMode::Auto if int8::Kernel::detect().is_fast() => KernelChoice::Int8,
             MatmulMode::Auto if dtype == DType::Q2K => KernelChoice::F32,
             MatmulMode::Auto => KernelChoice::Candle,
         }

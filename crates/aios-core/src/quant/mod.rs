@@ -188,3 +188,23 @@ mod tests {
         assert!(dequantize(&[0u8; 10], &[1, 256], DType::Q4K).is_err());
     }
 }
+
+/// The widest SIMD family our own kernels (f32 `packed`, `int8`) may use:
+/// `AIOS_CPU=avx2` caps them at AVX2 (to measure or test an AVX2-only CPU on
+/// an AVX-512 one), `AIOS_CPU=portable` at scalar code; unset or `native`,
+/// they use what the CPU has. candle's and gemm's own kernels do not read it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CpuCap {
+    Portable,
+    Avx2,
+    Native,
+}
+
+pub fn cpu_cap() -> CpuCap {
+    static CAP: std::sync::OnceLock<CpuCap> = std::sync::OnceLock::new();
+    *CAP.get_or_init(|| match std::env::var("AIOS_CPU").as_deref() {
+        Ok("avx2") => CpuCap::Avx2,
+        Ok("portable") => CpuCap::Portable,
+        _ => CpuCap::Native,
+    })
+}

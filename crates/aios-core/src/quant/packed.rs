@@ -215,13 +215,18 @@ enum Kernel {
 }
 
 impl Kernel {
+    /// The widest kernel the CPU has, within `AIOS_CPU` ([`super::cpu_cap`]).
     fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::is_x86_feature_detected!("avx512f") {
+            let cap = super::cpu_cap();
+            if cap >= super::CpuCap::Native && std::is_x86_feature_detected!("avx512f") {
                 return Kernel::Avx512;
             }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            if cap >= super::CpuCap::Avx2
+                && std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+            {
                 return Kernel::Avx2;
             }
         }
