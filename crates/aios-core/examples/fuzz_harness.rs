@@ -43,7 +43,12 @@ pub struct Counts {
 
 impl Counts {
     pub fn failures(&self) -> u64 {
-        self.panics_raised + self.panics_printed + self.hangs + self.silent_corruption + self.silent_data_loss + self.cli_bad
+        self.panics_raised
+            + self.panics_printed
+            + self.hangs
+            + self.silent_corruption
+            + self.silent_data_loss
+            + self.cli_bad
     }
 }
 
@@ -274,12 +279,14 @@ pub fn run(dir: &Path, n: u64, seed: u64, cli: Option<(&Path, u64)>) -> BTreeMap
             std::fs::write(work.join(victim.file_name().unwrap()), mutate(&data, &mut rng, hot)).unwrap();
             c.mutants += 1;
             let before = PANICS_PRINTED.load(Ordering::SeqCst);
-            let opened = timed(&mut c, || MemoryStore::open(&work, StoreOptions { read_only: true, ..Default::default() }));
+            let opened =
+                timed(&mut c, || MemoryStore::open(&work, StoreOptions { read_only: true, ..Default::default() }));
             c.panics_printed += PANICS_PRINTED.load(Ordering::SeqCst) - before;
             match opened {
                 Some(Ok(s)) if s.warnings().is_empty() => {
                     let intact = s.len() == texts.len()
-                        && (1..=texts.len() as u64).all(|id| s.get(id).is_some_and(|h| h.text == texts[id as usize - 1]));
+                        && (1..=texts.len() as u64)
+                            .all(|id| s.get(id).is_some_and(|h| h.text == texts[id as usize - 1]));
                     if intact {
                         c.loaded_intact += 1;
                     } else {

@@ -45,7 +45,13 @@ fn differing_fields(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String>
     keys.dedup();
     keys.into_iter()
         .filter(|k| a.get(*k) != b.get(*k))
-        .map(|k| format!("{k}: adapter {} vs model {}", a.get(k).unwrap_or(&serde_json::Value::Null), b.get(k).unwrap_or(&serde_json::Value::Null)))
+        .map(|k| {
+            format!(
+                "{k}: adapter {} vs model {}",
+                a.get(k).unwrap_or(&serde_json::Value::Null),
+                b.get(k).unwrap_or(&serde_json::Value::Null)
+            )
+        })
         .collect()
 }
 
@@ -118,8 +124,8 @@ impl LoraAdapter {
             }
             Some(_) => {}
         }
-        let base: ModelConfig = serde_json::from_value(c.base_config.clone())
-            .map_err(|e| bad(format!("invalid base_config: {e}")))?;
+        let base: ModelConfig =
+            serde_json::from_value(c.base_config.clone()).map_err(|e| bad(format!("invalid base_config: {e}")))?;
         if base != *cfg {
             let model = serde_json::to_value(cfg).expect("config serialises");
             let adapter = serde_json::to_value(&base).expect("config serialises");

@@ -70,7 +70,10 @@ impl WeightFile {
         let shown = path.display().to_string();
         // Validate what we can before the decoder sees the bytes.
         if &mmap[..4] != b"PAR1" || &mmap[mmap.len() - 4..] != b"PAR1" {
-            return Err(Error::format(&shown, "no Parquet magic (PAR1) at the start and end: not Parquet, or truncated"));
+            return Err(Error::format(
+                &shown,
+                "no Parquet magic (PAR1) at the start and end: not Parquet, or truncated",
+            ));
         }
         let bytes = Bytes::from_owner(mmap);
         let parsed = crate::guard::catch_silent(|| parse(bytes, &shown));
@@ -143,10 +146,9 @@ fn verify_checksums(shown: &str, json: &str, tensors: &[RawTensor]) -> Result<()
         ));
     }
     for t in tensors {
-        let want = sums
-            .get(&t.name)
-            .and_then(|h| u32::from_str_radix(h, 16).ok())
-            .ok_or_else(|| Error::format(shown, format!("{KEY_CHECKSUMS} has no valid entry for tensor {:?}", t.name)))?;
+        let want = sums.get(&t.name).and_then(|h| u32::from_str_radix(h, 16).ok()).ok_or_else(|| {
+            Error::format(shown, format!("{KEY_CHECKSUMS} has no valid entry for tensor {:?}", t.name))
+        })?;
         if crc32fast::hash(t.data()) != want {
             return Err(Error::format(
                 shown,
