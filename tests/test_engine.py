@@ -372,8 +372,15 @@ def test_ancestral_no_change_cache_skips_forward_passes(eng):
     # A forward pass is only needed after a step that revealed something, so
     # at most one per masked token; many of the 64 steps reveal nothing.
     assert g.forward_passes <= 10
-    assert g.forward_passes < g.steps_run <= 64
-    # The cache must not change the result: same seed, same tokens.
+    # The run stops once every token is revealed (at least one step per
+    # token), and the cache skipped at least one forward pass.
+    assert 10 <= g.steps_run <= 64 and g.forward_passes < g.steps_run
+    # Reusing logits is exact only because this model ignores the noise
+    # level: recomputing them at any other t gives the same bits.
+    partial = g.tokens[:6] + [MASK] * 5
+    at = [eng.logits([partial], sigma=s) for s in (0.0, 0.3, 2.0)]
+    assert all(np.array_equal(at[0], a) for a in at[1:])
+    # And so the result does not depend on where the cache kicked in.
     assert eng.diffuse_tokens(canvas, steps=64, sampler="ancestral", seed=0).tokens == g.tokens
 
 
