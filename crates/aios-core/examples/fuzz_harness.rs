@@ -214,6 +214,16 @@ pub fn run(dir: &Path, n: u64, seed: u64, cli: Option<(&Path, u64)>) -> BTreeMap
                         c.loaded_intact += 1;
                     } else {
                         c.silent_corruption += 1;
+                        if c.silent_corruption == 1 {
+                            let now = tensors_of(&f);
+                            for (k, v) in &original {
+                                match now.get(k) {
+                                    Some(n) if n == v => {}
+                                    Some(n) => eprintln!("{target}: {k}: {:?}{:?} -> {:?}{:?}", v.0, v.1, n.0, n.1),
+                                    None => eprintln!("{target}: {k} missing"),
+                                }
+                            }
+                        }
                     }
                 }
                 Some(Err(_)) => c.rejected += 1,
