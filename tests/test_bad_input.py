@@ -15,6 +15,7 @@ from _tiny_tokenizer import train_tiny_tokenizer
 
 import _train_path  # noqa: F401
 import aios_rt
+from aios_train.export import checksums_json
 
 MASK = 3
 CFG = dict(vocab_size=320, hidden_size=64, n_layers=2, n_heads=4, cond_dim=32, max_length=48, mask_token_id=MASK)
@@ -69,6 +70,9 @@ def rows(path):
 
 def write(path, cols, meta, schema=SCHEMA, **kw):
     """Write rows with pyarrow exactly like aios_train.export.write_tensors (or as told)."""
+    if "aios.checksums" in meta and all(isinstance(d, bytes) for d in cols.get("data", [None])) and all(
+            isinstance(n, str) for n in cols.get("name", [None])):
+        meta = dict(meta, **{"aios.checksums": checksums_json(zip(cols["name"], cols["data"]))})  # edits are deliberate
     arrays = [pa.array(cols[f.name], f.type) for f in schema]
     table = pa.Table.from_arrays(arrays, schema=schema.with_metadata({k.encode(): v.encode() for k, v in meta.items()}))
     opts = dict(compression="none", use_dictionary=False, write_statistics=False)

@@ -19,6 +19,7 @@ import _tiny_tokenizer
 
 import _train_path  # noqa: F401
 import aios_rt
+from aios_train.export import checksums_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "aios-text-tiny"
@@ -150,6 +151,9 @@ def _eos_biased_folder(folder, out: Path) -> Path:
     bias[EOS] += 100.0
     datas[i] = bias.tobytes()
     t = t.set_column(t.column_names.index("data"), t.schema.field("data"), pa.array(datas, t.schema.field("data").type))
+    meta = dict(t.schema.metadata)
+    meta[b"aios.checksums"] = checksums_json(zip(names, datas)).encode()  # the edit is deliberate
+    t = t.replace_schema_metadata(meta)
     pq.write_table(t, out / "model.f32.parquet", compression="none", use_dictionary=False, write_statistics=False)
     (out / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
     return out
