@@ -71,6 +71,11 @@ bench: setup
     {{py}} bench/bench_lora.py
     {{py}} bench/conditioning_by_length.py
 
+# The seeded mutation fuzzer over weight files, adapters, memory stores and the CLI (long run; a short one is in `just test`).
+fuzz mutants="20000" seed="1":
+    cargo build --release -p aios-run
+    cargo run --release -p aios-core --example fuzz -- {{mutants}} {{seed}}
+
 lint:
     cargo fmt --all -- --check
     cargo clippy --release --workspace --all-targets -- -D warnings

@@ -70,9 +70,13 @@ def rows(path):
 
 def write(path, cols, meta, schema=SCHEMA, **kw):
     """Write rows with pyarrow exactly like aios_train.export.write_tensors (or as told)."""
-    if "aios.checksums" in meta and all(isinstance(d, bytes) for d in cols.get("data", [None])) and all(
-            isinstance(n, str) for n in cols.get("name", [None])):
-        meta = dict(meta, **{"aios.checksums": checksums_json(zip(cols["name"], cols["data"]))})  # edits are deliberate
+    # Edits are deliberate: checksums follow them where the rows allow it.
+    try:
+        sums = checksums_json(zip(cols["name"], cols["dtype"], cols["shape"], cols["data"]))
+    except (TypeError, KeyError):
+        sums = None  # null or missing values: the reader must refuse those anyway
+    if "aios.checksums" in meta and sums is not None:
+        meta = dict(meta, **{"aios.checksums": sums})
     arrays = [pa.array(cols[f.name], f.type) for f in schema]
     table = pa.Table.from_arrays(arrays, schema=schema.with_metadata({k.encode(): v.encode() for k, v in meta.items()}))
     opts = dict(compression="none", use_dictionary=False, write_statistics=False)

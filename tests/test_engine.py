@@ -152,7 +152,8 @@ def _eos_biased_folder(folder, out: Path) -> Path:
     datas[i] = bias.tobytes()
     t = t.set_column(t.column_names.index("data"), t.schema.field("data"), pa.array(datas, t.schema.field("data").type))
     meta = dict(t.schema.metadata)
-    meta[b"aios.checksums"] = checksums_json(zip(names, datas)).encode()  # the edit is deliberate
+    rows = zip(names, t.column("dtype").to_pylist(), t.column("shape").to_pylist(), datas)
+    meta[b"aios.checksums"] = checksums_json(rows).encode()  # the edit is deliberate
     t = t.replace_schema_metadata(meta)
     pq.write_table(t, out / "model.f32.parquet", compression="none", use_dictionary=False, write_statistics=False)
     (out / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())

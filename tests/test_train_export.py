@@ -9,7 +9,7 @@ import torch
 
 import _train_path  # noqa: F401
 from aios_train.config import ModelConfig
-from aios_train.export import (SCHEMA, FormatError, load_model, model_tensors, read_metadata, read_tensors, save_model,
+from aios_train.export import (SCHEMA, FormatError, checksums_json, load_model, model_tensors, read_metadata, read_tensors, save_model,
                                write_tensors)
 from aios_train.model import DiT, randomize_
 
@@ -17,7 +17,7 @@ CFG = ModelConfig(vocab_size=40, hidden_size=32, n_layers=2, n_heads=2, cond_dim
 
 
 def _raw_table(path, rows, meta=None):
-    meta = meta or {"aios.format_version": "1", "aios.kind": "model"}
+    meta = meta or {"aios.format_version": "1", "aios.kind": "model"}  # version 1: no checksums needed
     names, dtypes, shapes, datas = zip(*rows)
     t = pa.Table.from_arrays([pa.array(list(names)), pa.array(list(dtypes)), pa.array(list(shapes), SCHEMA.field("shape").type),
                               pa.array(list(datas), pa.large_binary())],
@@ -37,9 +37,11 @@ def test_write_read_round_trip_exact(tmp_path):
         assert got[k].dtype == np.float32 and got[k].shape == tensors[k].shape
         assert np.array_equal(got[k], tensors[k])
     checksums = json.loads(meta.pop("aios.checksums"))
-    assert meta == {"aios.format_version": "1", "aios.kind": "lora", "aios.config": '{"x": 1}', "aios.base": "abc"}
-    # Per-tensor CRC32, the value the Rust reader verifies at load.
-    assert checksums == {k: f"{zlib.crc32(np.ascontiguousarray(v, '<f4').tobytes()):08x}" for k, v in tensors.items()}
+    assert meta == {"aios.format_version": "2", "aios.kind": "lora", "aios.config": '{"x": 1}', "aios.base": "abc"}
+    # Per-tensor dtype, shape and CRC32, what both readers verify at load.
+    assert checksums == {k: {"dtype": "f32", "shape": list(v.shape),
+                             "crc32": f"{zlib.crc32(np.ascontiguousarray(v, '<f4').tobytes()):08x}"}
+                         for k, v in tensors.items()}
     # The physical layout the Rust reader relies on.
     f = pq.ParquetFile(p)
     assert f.schema_arrow.field("data").type == pa.large_binary()
@@ -139,3 +141,32 @@ def test_quantized_file_through_aios_rt(tmp_path):
         ref = m(x)
         err = (mq(x) - ref).abs().max() / ref.abs().max()
         assert err < (0.05 if dt == "q8_0" else 0.2), (dt, float(err))
+
+
+def test_checksums_are_verified_by_both_readers(tmp_path):
+    """Version 2 files must carry aios.checksums (dtype, shape, CRC32 per
+    tensor); version 1 files, written before checksums existed, still load."""
+    import aios_rt
+
+    a = np.arange(6, dtype="<f4")
+    good_sum = checksums_json([("a", "f32", [2, 3], a.tobytes())])
+    cases = {
+        "v1_no_checksums": ({"aios.format_version": "1"}, None),
+        "v2_good": ({"aios.format_version": "2", "aios.checksums": good_sum}, None),
+        "v2_missing": ({"aios.format_version": "2"}, "requires aios.checksums"),
+        "v2_wrong_shape": ({"aios.format_version": "2",
+                            "aios.checksums": checksums_json([("a", "f32", [3, 2], a.tobytes())])}, "damaged"),
+        "v2_wrong_data": ({"aios.format_version": "2",
+                           "aios.checksums": checksums_json([("a", "f32", [2, 3], a[::-1].tobytes())])}, "damaged"),
+    }
+    for case, (meta, err) in cases.items():
+        p = tmp_path / f"{case}.parquet"
+        _raw_table(p, [("a", "f32", [2, 3], a.tobytes())], meta=dict(meta, **{"aios.kind": "model"}))
+        for reader in (read_tensors, aios_rt.read_tensors):
+            if err is None:
+                got = reader(p)
+                got = got[0] if isinstance(got, tuple) else got
+                assert np.array_equal(got["a"], a.reshape(2, 3)), (case, reader)
+            else:
+                with pytest.raises(FormatError, match=err):
+                    reader(p)

@@ -1,7 +1,8 @@
 """The aios Parquet container: one row per tensor (DESIGN.md section 4).
 
 Schema: name: string, dtype: string, shape: list<int64>, data: large_binary (all non-nullable).
-File metadata: aios.format_version = "1", aios.kind, aios.config (ModelConfig JSON), plus extras.
+File metadata: aios.format_version = "2", aios.kind, aios.config (ModelConfig JSON), aios.checksums, plus extras.
+Version 1 files (written before checksums) are still read, unverified.
 Data is little-endian, C order. Python writes f32/f16/bf16; GGML block dtypes (q8_0, q4_k, q2_k) are
 produced by the Rust side and read here through `aios_rt.read_tensors` (dequantised to f32).
 """
@@ -24,7 +25,8 @@ from aios_rt._errors import FormatError
 from .config import ModelConfig
 from .model import DiT, expected_shapes
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # written; "2" requires aios.checksums
+READABLE_VERSIONS = ("1", "2")
 FLOAT_DTYPES = {"f32": 4, "f16": 2, "bf16": 2}
 QUANT_DTYPES = {"q8_0", "q4_k", "q2_k"}
 SCHEMA = pa.schema([
@@ -35,14 +37,39 @@ SCHEMA = pa.schema([
 ])
 MAX_TENSOR_BYTES = 2**31 - 1  # one Parquet BYTE_ARRAY value
 FINGERPRINT_KEY = "aios.fingerprint"
-# CRC32 (zlib's, as crc32fast in the runtime) of every tensor's data bytes,
-# as JSON {name: "8 hex digits"}; the runtime verifies it at load.
+# Every tensor's dtype, shape and CRC32 (zlib's, as crc32fast in the runtime)
+# of its data bytes: JSON {name: {"dtype", "shape", "crc32": 8 hex digits}}.
+# Both readers verify it.
 CHECKSUMS_KEY = "aios.checksums"
 
 
-def checksums_json(named_data) -> str:
-    """The `aios.checksums` value for (name, data bytes) pairs."""
-    return json.dumps({n: f"{zlib.crc32(d) & 0xFFFFFFFF:08x}" for n, d in named_data}, sort_keys=True)
+def _checksum(dtype: str, shape, data: bytes) -> dict:
+    return {"dtype": dtype, "shape": [int(s) for s in shape], "crc32": f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"}
+
+
+def checksums_json(tensors) -> str:
+    """The `aios.checksums` value for (name, dtype, shape, data bytes) tuples."""
+    return json.dumps({n: _checksum(dt, sh, d) for n, dt, sh, d in tensors}, sort_keys=True)
+
+
+def verify_checksums(path, meta: dict, names, dtypes, shapes, datas) -> None:
+    """Raises FormatError naming the first tensor whose dtype, shape or data
+    does not match `aios.checksums` (required from format version 2)."""
+    text = meta.get(CHECKSUMS_KEY)
+    if text is None:
+        if meta.get("aios.format_version") != "1":
+            raise FormatError(f"{path}: format version {meta.get('aios.format_version')} requires {CHECKSUMS_KEY}, "
+                              "which is missing (damaged metadata)")
+        return
+    try:
+        sums = json.loads(text)
+    except ValueError as e:
+        raise FormatError(f"{path}: {CHECKSUMS_KEY} is not valid JSON: {e}") from e
+    if not isinstance(sums, dict) or len(sums) != len(names):
+        raise FormatError(f"{path}: {CHECKSUMS_KEY} does not list every tensor once")
+    for n, dt, sh, d in zip(names, dtypes, shapes, datas):
+        if sums.get(n) != _checksum(dt, sh, d):
+            raise FormatError(f"{path}: tensor {n!r} is damaged: its dtype, shape or data does not match its checksum")
 
 
 
@@ -105,7 +132,7 @@ def write_tensors(
         shapes.append([int(s) for s in arr.shape])
         datas.append(buf)
     meta = {"aios.format_version": FORMAT_VERSION, "aios.kind": kind,
-            CHECKSUMS_KEY: checksums_json(zip(names, datas))}
+            CHECKSUMS_KEY: checksums_json(zip(names, dtypes, shapes, datas))}
     if config is not None:
         meta["aios.config"] = json.dumps(config, sort_keys=True)
     for k, v in (extra_metadata or {}).items():
@@ -142,8 +169,9 @@ def read_tensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str
     except (pa.ArrowInvalid, OSError) as e:
         raise FormatError(f"{path}: not a readable Parquet file: {e}") from e
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    if meta.get("aios.format_version") != FORMAT_VERSION:
-        raise FormatError(f"{path}: aios.format_version is {meta.get('aios.format_version')!r}, expected {FORMAT_VERSION!r}")
+    if meta.get("aios.format_version") not in READABLE_VERSIONS:
+        raise FormatError(f"{path}: aios.format_version is {meta.get('aios.format_version')!r}, "
+                          f"this build reads {', '.join(READABLE_VERSIONS)}")
     missing_cols = [c for c in ("name", "dtype", "shape", "data") if c not in table.column_names]
     if missing_cols:
         raise FormatError(f"{path}: missing columns {missing_cols}")
@@ -168,6 +196,7 @@ def read_tensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str
         if len(buf) != want:
             raise FormatError(f"{path}: tensor {name!r} ({dt}, shape {shape}) needs {want} bytes, has {len(buf)}")
         out[name] = _decode(buf, dt, tuple(shape))
+    verify_checksums(path, meta, names, dtypes, shapes, datas)
     return out, meta
 
 

@@ -12,7 +12,10 @@ use parquet::data_type::ByteArray;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::record::{Field, RowAccessor};
 
-use super::{DType, FORMAT_VERSION, KEY_CHECKSUMS, KEY_CONFIG, KEY_KIND, KEY_VERSION, MAX_TENSOR_BYTES};
+use super::{
+    DType, TensorChecksum, CHECKSUMS_SINCE, FORMAT_VERSION, KEY_CHECKSUMS, KEY_CONFIG, KEY_KIND, KEY_VERSION,
+    MAX_TENSOR_BYTES,
+};
 use crate::error::{Error, Result};
 
 /// One tensor as stored: its bytes still live in the file mapping.
@@ -114,8 +117,15 @@ impl WeightFile {
                 return Err(Error::format(&shown, format!("duplicate tensor name {:?}", t.name)));
             }
         }
-        if let Some(json) = metadata.get(KEY_CHECKSUMS) {
-            verify_checksums(&shown, json, &tensors)?;
+        match metadata.get(KEY_CHECKSUMS) {
+            Some(json) => verify_checksums(&shown, json, &tensors)?,
+            None if version >= CHECKSUMS_SINCE => {
+                return Err(Error::format(
+                    &shown,
+                    format!("format version {version} requires {KEY_CHECKSUMS}, which is missing (damaged metadata)"),
+                ))
+            }
+            None => {} // written before checksums existed
         }
         Ok(WeightFile { path, kind, format_version: version, metadata, tensors, index, file_bytes })
     }
@@ -135,10 +145,11 @@ impl WeightFile {
     }
 }
 
-/// Checks every tensor against `aios.checksums`; a damaged tensor is named.
-fn verify_checksums(shown: &str, json: &str, tensors: &[RawTensor]) -> Result<()> {
-    let sums: BTreeMap<String, String> = serde_json::from_str(json)
-        .map_err(|e| Error::format(shown, format!("{KEY_CHECKSUMS} is not a JSON object of strings: {e}")))?;
+/// Checks every tensor's dtype, shape and data against `aios.checksums`; a
+/// damaged tensor is named.
+pub(super) fn verify_checksums(shown: &str, json: &str, tensors: &[RawTensor]) -> Result<()> {
+    let sums: BTreeMap<String, TensorChecksum> =
+        serde_json::from_str(json).map_err(|e| Error::format(shown, format!("{KEY_CHECKSUMS} is not valid: {e}")))?;
     if sums.len() != tensors.len() {
         return Err(Error::format(
             shown,
@@ -146,22 +157,21 @@ fn verify_checksums(shown: &str, json: &str, tensors: &[RawTensor]) -> Result<()
         ));
     }
     for t in tensors {
-        let want = sums.get(&t.name).and_then(|h| u32::from_str_radix(h, 16).ok()).ok_or_else(|| {
-            Error::format(shown, format!("{KEY_CHECKSUMS} has no valid entry for tensor {:?}", t.name))
-        })?;
-        if crc32fast::hash(t.data()) != want {
+        let want = sums
+            .get(&t.name)
+            .ok_or_else(|| Error::format(shown, format!("{KEY_CHECKSUMS} has no entry for tensor {:?}", t.name)))?;
+        if *want != TensorChecksum::of(t.dtype, &t.shape, t.data()) {
             return Err(Error::format(
                 shown,
-                format!("tensor {:?} is damaged: its data does not match its checksum", t.name),
+                format!(
+                    "tensor {:?} is damaged: its dtype, shape or data ({}{:?}) does not match its checksum \
+                     ({}{:?})",
+                    t.name, t.dtype, t.shape, want.dtype, want.shape
+                ),
             ));
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-pub(super) fn verify_checksums_for_tests(shown: &str, json: &str, tensors: &[RawTensor]) -> Result<()> {
-    verify_checksums(shown, json, tensors)
 }
 
 type Parsed = (BTreeMap<String, String>, Vec<RawTensor>);

@@ -125,19 +125,45 @@ fn parquet_magic_is_checked_at_both_ends() {
 }
 
 #[test]
-fn checksums_must_cover_every_tensor() {
+fn checksums_must_cover_every_tensor_its_dtype_and_shape() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("w.parquet");
-    let a = f32_bytes(&[1.0]);
-    for bad in [r#"{}"#, r#"{"a":"zz"}"#, r#"[1]"#, r#"{"a":"00000000","b":"00000000"}"#] {
-        let meta = BTreeMap::from([(KEY_CHECKSUMS.to_string(), bad.to_string())]);
-        // The writer computes its own checksums, so forge the key afterwards
-        // by writing a file whose metadata already carries a wrong one.
-        write_weight_file(&p, "model", &meta, &[TensorToWrite { name: "a", dtype: DType::F32, shape: &[1], data: &a }])
-            .unwrap();
-        let f = WeightFile::open(&p).unwrap();
-        assert_ne!(f.metadata[KEY_CHECKSUMS], bad, "the writer must not take a caller's checksums");
-        let err = super::read::verify_checksums_for_tests("w", bad, &f.tensors).unwrap_err();
-        assert!(matches!(err, Error::Format { .. }), "{bad}: {err}");
+    write_sample(&p);
+    let f = WeightFile::open(&p).unwrap();
+    let good: serde_json::Value = serde_json::from_str(&f.metadata[KEY_CHECKSUMS]).unwrap();
+    assert_eq!(good["a"]["shape"], serde_json::json!([2, 3]));
+    let edited = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = good.clone();
+        edit(&mut v);
+        v.to_string()
+    };
+    let bad = [
+        "{}".to_string(),
+        "[1]".to_string(),
+        edited(&|v| v["a"]["shape"] = serde_json::json!([3, 2])),
+        edited(&|v| v["a"]["dtype"] = serde_json::json!("bf16")),
+        edited(&|v| v["a"]["crc32"] = serde_json::json!("zz")),
+        edited(&|v| v["c"] = v["b"].clone()),
+        edited(&|v| v["a"]["extra"] = serde_json::json!(1)),
+    ];
+    for json in bad {
+        let err = super::read::verify_checksums("w", &json, &f.tensors).unwrap_err();
+        assert!(matches!(err, Error::Format { .. }), "{json}: {err}");
     }
+    super::read::verify_checksums("w", &good.to_string(), &f.tensors).unwrap();
+}
+
+/// A damaged checksum key cannot pass for a file written before checksums:
+/// this format version requires it.
+#[test]
+fn a_damaged_checksum_key_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("w.parquet");
+    write_sample(&p);
+    let mut bytes = std::fs::read(&p).unwrap();
+    let at = bytes.windows(KEY_CHECKSUMS.len()).position(|w| w == KEY_CHECKSUMS.as_bytes()).unwrap();
+    bytes[at + KEY_CHECKSUMS.len() - 1] ^= 0x01; // "aios.checksums" -> "aios.checksumr"
+    std::fs::write(&p, &bytes).unwrap();
+    let err = WeightFile::open(&p).unwrap_err();
+    assert!(err.to_string().contains("requires aios.checksums"), "{err}");
 }

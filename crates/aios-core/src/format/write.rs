@@ -67,7 +67,10 @@ pub fn write_weight_file(
     let mut kv = vec![
         KeyValue::new(KEY_VERSION.to_string(), FORMAT_VERSION.to_string()),
         KeyValue::new(KEY_KIND.to_string(), kind.to_string()),
-        KeyValue::new(KEY_CHECKSUMS.to_string(), checksums_json(tensors.iter().map(|t| (t.name, t.data)))),
+        KeyValue::new(
+            KEY_CHECKSUMS.to_string(),
+            checksums_json(tensors.iter().map(|t| (t.name, t.dtype, t.shape, t.data))),
+        ),
     ];
     for (k, v) in extra_metadata {
         if k != KEY_VERSION && k != KEY_KIND && k != KEY_CHECKSUMS {

@@ -434,16 +434,6 @@ impl Kernel {
         v
     }
 
-    pub fn name(self) -> &'static str {
-        match self {
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Vnni => "vnni",
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => "avx2",
-            Kernel::Portable => "portable",
-        }
-    }
-
     /// The kernel in use: the fastest available within `AIOS_CPU`.
     pub fn detect() -> Self {
         static CHOSEN: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
