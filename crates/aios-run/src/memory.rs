@@ -159,6 +159,47 @@ fn parse_line(line: &str, line_no: usize) -> Result<NewMemory, Error> {
     Ok(NewMemory { text: text.to_string(), meta, vector })
 }
 
+/// Every non-blank line of `f` as a memory, each validated against `store`
+/// (and against the first line that has or lacks a vector); the first bad
+/// line is an error naming its number.
+fn read_valid_lines(
+    store: &MemoryStore,
+    file: &Path,
+    f: std::fs::File,
+    bar: &ProgressBar,
+) -> Result<Vec<(usize, NewMemory)>, Error> {
+    let mut memories = Vec::new();
+    let mut with_vector: Option<(usize, usize)> = None; // (line, dim) of the first vector
+    let mut without_vector: Option<usize> = None; // the first line without one
+    for (i, bytes) in BufReader::new(f).split(b'\n').enumerate() {
+        let line_no = i + 1;
+        let bytes = bytes.map_err(|e| Error::io(file, e))?;
+        bar.inc(bytes.len() as u64 + 1);
+        let text =
+            String::from_utf8(bytes).map_err(|e| Error::Input(format!("line {line_no}: not valid UTF-8 ({e})")))?;
+        if text.trim().is_empty() {
+            continue;
+        }
+        let m = parse_line(&text, line_no)?;
+        store.check(&m).map_err(|e| {
+            Error::Input(format!("line {line_no}: {}", e.to_string().trim_start_matches("invalid input: ")))
+        })?;
+        match (&m.vector, with_vector, without_vector) {
+            (Some(v), Some((first, dim)), _) if v.len() != dim => {
+                return input_err!("line {line_no}: vector has dimension {}, line {first}'s has {dim}", v.len())
+            }
+            (Some(_), _, Some(first)) | (None, Some((first, _)), _) => {
+                return input_err!("line {line_no}: pass a \"vector\" on every line or on none (line {first} differs)")
+            }
+            (Some(v), None, _) => with_vector = Some((line_no, v.len())),
+            (None, _, None) => without_vector = Some(line_no),
+            _ => {}
+        }
+        memories.push((line_no, m));
+    }
+    Ok(memories)
+}
+
 /// Imports all or nothing as far as the input goes: every line is read and
 /// validated first (JSON, text, meta, vector), so a bad line adds nothing
 /// and names its line number. The valid file is then added in atomic
@@ -172,45 +213,7 @@ fn import(store: &MemoryStore, file: &Path, batch: usize) -> Result<(), Error> {
             .expect("template")
             .progress_chars("=> "),
     );
-    let mut memories = Vec::new();
-    let mut with_vector: Option<(usize, usize)> = None; // (line, dim) of the first vector
-    let mut without_vector: Option<usize> = None;
-    let validate = |memories: &mut Vec<(usize, NewMemory)>,
-                    with_vector: &mut Option<(usize, usize)>,
-                    without_vector: &mut Option<usize>|
-     -> Result<(), Error> {
-        for line in BufReader::new(f).split(b'\n').enumerate().map(|(i, l)| (i + 1, l)) {
-            let (line_no, bytes) = line;
-            let bytes = bytes.map_err(|e| Error::io(file, e))?;
-            bar.inc(bytes.len() as u64 + 1);
-            let text =
-                String::from_utf8(bytes).map_err(|e| Error::Input(format!("line {line_no}: not valid UTF-8 ({e})")))?;
-            if text.trim().is_empty() {
-                continue;
-            }
-            let m = parse_line(&text, line_no)?;
-            let here = |e: Error| {
-                Error::Input(format!("line {line_no}: {}", e.to_string().trim_start_matches("invalid input: ")))
-            };
-            store.check(&m).map_err(here)?;
-            match (&m.vector, *with_vector, *without_vector) {
-                (Some(v), Some((first, dim)), _) if v.len() != dim => {
-                    return input_err!("line {line_no}: vector has dimension {}, line {first}'s has {dim}", v.len())
-                }
-                (Some(_), _, Some(first)) | (None, Some((first, _)), _) => {
-                    return input_err!(
-                        "line {line_no}: pass a \"vector\" on every line or on none (line {first} differs)"
-                    )
-                }
-                (Some(v), None, _) => *with_vector = Some((line_no, v.len())),
-                (None, _, None) => *without_vector = Some(line_no),
-                _ => {}
-            }
-            memories.push((line_no, m));
-        }
-        Ok(())
-    };
-    validate(&mut memories, &mut with_vector, &mut without_vector).inspect_err(|_| bar.abandon())?;
+    let memories = read_valid_lines(store, file, f, &bar).inspect_err(|_| bar.abandon())?;
     bar.set_position(0);
     bar.set_length(memories.len() as u64);
     let mut added = 0usize;

@@ -76,6 +76,11 @@ impl Manifest {
         format!("{PREFIX}{version:016}")
     }
 
+    /// The version in a manifest file name `MANIFEST-<version>`.
+    pub fn version_in(file_name: &str) -> Option<u64> {
+        file_name.strip_prefix(PREFIX)?.parse().ok()
+    }
+
     /// The manifest versions present in `dir`, newest first.
     pub fn list(dir: &Path) -> Result<Vec<u64>> {
         let mut versions = Vec::new();
@@ -83,7 +88,7 @@ impl Manifest {
             let entry = entry.map_err(|e| Error::io(dir, e))?;
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            if let Some(v) = name.strip_prefix(PREFIX).and_then(|v| v.parse::<u64>().ok()) {
+            if let Some(v) = Self::version_in(&name) {
                 versions.push(v);
             }
         }

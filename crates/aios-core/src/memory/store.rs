@@ -990,15 +990,13 @@ impl MemoryStore {
             }
             let _ = fs::remove_file(path);
         }
-        let temp_manifest = temp_name(&Manifest::file_name(0));
-        let temp_manifest = &temp_manifest[..temp_manifest.len() - 16];
         for entry in fs::read_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?.flatten() {
             let name = entry.file_name().to_string_lossy().to_string();
             if !name.starts_with(TEMP_PREFIX) {
                 continue;
             }
             // An interrupted write: its segment was renamed, its manifest not.
-            if let Some(v) = name.strip_prefix(temp_manifest).and_then(|v| v.parse::<u64>().ok()) {
+            if let Some(v) = name.strip_prefix(TEMP_PREFIX).and_then(Manifest::version_in) {
                 let seg = segment_file(v);
                 if !versions.contains(&v) && !keep_segments.contains(&seg) {
                     let _ = fs::remove_file(self.dir.join(seg));
