@@ -14,7 +14,7 @@
 use std::time::Instant;
 
 use aios_core::format::DType;
-use aios_core::quant::int8::{has_vnni, Int8Matrix};
+use aios_core::quant::int8::{Int8Matrix, Kernel};
 use aios_core::quant::packed::PackedMatrix;
 use aios_core::quant::quantize;
 use candle_core::quantized::{QMatMul, QTensor};
@@ -28,8 +28,8 @@ fn main() {
     let (rows, threads, rounds) = (arg(1, 64), arg(2, 2), arg(3, 50));
     let pool = aios_core::threads::Pool::new(Some(threads), "bench").unwrap();
     println!(
-        "rows {rows}, {threads} threads, median of {rounds} interleaved rounds; int8 kernel native: {}",
-        has_vnni()
+        "rows {rows}, {threads} threads, median of {rounds} interleaved rounds; int8 kernel {:?} (AIOS_CPU caps it)",
+        Kernel::detect()
     );
     // Tiny model (D = 256, vocab 4096) and edge config (D = 768) layers.
     for (k, n) in [(256, 768), (256, 256), (256, 1024), (1024, 256), (256, 4096), (768, 2304), (3072, 768)] {
