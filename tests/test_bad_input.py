@@ -4,7 +4,10 @@ arguments, AiosIOError for missing paths, TokenizerError for tokenizers),
 never a crash, and the engine keeps working after an error."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +208,28 @@ def test_random_byte_flips_never_crash(good, tmp_path):
         except aios_rt.AiosError:
             outcomes["error"] += 1
     assert outcomes["error"] > 0
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def test_a_decoder_panic_is_a_format_error_with_no_panic_text(tmp_path):
+    """tests/fixtures/parquet-decoder-panic.parquet is a LoRA file damaged so
+    that the parquet crate's PlainDecoder panics (slice index out of range; found
+    by `just fuzz`). It must be a FormatError, and nothing may be printed: before
+    the fix, the panic hook printed "thread ... panicked at" and a backtrace."""
+    bad = FIXTURES / "parquet-decoder-panic.parquet"
+    script = f"""
+import aios_rt
+try:
+    aios_rt.read_tensors({str(bad)!r})
+except aios_rt.FormatError as e:
+    print(e)
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "RUST_BACKTRACE": "1"})
+    assert p.returncode == 0 and "decoder rejected" in p.stdout, (p.stdout, p.stderr)
+    assert p.stderr == "", p.stderr[-2000:]
 
 
 def test_parquet_that_is_not_ours(tmp_path, good):

@@ -179,6 +179,16 @@ def test_quantize_errors(folder, tmp_path):
     assert not (tmp_path / "x.parquet").exists()
 
 
+def test_a_decoder_panic_prints_no_panic_text():
+    """A file that makes the parquet decoder panic (tests/fixtures, found by
+    `just fuzz`) is exit 4 with one error line, no panic text or backtrace."""
+    bad = Path(__file__).resolve().parent / "fixtures" / "parquet-decoder-panic.parquet"
+    argv = [os.fsencode(BIN), b"info", os.fsencode(bad)]
+    p = subprocess.run(argv, capture_output=True, timeout=60, env={**os.environ, "RUST_BACKTRACE": "1"})
+    assert_clean_failure(p, 4)
+    assert "decoder rejected" in err(p) and len(err(p).strip().splitlines()) == 1, err(p)
+
+
 def test_quantize_refuses_its_own_input_by_identity(folder, tmp_path):
     """A symlink, hard link or `..` path to the input is the input: refused,
     and the original is unchanged."""

@@ -9,7 +9,8 @@
 //!   anything else is silent corruption / silent data loss;
 //! - a mutant that takes over `HANG_MS` counts as a hang.
 //! Used by `tests/fuzz.rs` (a short run) and `examples/fuzz.rs` (a long run
-//! whose numbers go in bench/RESULTS.md).
+//! whose numbers go in bench/RESULTS.md). With `AIOS_FUZZ_SAVE_PANICS=DIR`,
+//! weight mutants that make a decoder panic (caught, silently) are saved there.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -31,6 +32,8 @@ pub struct Counts {
     pub loaded_intact: u64,
     pub panics_raised: u64,
     pub panics_printed: u64,
+    /// Decoder panics caught and turned into format errors, silently (fine).
+    pub panics_silenced: u64,
     pub hangs: u64,
     pub silent_corruption: u64,
     pub silent_data_loss: u64,
@@ -199,6 +202,7 @@ pub fn run(dir: &Path, n: u64, seed: u64, cli: Option<(&Path, u64)>) -> BTreeMap
             std::fs::write(&mutant, &bytes).unwrap();
             c.mutants += 1;
             let before = PANICS_PRINTED.load(Ordering::SeqCst);
+            let silenced = aios_core::guard::silenced();
             let loaded = timed(&mut c, || {
                 if target == "lora" {
                     LoraAdapter::load(&mutant, &cfg, Some(&fp)).map(|_| ()).and_then(|_| WeightFile::open(&mutant))
@@ -207,6 +211,13 @@ pub fn run(dir: &Path, n: u64, seed: u64, cli: Option<(&Path, u64)>) -> BTreeMap
                 }
             });
             c.panics_printed += PANICS_PRINTED.load(Ordering::SeqCst) - before;
+            if aios_core::guard::silenced() > silenced {
+                c.panics_silenced += aios_core::guard::silenced() - silenced;
+                // Keep mutants that reach a decoder panic, as regression fixtures.
+                if let Some(dir) = std::env::var_os("AIOS_FUZZ_SAVE_PANICS") {
+                    let _ = std::fs::write(Path::new(&dir).join(format!("{target}-{seed}-{i}.parquet")), &bytes);
+                }
+            }
             let rejected = matches!(loaded, Some(Err(_)));
             match loaded {
                 Some(Ok(f)) => {
@@ -289,9 +300,11 @@ pub fn run(dir: &Path, n: u64, seed: u64, cli: Option<(&Path, u64)>) -> BTreeMap
             std::fs::write(work.join(victim.file_name().unwrap()), mutate(&data, &mut rng, hot)).unwrap();
             c.mutants += 1;
             let before = PANICS_PRINTED.load(Ordering::SeqCst);
+            let silenced = aios_core::guard::silenced();
             let opened =
                 timed(&mut c, || MemoryStore::open(&work, StoreOptions { read_only: true, ..Default::default() }));
             c.panics_printed += PANICS_PRINTED.load(Ordering::SeqCst) - before;
+            c.panics_silenced += aios_core::guard::silenced() - silenced;
             match opened {
                 Some(Ok(s)) if s.warnings().is_empty() => {
                     let intact = s.len() == texts.len()

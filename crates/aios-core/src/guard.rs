@@ -8,6 +8,7 @@
 
 use std::cell::Cell;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Once;
 
 thread_local! {
@@ -15,6 +16,7 @@ thread_local! {
     static SILENT: Cell<u32> = const { Cell::new(0) };
 }
 static HOOK: Once = Once::new();
+static SILENCED: AtomicU64 = AtomicU64::new(0);
 
 fn install_hook() {
     HOOK.call_once(|| {
@@ -22,9 +24,17 @@ fn install_hook() {
         panic::set_hook(Box::new(move |info| {
             if SILENT.with(|s| s.get()) == 0 {
                 previous(info);
+            } else {
+                SILENCED.fetch_add(1, Ordering::Relaxed);
             }
         }));
     });
+}
+
+/// How many panics `catch_silent` has caught in this process (the fuzzer
+/// reports it, to show the decoders' panics are exercised).
+pub fn silenced() -> u64 {
+    SILENCED.load(Ordering::Relaxed)
 }
 
 /// Runs `f`; a panic inside it (on this thread) returns None and prints

@@ -14,4 +14,6 @@ fn mutants_never_panic_hang_or_lose_data_silently() {
         assert_eq!(c.tensor_mutants, c.tensor_mutants_detected, "{target}: a damaged tensor loaded: {c:?}");
     }
     assert!(results["weights_f32"].tensor_mutants > 0);
+    let silenced: u64 = results.values().map(|c| c.panics_silenced).sum();
+    eprintln!("decoder panics caught silently: {silenced}");
 }

@@ -167,3 +167,15 @@ fn a_damaged_checksum_key_is_an_error() {
     let err = WeightFile::open(&p).unwrap_err();
     assert!(err.to_string().contains("requires aios.checksums"), "{err}");
 }
+
+/// A file that makes the parquet decoder panic (found by the fuzzer, kept in
+/// tests/fixtures): a format error, through the silent guard.
+#[test]
+fn a_decoder_panic_is_a_format_error() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/parquet-decoder-panic.parquet");
+    let before = crate::guard::silenced();
+    let err = WeightFile::open(&path).unwrap_err();
+    assert!(err.to_string().contains("decoder rejected"), "{err}");
+    assert!(crate::guard::silenced() > before, "the fixture no longer reaches a decoder panic");
+}
