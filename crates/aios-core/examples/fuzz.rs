@@ -2,7 +2,7 @@
 //! `cargo run --release -p aios-core --example fuzz -- [MUTANTS_PER_TARGET] [SEED]`
 //! (runs `target/release/aios-run info` on every 50th weight mutant if built).
 
-#[path = "fuzz_harness.rs"]
+#[path = "../tests/support/fuzz.rs"]
 mod harness;
 
 fn main() {

@@ -1,7 +1,7 @@
 //! A short, seeded run of the mutation fuzzer (the long run is
 //! `cargo run --release -p aios-core --example fuzz`).
 
-#[path = "../examples/fuzz_harness.rs"]
+#[path = "support/fuzz.rs"]
 mod harness;
 
 #[test]

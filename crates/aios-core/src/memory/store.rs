@@ -415,7 +415,7 @@ impl MemoryStore {
             }
         }
         // Newest file first: its copy of an id is the one kept.
-        sources.sort_by(|a, b| b.0.cmp(&a.0));
+        sources.sort_by_key(|s| std::cmp::Reverse(s.0));
         let mut rows: std::collections::BTreeMap<u64, (usize, usize)> = Default::default();
         for (i, (_, seg)) in sources.iter().enumerate() {
             for (row, id) in seg.ids.iter().enumerate() {

@@ -8,6 +8,7 @@
 //!   file) or every acknowledged memory (a store opened without warnings):
 //!   anything else is silent corruption / silent data loss;
 //! - a mutant that takes over `HANG_MS` counts as a hang.
+//!
 //! Used by `tests/fuzz.rs` (a short run) and `examples/fuzz.rs` (a long run
 //! whose numbers go in bench/RESULTS.md). With `AIOS_FUZZ_SAVE_PANICS=DIR`,
 //! weight mutants that make a decoder panic (caught, silently) are saved there.
@@ -61,7 +62,7 @@ impl Rng {
     pub fn new(seed: u64) -> Self {
         Rng(seed)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
@@ -69,7 +70,7 @@ impl Rng {
         z ^ (z >> 31)
     }
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
+        (self.next_u64() % n.max(1) as u64) as usize
     }
 }
 
@@ -94,7 +95,7 @@ pub fn mutate(data: &[u8], rng: &mut Rng, hot: std::ops::Range<usize>) -> Vec<u8
         2 => {
             let i = pick(rng, b.len());
             let n = 1 + rng.below(16);
-            let bytes: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+            let bytes: Vec<u8> = (0..n).map(|_| rng.next_u64() as u8).collect();
             b.splice(i..i, bytes);
         }
         3 => {
@@ -107,7 +108,7 @@ pub fn mutate(data: &[u8], rng: &mut Rng, hot: std::ops::Range<usize>) -> Vec<u8
         4 => {
             // A 4-byte little-endian length or offset rewritten.
             let i = pick(rng, b.len().saturating_sub(4));
-            let v: u32 = [0, 1, u32::MAX, i32::MAX as u32, rng.next() as u32][rng.below(5)];
+            let v: u32 = [0, 1, u32::MAX, i32::MAX as u32, rng.next_u64() as u32][rng.below(5)];
             let end = (i + 4).min(b.len());
             b[i..end].copy_from_slice(&v.to_le_bytes()[..end - i]);
         }
@@ -325,6 +326,3 @@ pub fn run(dir: &Path, n: u64, seed: u64, cli: Option<(&Path, u64)>) -> BTreeMap
     }
     out
 }
-
-#[allow(dead_code)]
-fn main() {}
