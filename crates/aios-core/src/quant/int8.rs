@@ -247,7 +247,7 @@ impl Int8Matrix {
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Vnni => unsafe { quantize_block_avx512(block, q, offset) },
                 #[cfg(target_arch = "x86_64")]
-                Kernel::Avx2 => unsafe { quantize_block_avx2(block, q, offset) },
+                Kernel::Avx2 | Kernel::Vnni256 => unsafe { quantize_block_avx2(block, q, offset) },
                 Kernel::Portable => quantize_block(block, q, offset),
             };
         }
@@ -308,6 +308,13 @@ impl Int8Matrix {
             (Kernel::Avx2, true) => dispatch!(tile_avx2, true),
             #[cfg(target_arch = "x86_64")]
             (Kernel::Avx2, false) => dispatch!(tile_avx2, false),
+            #[cfg(target_arch = "x86_64")]
+            (Kernel::Vnni256, signed) => match (has_avx_vnni(), signed) {
+                (true, true) => dispatch!(tile_avx_vnni, true),
+                (true, false) => dispatch!(tile_avx_vnni, false),
+                (false, true) => dispatch!(tile_vnni256_evex, true),
+                (false, false) => dispatch!(tile_vnni256_evex, false),
+            },
             (Kernel::Portable, true) => dispatch!(tile_portable, true),
             (Kernel::Portable, false) => dispatch!(tile_portable, false),
         }
@@ -410,6 +417,11 @@ pub enum Kernel {
     /// AVX-512 VNNI `vpdpbusd`: 64 products per instruction.
     #[cfg(target_arch = "x86_64")]
     Vnni,
+    /// `vpdpbusd` on 256-bit registers: AVX-VNNI (VEX, e.g. Intel cores
+    /// without AVX-512), or on CPUs with AVX-512 VNNI its 256-bit EVEX form
+    /// (the same code, so tests cover it there).
+    #[cfg(target_arch = "x86_64")]
+    Vnni256,
     /// AVX2 `vpmaddubsw` + `vpmaddwd`: 32 products per two instructions.
     #[cfg(target_arch = "x86_64")]
     Avx2,
@@ -426,7 +438,11 @@ impl Kernel {
             if has_vnni() {
                 v.push(Kernel::Vnni);
             }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+            if avx2 && (has_avx_vnni() || (has_vnni() && std::is_x86_feature_detected!("avx512vl"))) {
+                v.push(Kernel::Vnni256);
+            }
+            if avx2 {
                 v.push(Kernel::Avx2);
             }
         }
@@ -447,7 +463,7 @@ impl Kernel {
             .into_iter()
             .find(|k| match k {
                 #[cfg(target_arch = "x86_64")]
-                Kernel::Vnni => cap >= CpuCap::Native,
+                Kernel::Vnni | Kernel::Vnni256 => cap >= CpuCap::Native,
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Avx2 => cap >= CpuCap::Avx2,
                 Kernel::Portable => true,
@@ -459,6 +475,14 @@ impl Kernel {
     pub fn is_fast(self) -> bool {
         self != Kernel::Portable
     }
+}
+
+/// Whether this CPU has AVX-VNNI (the VEX-encoded 256-bit `vpdpbusd`).
+#[cfg(target_arch = "x86_64")]
+fn has_avx_vnni() -> bool {
+    std::is_x86_feature_detected!("avxvnni")
+        && std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
 }
 
 /// Whether this CPU runs the int8 kernel natively (AVX-512 VNNI); without it
@@ -527,6 +551,74 @@ unsafe fn tile_vnni<const M: usize, const SIGNED: bool>(t: &Tile, out: &mut [[f3
         _mm512_storeu_ps(o.as_mut_ptr().add(16), f[1]);
     }
 }
+
+/// [`tile_vnni`] on 256-bit registers, for CPUs with AVX-VNNI but no
+/// AVX-512 (16 registers: the tile is done in two halves of 16 columns and
+/// the f32 sums live in `out` between blocks). `$dot` is `vpdpbusd`, VEX
+/// (`avxvnni`) or EVEX (`avx512vl`); the code is otherwise the same, so the
+/// EVEX copy tests it on AVX-512 machines.
+macro_rules! tile_vnni256 {
+    ($name:ident, $features:literal, $dot:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const M: usize, const SIGNED: bool>(t: &Tile, out: &mut [[f32; NR]; MR]) {
+            use std::arch::x86_64::*;
+            let (k, kb, nb) = (t.k, t.kb, t.k / t.kb);
+            let (x, w) = (t.x.as_ptr(), t.q.as_ptr());
+            for h in 0..2 {
+                for b in 0..nb {
+                    let mut acc = [[_mm256_setzero_si256(); 2]; M];
+                    if SIGNED {
+                        let o0 = _mm256_loadu_si256(t.offsets.as_ptr().add(b * NR + h * 16) as *const __m256i);
+                        let o1 = _mm256_loadu_si256(t.offsets.as_ptr().add(b * NR + h * 16 + 8) as *const __m256i);
+                        acc = [[o0, o1]; M];
+                    }
+                    for g in b * kb / 4..(b + 1) * kb / 4 {
+                        let w0 = _mm256_loadu_si256(w.add(g * NR * 4 + h * 64) as *const __m256i);
+                        let w1 = _mm256_loadu_si256(w.add(g * NR * 4 + h * 64 + 32) as *const __m256i);
+                        for (i, a) in acc.iter_mut().enumerate() {
+                            let xb = _mm256_set1_epi32((x.add(i * k + g * 4) as *const i32).read_unaligned());
+                            if SIGNED {
+                                a[0] = $dot(a[0], xb, w0);
+                                a[1] = $dot(a[1], xb, w1);
+                            } else {
+                                a[0] = $dot(a[0], w0, xb);
+                                a[1] = $dot(a[1], w1, xb);
+                            }
+                        }
+                    }
+                    let s0 = _mm256_loadu_ps(t.scales.as_ptr().add(b * NR + h * 16));
+                    let s1 = _mm256_loadu_ps(t.scales.as_ptr().add(b * NR + h * 16 + 8));
+                    for (i, a) in acc.iter().enumerate() {
+                        let o = out[i].as_mut_ptr().add(h * 16);
+                        let xs = _mm256_set1_ps(t.xs[i * nb + b]);
+                        let f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[0]), _mm256_mul_ps(s0, xs), _mm256_loadu_ps(o));
+                        let f1 =
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[1]), _mm256_mul_ps(s1, xs), _mm256_loadu_ps(o.add(8)));
+                        _mm256_storeu_ps(o, f0);
+                        _mm256_storeu_ps(o.add(8), f1);
+                    }
+                    if !SIGNED {
+                        let nm = k / t.mb;
+                        for m in b * kb / t.mb..(b + 1) * kb / t.mb {
+                            let m0 = _mm256_loadu_ps(t.mins.as_ptr().add(m * NR + h * 16));
+                            let m1 = _mm256_loadu_ps(t.mins.as_ptr().add(m * NR + h * 16 + 8));
+                            for (i, o) in out.iter_mut().take(M).enumerate() {
+                                let o = o.as_mut_ptr().add(h * 16);
+                                let xsum = _mm256_set1_ps(t.xsum[i * nm + m]);
+                                _mm256_storeu_ps(o, _mm256_fnmadd_ps(m0, xsum, _mm256_loadu_ps(o)));
+                                _mm256_storeu_ps(o.add(8), _mm256_fnmadd_ps(m1, xsum, _mm256_loadu_ps(o.add(8))));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+}
+
+tile_vnni256!(tile_avx_vnni, "avx2,fma,avxvnni", _mm256_dpbusd_avx_epi32);
+tile_vnni256!(tile_vnni256_evex, "avx2,fma,avx512f,avx512vl,avx512vnni", _mm256_dpbusd_epi32);
 
 /// AVX2: the same integer sums as [`tile_vnni`] (each of `vpmaddubsw`'s i16
 /// pair sums is at most 2 x 128 x 127 < 2^15, so nothing saturates), then the
@@ -751,7 +843,11 @@ mod tests {
             assert_eq!(three.install(|| m.linear(&x, None, rows)), want);
             let kernels = Kernel::available();
             #[cfg(target_arch = "x86_64")]
-            for (family, name) in [(Kernel::Vnni, "AVX-512 VNNI"), (Kernel::Avx2, "AVX2+FMA")] {
+            for (family, name) in [
+                (Kernel::Vnni, "AVX-512 VNNI"),
+                (Kernel::Vnni256, "AVX-VNNI or AVX-512 VL"),
+                (Kernel::Avx2, "AVX2+FMA"),
+            ] {
                 if !kernels.contains(&family) {
                     eprintln!("SKIPPED: int8 kernel {family:?} not tested: this CPU has no {name}");
                 }
@@ -800,7 +896,7 @@ mod tests {
                         #[cfg(target_arch = "x86_64")]
                         Kernel::Vnni => unsafe { quantize_block_avx512(x, &mut b, offset) },
                         #[cfg(target_arch = "x86_64")]
-                        Kernel::Avx2 => unsafe { quantize_block_avx2(x, &mut b, offset) },
+                        Kernel::Avx2 | Kernel::Vnni256 => unsafe { quantize_block_avx2(x, &mut b, offset) },
                         Kernel::Portable => continue,
                     };
                     tested += 1;
