@@ -19,6 +19,32 @@ def cmd_data(a) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def cmd_data_mm(a) -> None:
+    from .mmdata import build
+    s = build(a.out, threads=a.threads)
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk in ("package", "train", "test")} if isinstance(v, dict) else v
+                      for k, v in s.items() if k in ("images", "audio")}, indent=2))
+
+
+def cmd_train_unified(a) -> None:
+    import torch
+    from .tokenizer import load_tokenizer
+    from .unified import UnifiedArgs, train_unified
+    from .windows import windows_from_jsonl
+
+    torch.set_num_threads(a.threads)
+    windows = None
+    if a.corpus and a.text_batch > 0:
+        windows = windows_from_jsonl(a.corpus, load_tokenizer(a.tokenizer), 128)
+        print(f"corpus windows {windows.shape}", file=sys.stderr)
+    args = UnifiedArgs(out=a.out, data=a.data, corpus_windows=windows, warm_start=a.warm_start, tokenizer=a.tokenizer,
+                       steps=a.steps, image_batch=a.image_batch, audio_batch=a.audio_batch, text_batch=a.text_batch,
+                       lr=a.lr, warmup=a.warmup, seed=a.seed, threads=a.threads, ckpt_every=a.ckpt_every,
+                       time_limit_min=a.time_limit_min)
+    r = train_unified(args)
+    print(json.dumps({k: r[k] for k in ("steps", "stopped_early")}))
+
+
 def cmd_tokenizer(a) -> None:
     from .tokenizer import train_tokenizer
     tok = train_tokenizer(a.train, a.out, vocab_size=a.vocab_size, min_frequency=a.min_frequency)
@@ -116,6 +142,29 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--valid-fraction", type=float, default=0.02)
     s.add_argument("--sources", nargs="*", help="subset of: wikipedia austen bible-kjv fortunes")
     s.set_defaults(fn=cmd_data)
+
+    s = sub.add_parser("data-mm", help="Fashion-MNIST images and espeak-ng spoken number words -> data/mm/*.npz")
+    s.add_argument("--out", default="data/mm")
+    s.add_argument("--threads", type=int, default=2)
+    s.set_defaults(fn=cmd_data_mm)
+
+    s = sub.add_parser("train-unified", help="joint text + image + audio training of the unified model (resumable)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--data", default="data/mm")
+    s.add_argument("--corpus", default="data/corpus/train.jsonl", help="text windows mixed in ('' = none)")
+    s.add_argument("--warm-start", default="models/aios-text-tiny/model.f32.parquet")
+    s.add_argument("--tokenizer", default="models/aios-text-tiny/tokenizer.json")
+    s.add_argument("--steps", type=int, default=4000)
+    s.add_argument("--image-batch", type=int, default=32)
+    s.add_argument("--audio-batch", type=int, default=16)
+    s.add_argument("--text-batch", type=int, default=8)
+    s.add_argument("--lr", type=float, default=5e-4)
+    s.add_argument("--warmup", type=int, default=200)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--ckpt-every", type=int, default=100)
+    s.add_argument("--time-limit-min", type=float, default=None)
+    s.set_defaults(fn=cmd_train_unified)
 
     s = sub.add_parser("tokenizer", help="train the byte-level BPE ([PAD]=0 [BOS]=1 [EOS]=2 [MASK]=3)")
     s.add_argument("--train", default="data/corpus/train.jsonl")

@@ -12,6 +12,10 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 
+_CONTINUOUS_FIELDS = ("image_size", "image_channels", "image_patch", "audio_mels", "audio_frames",
+                      "audio_frames_per_token", "audio_sample_rate", "audio_n_fft", "audio_hop")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int
@@ -31,6 +35,20 @@ class ModelConfig:
     eos_token_id: int = 2
     # causal=True is the autoregressive baseline: same backbone, causal attention, sigma = 0.
     causal: bool = False
+    # Continuous heads (all off by default, so a plain MDLM file keeps its layout). An image head
+    # patchifies image_channels x image_size x image_size pixels into (image_size / image_patch)^2
+    # positions; an audio head groups audio_frames_per_token log-mel frames of audio_mels bins into one
+    # position, up to audio_frames frames. The STFT settings describe how the log-mels were made and how
+    # the runtime turns them back into sound (Griffin-Lim).
+    image_size: int = 0
+    image_channels: int = 1
+    image_patch: int = 4
+    audio_mels: int = 0
+    audio_frames: int = 0
+    audio_frames_per_token: int = 4
+    audio_sample_rate: int = 22050
+    audio_n_fft: int = 1024
+    audio_hop: int = 256
 
     def __post_init__(self) -> None:
         self.validate()
@@ -38,6 +56,38 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.n_heads
+
+    @property
+    def has_image(self) -> bool:
+        return self.image_size > 0
+
+    @property
+    def has_audio(self) -> bool:
+        return self.audio_mels > 0
+
+    @property
+    def multimodal(self) -> bool:
+        """Whether the modality embedding and per-position conditioning exist (any continuous head)."""
+        return self.has_image or self.has_audio
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.image_patch) ** 2 if self.has_image else 0
+
+    @property
+    def image_patch_dim(self) -> int:
+        return self.image_channels * self.image_patch ** 2
+
+    @property
+    def audio_tokens(self) -> int:
+        return self.audio_frames // self.audio_frames_per_token if self.has_audio else 0
+
+    @property
+    def audio_token_dim(self) -> int:
+        return self.audio_mels * self.audio_frames_per_token
+
+    def heads(self) -> list[str]:
+        return ["text"] + (["image"] if self.has_image else []) + (["audio"] if self.has_audio else [])
 
     def validate(self) -> None:
         if self.arch != "dit":
@@ -54,6 +104,26 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < self.vocab_size:
                 raise ValueError(f"ModelConfig: {name}={v!r} outside vocab [0, {self.vocab_size})")
+        for name in ("image_size", "image_channels", "image_patch", "audio_mels", "audio_frames",
+                     "audio_frames_per_token", "audio_sample_rate", "audio_n_fft", "audio_hop"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v > 1 << 16:
+                raise ValueError(f"ModelConfig: {name} must be an int in 0..=65536, got {v!r}")
+        if self.has_image:
+            if self.image_patch <= 0 or self.image_size % self.image_patch or self.image_channels <= 0:
+                raise ValueError(f"ModelConfig: image_size {self.image_size} must be a multiple of image_patch "
+                                 f"{self.image_patch} and image_channels positive")
+        if self.has_audio:
+            if self.audio_frames_per_token <= 0 or self.audio_frames <= 0 or self.audio_frames % self.audio_frames_per_token:
+                raise ValueError(f"ModelConfig: audio_frames {self.audio_frames} must be a positive multiple of "
+                                 f"audio_frames_per_token {self.audio_frames_per_token}")
+            if self.audio_n_fft < 16 or self.audio_hop <= 0 or self.audio_hop > self.audio_n_fft or self.audio_sample_rate < 8000:
+                raise ValueError("ModelConfig: audio STFT settings out of range (n_fft >= 16, 0 < hop <= n_fft, "
+                                 "sample_rate >= 8000)")
+            if self.audio_mels > self.audio_n_fft // 2 + 1:
+                raise ValueError(f"ModelConfig: audio_mels {self.audio_mels} > n_fft/2+1 frequency bins")
+        if self.multimodal and self.causal:
+            raise ValueError("ModelConfig: continuous heads need a diffusion model (causal = false)")
         for name in ("time_conditioning", "causal"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ModelConfig: {name} must be a bool")
@@ -64,7 +134,12 @@ class ModelConfig:
             setattr(self, name, float(v))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.multimodal:
+            # A text model's config stays byte-identical to the MDLM-era files.
+            for f in _CONTINUOUS_FIELDS:
+                d.pop(f)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":

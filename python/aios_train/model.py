@@ -107,7 +107,9 @@ class DDiTBlock(nn.Module):
         b, s, d = x.shape
         h = self.n_heads
         hd = d // h
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+        # c is [B, C] (one noise level per sequence) or [B, L, C] (one per position, multimodal canvas).
+        c = c[:, None] if c.dim() == 2 else c
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=2)
         x_skip = x
         x = modulate(self.norm1(x), shift_msa, scale_msa)
         qkv = self.attn_qkv(x).view(b, s, 3, h, hd)  # 'b s (three h d) -> b s three h d'
@@ -134,13 +136,22 @@ class DDitFinalLayer(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
 
+    def hidden(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The normalised, modulated states every output head reads (text: `linear`; image/audio: their proj_out)."""
+        c = c[:, None] if c.dim() == 2 else c
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=2)
+        return modulate(self.norm_final(x), shift, scale)
+
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(self.hidden(x, c))
 
 
 class DiT(nn.Module):
-    """MDLM DiT. forward returns RAW logits [B, L, V]; SUBS masking is applied by losses/samplers."""
+    """MDLM DiT. forward returns RAW logits [B, L, V]; SUBS masking is applied by losses/samplers.
+
+    With continuous heads (cfg.image_size / cfg.audio_mels > 0) the same backbone also runs a multimodal
+    canvas, see `forward_canvas`.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -150,6 +161,12 @@ class DiT(nn.Module):
         self.sigma_map = TimestepEmbedder(cfg.cond_dim)
         self.blocks = nn.ModuleList([DDiTBlock(cfg) for _ in range(cfg.n_layers)])
         self.output_layer = DDitFinalLayer(cfg)
+        # Multimodal parts come after, so a text model's parameter order (and file) is unchanged.
+        if cfg.multimodal:
+            from .heads import AudioHead, ImageHead, ModalityEmbedding
+            self.modality_embed = ModalityEmbedding(cfg.hidden_size)
+            self.image_head = ImageHead(cfg) if cfg.has_image else None
+            self.audio_head = AudioHead(cfg) if cfg.has_audio else None
 
     def forward(self, tokens: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
         if tokens.dim() != 2:
@@ -163,11 +180,88 @@ class DiT(nn.Module):
         elif sigma.dim() > 1:
             sigma = sigma.squeeze(-1)
         x = self.vocab_embed(tokens)
+        if self.config.multimodal:
+            from .heads import MODALITY_TEXT
+            x = x + self.modality_embed(MODALITY_TEXT)
         c = F.silu(self.sigma_map(sigma))
         cos, sin = rotary_cos_sin(s, self.config.head_dim, self.config.rope_base, tokens.device)
         for blk in self.blocks:
             x = blk(x, cos, sin, c)
         return self.output_layer(x, c)
+
+    def forward_canvas(self, tokens: torch.Tensor | None, image: torch.Tensor | None = None,
+                       audio: torch.Tensor | None = None, t_image: torch.Tensor | None = None,
+                       t_audio: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
+                       text_logits: bool = True) -> dict[str, torch.Tensor]:
+        """One forward pass over a canvas [text tokens | image patches | audio frame groups].
+
+        tokens [B, Lt] (Lt may be 0 or None), image [B, C, H, W] (noisy, in [-1, 1] units), audio
+        [B, frames, mels] (noisy, normalised log-mel), t_image / t_audio [B] continuous times in [0, 1].
+        Each segment gets its own adaLN conditioning (per-position time embedding): text uses sigma as in
+        MDLM (0 without time conditioning), image and audio use their own t. Returns a dict with "text"
+        (raw logits [B, Lt, V]), "image" (v-prediction [B, C, H, W]) and "audio" (v [B, frames, mels]).
+        """
+        from .heads import CONTINUOUS_TIME_SCALE, MODALITY_AUDIO, MODALITY_IMAGE, MODALITY_TEXT
+        cfg = self.config
+        if not cfg.multimodal:
+            raise ValueError("forward_canvas: this model has no continuous heads (a text-only model)")
+        parts, conds, sizes = [], [], []
+        b = next(t.shape[0] for t in (tokens, image, audio) if t is not None)
+        dev = self.vocab_embed.embedding.device
+        if tokens is not None and tokens.shape[1] > 0:
+            if sigma is None or not cfg.time_conditioning:
+                sigma = torch.zeros(b, device=dev)
+            parts.append(self.vocab_embed(tokens) + self.modality_embed(MODALITY_TEXT))
+            conds.append(F.silu(self.sigma_map(sigma)))
+            sizes.append(tokens.shape[1])
+        else:
+            sizes.append(0)
+        for x, t, head, mod in ((image, t_image, self.image_head, MODALITY_IMAGE),
+                                (audio, t_audio, self.audio_head, MODALITY_AUDIO)):
+            if x is None:
+                sizes.append(0)
+                continue
+            if head is None:
+                raise ValueError(f"forward_canvas: this model has no {('image', 'audio')[mod - 1]} head "
+                                 f"(it has: {', '.join(cfg.heads())})")
+            if t is None or t.shape != (b,):
+                raise ValueError("forward_canvas: each continuous input needs its time t of shape [B]")
+            h = head.embed(x) + self.modality_embed(mod)
+            parts.append(h)
+            conds.append(F.silu(self.sigma_map(t * CONTINUOUS_TIME_SCALE)))
+            sizes.append(h.shape[1])
+        x = torch.cat(parts, dim=1)
+        s = x.shape[1]
+        if s > cfg.max_length:
+            raise ValueError(f"forward_canvas: canvas length {s} > max_length {cfg.max_length}")
+        c = torch.cat([cv[:, None].expand(b, n, cv.shape[-1]) for cv, n in zip(conds, (n for n in sizes if n))], dim=1)
+        cos, sin = rotary_cos_sin(s, cfg.head_dim, cfg.rope_base, dev)
+        for blk in self.blocks:
+            x = blk(x, cos, sin, c)
+        h = self.output_layer.hidden(x, c)
+        out: dict[str, torch.Tensor] = {}
+        lt, li, la = sizes
+        if lt and text_logits:
+            out["text"] = self.output_layer.linear(h[:, :lt])
+        if li:
+            out["image"] = self.image_head.out(h[:, lt:lt + li])
+        if la:
+            out["audio"] = self.audio_head.out(h[:, lt + li:])
+        return out
+
+    def parameter_split(self) -> dict[str, int]:
+        """Parameters per part: backbone (blocks, time MLP, final norm/adaLN, modality embedding) and each head."""
+        split = {"backbone": 0, "text": 0, "image": 0, "audio": 0}
+        for name, p in self.named_parameters():
+            if name.startswith("vocab_embed.") or name.startswith("output_layer.linear."):
+                split["text"] += p.numel()
+            elif name.startswith("image_head."):
+                split["image"] += p.numel()
+            elif name.startswith("audio_head."):
+                split["audio"] += p.numel()
+            else:
+                split["backbone"] += p.numel()
+        return split
 
     def num_parameters(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -207,6 +301,20 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         "output_layer.adaLN_modulation.weight": (2 * D, C),
         "output_layer.adaLN_modulation.bias": (2 * D,),
     })
+    if cfg.multimodal:
+        shapes["modality_embed.embedding"] = (3, D)
+    if cfg.has_image:
+        P, N = cfg.image_patch_dim, cfg.image_tokens
+        shapes.update({
+            "image_head.proj_in.weight": (D, P), "image_head.proj_in.bias": (D,), "image_head.pos_embed": (N, D),
+            "image_head.proj_out.weight": (P, D), "image_head.proj_out.bias": (P,),
+        })
+    if cfg.has_audio:
+        P, N = cfg.audio_token_dim, cfg.audio_tokens
+        shapes.update({
+            "audio_head.proj_in.weight": (D, P), "audio_head.proj_in.bias": (D,), "audio_head.pos_embed": (N, D),
+            "audio_head.proj_out.weight": (P, D), "audio_head.proj_out.bias": (P,),
+        })
     return shapes
 
 

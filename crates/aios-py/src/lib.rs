@@ -7,8 +7,11 @@ use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 
+use aios_core::engine::{GivenAudio, GivenImage, MediaRequest};
 use aios_core::format::{DType, WeightFile};
+use aios_core::model::Modality;
 use aios_core::quant::{self, MatmulMode};
+use aios_core::sampler::continuous::ContinuousSampler;
 use aios_core::sampler::{SamplerOptions, Strategy};
 use aios_core::{Engine as CoreEngine, EngineOptions, Error, TextRequest};
 mod memory;
@@ -180,30 +183,92 @@ fn parse_dtype(s: &str) -> PyResult<DType> {
 }
 
 /// The result of one generation.
-#[pyclass(frozen, get_all, module = "aios_rt")]
+#[pyclass(frozen, module = "aios_rt")]
 struct Generation {
+    #[pyo3(get)]
     text: String,
+    #[pyo3(get)]
     tokens: Vec<u32>,
+    #[pyo3(get)]
     confidence: Vec<f32>,
+    #[pyo3(get)]
     entropy: Vec<f32>,
+    #[pyo3(get)]
     given: Vec<bool>,
+    #[pyo3(get)]
     steps_run: usize,
+    #[pyo3(get)]
     forward_passes: usize,
     /// name -> weight of the adapters this generation ran with.
+    #[pyo3(get)]
     adapters: HashMap<String, f32>,
+    #[pyo3(get)]
     timings: HashMap<String, f64>,
+    /// The generated modalities, e.g. ["text", "image"].
+    #[pyo3(get)]
+    modalities: Vec<&'static str>,
+    image: Option<aios_core::engine::ImageOut>,
+    audio: Option<aios_core::engine::AudioOut>,
+}
+
+/// A numpy array of `bytes` read as `dtype`, reshaped to `shape` (a writable copy).
+fn numpy_array<'py>(py: Python<'py>, bytes: &[u8], dtype: &str, shape: Vec<usize>) -> PyResult<Bound<'py, PyAny>> {
+    let np = py.import("numpy")?;
+    np.call_method1("frombuffer", (PyBytes::new(py, bytes), dtype))?
+        .call_method1("reshape", (shape,))?
+        .call_method0("copy")
 }
 
 #[pymethods]
 impl Generation {
     fn __repr__(&self) -> String {
         format!(
-            "Generation(text={:?}, tokens={}, steps_run={}, total_ms={:.1})",
+            "Generation(modalities={:?}, text={:?}, tokens={}, steps_run={}, total_ms={:.1})",
+            self.modalities,
             self.text,
             self.tokens.len(),
             self.steps_run,
             self.timings.get("total_ms").copied().unwrap_or(0.0)
         )
+    }
+
+    /// The generated image as numpy uint8 `[H, W]` (one channel) or `[C, H, W]`; None without one.
+    #[getter]
+    fn image<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let Some(img) = &self.image else { return Ok(None) };
+        let shape = if img.channels == 1 { vec![img.size, img.size] } else { vec![img.channels, img.size, img.size] };
+        numpy_array(py, &img.pixels, "u1", shape).map(Some)
+    }
+
+    /// The generated waveform as numpy float32 `[n]` in [-1, 1]; None without audio.
+    #[getter]
+    fn audio<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let Some(a) = &self.audio else { return Ok(None) };
+        let bytes: Vec<u8> = a.samples.iter().flat_map(|x| x.to_le_bytes()).collect();
+        numpy_array(py, &bytes, "<f4", vec![a.samples.len()]).map(Some)
+    }
+
+    /// The generated normalised log-mel spectrogram, numpy float32 `[frames, mels]`.
+    #[getter]
+    fn log_mel<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let Some(a) = &self.audio else { return Ok(None) };
+        let bytes: Vec<u8> = a.log_mel.iter().flat_map(|x| x.to_le_bytes()).collect();
+        numpy_array(py, &bytes, "<f4", vec![a.log_mel.len() / a.mels, a.mels]).map(Some)
+    }
+
+    /// Sample rate of `audio` in Hz (None without audio).
+    #[getter]
+    fn sample_rate(&self) -> Option<usize> {
+        self.audio.as_ref().map(|a| a.sample_rate)
+    }
+
+    /// Writes the output whose kind the extension names: `.png` (image),
+    /// `.wav` (audio) or `.txt` (text). Written to a temporary file and
+    /// renamed, so a failure leaves nothing behind (`AiosIOError`).
+    fn save(&self, py: Python<'_>, path: PyPath) -> PyResult<()> {
+        let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).unwrap_or_default();
+        let (image, audio, text) = (self.image.clone(), self.audio.clone(), self.text.clone());
+        run(py, move || aios_core::engine::save_output(&path, &ext, image.as_ref(), audio.as_ref(), &text))
     }
 }
 
@@ -227,6 +292,9 @@ impl From<aios_core::Generation> for Generation {
             forward_passes: g.forward_passes,
             adapters: g.adapters.into_iter().collect(),
             timings,
+            modalities: g.modalities.iter().map(|m| m.name()).collect(),
+            image: g.image,
+            audio: g.audio,
         }
     }
 }
@@ -237,9 +305,116 @@ struct Engine {
     inner: CoreEngine,
 }
 
+/// `modality=`: one name or a list of names, parsed once.
+struct Modalities(Vec<Modality>);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Modalities {
+    type Error = PyErr;
+
+    fn extract(ob: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let names: Vec<String> = if let Ok(s) = ob.extract::<String>() {
+            s.split(',').map(|p| p.trim().to_string()).collect()
+        } else {
+            ob.extract().map_err(|_| input_error("modality must be a string or a list of strings"))?
+        };
+        let mut ms = names.iter().map(|n| Modality::parse(n)).collect::<Result<Vec<_>, _>>().map_err(to_py)?;
+        ms.sort();
+        ms.dedup();
+        if ms.is_empty() {
+            return Err(input_error("modality must name at least one of text, image, audio"));
+        }
+        Ok(Modalities(ms))
+    }
+}
+
+/// `sampler=`: a text strategy or a continuous sampler, parsed once.
+enum SamplerChoice {
+    Text(Strategy),
+    Continuous(ContinuousSampler),
+}
+
+impl<'a, 'py> FromPyObject<'a, 'py> for SamplerChoice {
+    type Error = PyErr;
+
+    fn extract(ob: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let s: String = ob.extract().map_err(|_| input_error("sampler must be a string"))?;
+        if let Ok(c) = ContinuousSampler::parse(&s) {
+            return Ok(SamplerChoice::Continuous(c));
+        }
+        Strategy::parse(&s).map(SamplerChoice::Text).map_err(|_| {
+            input_error(format!(
+                "unknown sampler {s:?}; text: {}; image/audio: {}",
+                Strategy::NAMES.join(", "),
+                ContinuousSampler::NAMES.join(", ")
+            ))
+        })
+    }
+}
+
+/// `numpy.asarray(v)` with its dtype kind ('u', 'i', 'f', 'b', ...), shape and
+/// values as f64 (NaN kept, for the caller to refuse).
+fn array_values(v: &Bound<'_, PyAny>, what: &str) -> PyResult<(char, Vec<usize>, Vec<f64>)> {
+    let py = v.py();
+    let np = py.import("numpy")?;
+    let a = np.call_method1("asarray", (v,)).map_err(|e| input_error(format!("{what}: not an array: {e}")))?;
+    let kind: String = a.getattr("dtype")?.getattr("kind")?.extract()?;
+    let shape: Vec<usize> = a.getattr("shape")?.extract()?;
+    let kind = kind.chars().next().unwrap_or('?');
+    if !matches!(kind, 'u' | 'i' | 'f' | 'b') {
+        return Err(input_error(format!(
+            "{what}: unsupported dtype {} (use uint8, float or bool)",
+            a.getattr("dtype")?
+        )));
+    }
+    let flat = a.call_method1("astype", ("<f8",))?.call_method0("ravel")?.call_method0("tobytes")?;
+    let bytes: Vec<u8> = flat.extract()?;
+    Ok((kind, shape, bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()))
+}
+
+/// Image pixels in [0, 255]: uint8 as is, floats in [0, 1] scaled.
+fn image_pixels(v: &Bound<'_, PyAny>) -> PyResult<Vec<f32>> {
+    let (kind, shape, vals) = array_values(v, "image")?;
+    if !(shape.len() == 2 || shape.len() == 3) {
+        return Err(input_error(format!("image must be [H, W] or [C, H, W], got shape {shape:?}")));
+    }
+    match kind {
+        'u' if vals.iter().all(|&x| x <= 255.0) => Ok(vals.iter().map(|&x| x as f32).collect()),
+        'f' => {
+            if vals.iter().any(|x| !x.is_finite()) {
+                return Err(input_error("image contains NaN or infinity"));
+            }
+            if vals.iter().any(|&x| !(0.0..=1.0).contains(&x)) {
+                return Err(input_error("a float image must hold values in [0, 1] (or pass uint8 pixels)"));
+            }
+            Ok(vals.iter().map(|&x| (x * 255.0) as f32).collect())
+        }
+        _ => Err(input_error("image must be uint8 pixels or floats in [0, 1]")),
+    }
+}
+
+fn waveform(v: &Bound<'_, PyAny>) -> PyResult<Vec<f32>> {
+    let (kind, shape, vals) = array_values(v, "audio")?;
+    if shape.len() != 1 || kind != 'f' {
+        return Err(input_error(format!("audio must be a 1-D float waveform, got shape {shape:?}")));
+    }
+    if vals.iter().any(|x| !x.is_finite()) {
+        return Err(input_error("audio contains NaN or infinity"));
+    }
+    Ok(vals.iter().map(|&x| x as f32).collect())
+}
+
+fn bool_mask(v: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<Option<Vec<bool>>> {
+    let Some(v) = v.filter(|v| !v.is_none()) else { return Ok(None) };
+    let (kind, _, vals) = array_values(v, what)?;
+    if !(kind == 'b' || vals.iter().all(|&x| x == 0.0 || x == 1.0)) {
+        return Err(input_error(format!("{what} must be boolean (true = known)")));
+    }
+    Ok(Some(vals.iter().map(|&x| x != 0.0).collect()))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn sampler_options(
-    sampler: &str,
+    strategy: Strategy,
     steps: Option<&Bound<'_, PyAny>>,
     seed: Option<&Bound<'_, PyAny>>,
     block_length: Option<&Bound<'_, PyAny>>,
@@ -249,7 +424,7 @@ fn sampler_options(
     threshold: f64,
 ) -> PyResult<SamplerOptions> {
     let o = SamplerOptions {
-        strategy: Strategy::parse(sampler).map_err(to_py)?,
+        strategy,
         steps: count_or(steps, DEFAULT_STEPS, "steps")?,
         temperature,
         top_p,
@@ -286,18 +461,27 @@ impl Engine {
         Ok(Engine { inner: run(py, || CoreEngine::open(&path, &opts))? })
     }
 
-    /// Generates from a prompt. `length` is the whole canvas (prompt included).
-    #[pyo3(signature = (prompt="", modality="text", length=None, steps=None, sampler="confidence", seed=None,
-                        block_length=None, guidance=0.0, temperature=1.0, top_p=1.0, threshold=0.9, suffix=None))]
+    /// Generates from a prompt. `modality` is what to generate: "text",
+    /// "image", "audio" or a list of them (generated together, one canvas).
+    /// For text, `length` is the whole canvas (prompt included). `sampler`
+    /// is a text strategy or a continuous one ("ddim", "ddpm"). `image` /
+    /// `audio` are given media (numpy: uint8 pixels `[H, W]` / `[C, H, W]` or
+    /// floats in [0, 1]; a float waveform at the model's sample rate); with a
+    /// mask (true = known) they are inpainted, without one they condition
+    /// (captioning). `text_length` sizes the text segment of a media canvas.
+    #[pyo3(signature = (prompt="", modality=Modalities(vec![Modality::Text]), length=None, steps=None,
+                        sampler=SamplerChoice::Text(Strategy::Confidence), seed=None, block_length=None,
+                        guidance=0.0, temperature=1.0, top_p=1.0, threshold=0.9, suffix=None, image=None, image_mask=None, audio=None,
+                        audio_mask=None, text_length=None, eta=0.0))]
     #[allow(clippy::too_many_arguments)]
     fn diffuse(
         &self,
         py: Python<'_>,
         prompt: &str,
-        modality: &str,
+        modality: Modalities,
         length: Option<&Bound<'_, PyAny>>,
         steps: Option<&Bound<'_, PyAny>>,
-        sampler: &str,
+        sampler: SamplerChoice,
         seed: Option<&Bound<'_, PyAny>>,
         block_length: Option<&Bound<'_, PyAny>>,
         guidance: f64,
@@ -305,20 +489,62 @@ impl Engine {
         top_p: f64,
         threshold: f64,
         suffix: Option<String>,
+        image: Option<&Bound<'_, PyAny>>,
+        image_mask: Option<&Bound<'_, PyAny>>,
+        audio: Option<&Bound<'_, PyAny>>,
+        audio_mask: Option<&Bound<'_, PyAny>>,
+        text_length: Option<&Bound<'_, PyAny>>,
+        eta: f64,
     ) -> PyResult<Generation> {
-        if modality != "text" {
-            return Err(input_error(format!(
-                "modality {modality:?} is not available: this model has only a text head"
-            )));
-        }
-        let sampler = sampler_options(sampler, steps, seed, block_length, guidance, temperature, top_p, threshold)?;
-        let req = TextRequest {
-            prompt: prompt.to_string(),
-            suffix,
-            length: count_or(length, DEFAULT_LENGTH, "length")?,
-            sampler,
+        let (strategy, continuous) = match sampler {
+            SamplerChoice::Text(s) => (s, ContinuousSampler::Ddim),
+            SamplerChoice::Continuous(c) => (Strategy::Confidence, c),
         };
-        Ok(run(py, || self.inner.generate_text(&req, &mut |_| {}))?.into())
+        let sampler = sampler_options(strategy, steps, seed, block_length, guidance, temperature, top_p, threshold)?;
+        let image = image.filter(|v| !v.is_none());
+        let audio = audio.filter(|v| !v.is_none());
+        if modality.0 == [Modality::Text] && image.is_none() && audio.is_none() {
+            if image_mask.is_some_and(|m| !m.is_none()) || audio_mask.is_some_and(|m| !m.is_none()) {
+                return Err(input_error("a mask needs the image or audio it belongs to"));
+            }
+            let req = TextRequest {
+                prompt: prompt.to_string(),
+                suffix,
+                length: count_or(length, DEFAULT_LENGTH, "length")?,
+                sampler,
+            };
+            return Ok(run(py, || self.inner.generate_text(&req, &mut |_| {}))?.into());
+        }
+        if suffix.is_some() {
+            return Err(input_error("suffix is for text-only generation"));
+        }
+        let given_image = image
+            .map(|img| -> PyResult<GivenImage> {
+                Ok(GivenImage { pixels: image_pixels(img)?, mask: bool_mask(image_mask, "image_mask")? })
+            })
+            .transpose()?;
+        let given_audio = audio
+            .map(|a| -> PyResult<GivenAudio> {
+                Ok(GivenAudio { samples: waveform(a)?, mask: bool_mask(audio_mask, "audio_mask")? })
+            })
+            .transpose()?;
+        if given_image.is_none() && image_mask.is_some_and(|m| !m.is_none()) {
+            return Err(input_error("image_mask needs an image"));
+        }
+        if given_audio.is_none() && audio_mask.is_some_and(|m| !m.is_none()) {
+            return Err(input_error("audio_mask needs audio"));
+        }
+        let req = MediaRequest {
+            outputs: modality.0,
+            prompt: (!prompt.is_empty()).then(|| prompt.to_string()),
+            text_length: opt_count(text_length.or(length), "text_length")?,
+            image: given_image,
+            audio: given_audio,
+            sampler,
+            continuous,
+            eta,
+        };
+        Ok(run(py, || self.inner.generate_media(&req, &mut |_| {}))?.into())
     }
 
     /// Generates on a token canvas: every `mask_token_id` is filled, all other
@@ -339,13 +565,79 @@ impl Engine {
         top_p: f64,
         threshold: f64,
     ) -> PyResult<Generation> {
-        let opts = sampler_options(sampler, steps, seed, block_length, guidance, temperature, top_p, threshold)?;
+        let strategy = Strategy::parse(sampler).map_err(to_py)?;
+        let opts = sampler_options(strategy, steps, seed, block_length, guidance, temperature, top_p, threshold)?;
         let tokens = token_ids(tokens)?;
         let mut g = run(py, || self.inner.generate_tokens(tokens, &opts, &mut |_| {}))?;
         if let Ok(text) = self.inner.decode(&g.tokens) {
             g.text = text;
         }
         Ok(g.into())
+    }
+
+    /// One forward pass over a multimodal canvas `[text | image | audio]`:
+    /// `tokens` `[B, Lt]` ints, `image` `[B, C, H, W]` floats in model units
+    /// ([-1, 1]) with times `t_image` `[B]` in [0, 1], `audio` `[B, frames,
+    /// mels]` normalised log-mel with `t_audio`. Returns a dict of numpy
+    /// arrays: "text" raw logits `[B, Lt, V]`, "image" / "audio" v-predictions.
+    #[pyo3(signature = (tokens, image=None, t_image=None, audio=None, t_audio=None))]
+    fn forward_canvas<'py>(
+        &self,
+        py: Python<'py>,
+        tokens: &Bound<'py, PyAny>,
+        image: Option<&Bound<'py, PyAny>>,
+        t_image: Option<Vec<f32>>,
+        audio: Option<&Bound<'py, PyAny>>,
+        t_audio: Option<Vec<f32>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let rows: Vec<Bound<'py, PyAny>> =
+            tokens.extract().map_err(|_| input_error("tokens must be a sequence of token sequences"))?;
+        let rows = rows.iter().map(token_ids).collect::<PyResult<Vec<_>>>()?;
+        let batch = rows.len();
+        let lt = rows.first().map_or(0, Vec::len);
+        if rows.iter().any(|r| r.len() != lt) {
+            return Err(input_error("all token sequences must have the same length"));
+        }
+        let flat_tokens: Vec<u32> = rows.into_iter().flatten().collect();
+        let floats_of = |v: Option<&Bound<'py, PyAny>>, what: &str| -> PyResult<Option<Vec<f32>>> {
+            v.filter(|v| !v.is_none())
+                .map(|v| array_values(v, what).map(|(_, _, x)| x.iter().map(|&f| f as f32).collect()))
+                .transpose()
+        };
+        let img = floats_of(image, "image")?;
+        let aud = floats_of(audio, "audio")?;
+        let need_t = |x: &Option<Vec<f32>>, t: &Option<Vec<f32>>, what: &str| -> PyResult<()> {
+            if x.is_some() && t.is_none() {
+                return Err(input_error(format!("{what} needs its times t_{what}")));
+            }
+            Ok(())
+        };
+        need_t(&img, &t_image, "image")?;
+        need_t(&aud, &t_audio, "audio")?;
+        let input = aios_core::model::CanvasInput {
+            batch,
+            tokens: &flat_tokens,
+            text_sigma: None,
+            image: img.as_deref().zip(t_image.as_deref()),
+            audio: aud.as_deref().zip(t_audio.as_deref()),
+            text_positions: None,
+        };
+        let out = run(py, || self.inner.forward_canvas(&input))?;
+        let cfg = self.inner.config();
+        let d = PyDict::new(py);
+        let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        if !out.text.is_empty() {
+            d.set_item("text", numpy_array(py, &bytes(&out.text), "<f4", vec![batch, lt, cfg.vocab_size])?)?;
+        }
+        if !out.image.is_empty() {
+            let shape = vec![batch, cfg.image_channels, cfg.image_size, cfg.image_size];
+            d.set_item("image", numpy_array(py, &bytes(&out.image), "<f4", shape)?)?;
+        }
+        if !out.audio.is_empty() {
+            let shape = vec![batch, cfg.audio_frames, cfg.audio_mels];
+            d.set_item("audio", numpy_array(py, &bytes(&out.audio), "<f4", shape)?)?;
+        }
+        Ok(d)
     }
 
     /// Raw logits for a batch of equal-length sequences: `(bytes, shape)` of
@@ -457,7 +749,9 @@ impl Engine {
         d.set_item("path", i.path.display().to_string())?;
         d.set_item("file_bytes", i.file_bytes)?;
         d.set_item("backbone_params", i.backbone_params)?;
-        d.set_item("head_params", i.head_params)?;
+        d.set_item("head_params", i.head_params())?;
+        let heads: HashMap<&str, usize> = i.heads.iter().map(|(m, n)| (m.name(), *n)).collect();
+        d.set_item("heads", heads)?;
         let dtypes: HashMap<String, (usize, usize)> =
             i.dtypes.iter().map(|(dt, n, p)| (dt.as_str().to_string(), (*n, *p))).collect();
         d.set_item("dtypes", dtypes)?;

@@ -177,13 +177,14 @@ fn info(model: PathBuf, dtype: Option<String>) -> Result<(), Error> {
     for (d, n, p) in &i.dtypes {
         println!("dtype {d}: {n} tensors, {p} parameters");
     }
-    let total = i.backbone_params + i.head_params;
+    let total = i.backbone_params + i.head_params();
+    let pct = |n: usize| 100.0 * n as f64 / total as f64;
+    let heads: Vec<String> = i.heads.iter().map(|(m, n)| format!("{} head {n} ({:.1}%)", m.name(), pct(*n))).collect();
     println!(
-        "parameters: {total} total, backbone {} ({:.1}%), text heads {} ({:.1}%)",
+        "parameters: {total} total, backbone {} ({:.1}%), {}",
         i.backbone_params,
-        100.0 * i.backbone_params as f64 / total as f64,
-        i.head_params,
-        100.0 * i.head_params as f64 / total as f64
+        pct(i.backbone_params),
+        heads.join(", ")
     );
     Ok(())
 }

@@ -8,7 +8,9 @@
 use crate::threads::{parallel_for, parallel_row_blocks, parallel_rows};
 use candle_core::{Device, Tensor};
 
-use super::config::ModelConfig;
+use super::audio::AudioHead;
+use super::config::{Modality, ModelConfig};
+use super::image::ImageHead;
 use super::ops::{exp_f32, max_and_nan, mean_var_f64, sum_by_lanes};
 use crate::adapter::ActiveLora;
 use crate::error::{Error, Result};
@@ -32,11 +34,10 @@ impl LayerNorm {
     }
 
     /// `norm(x) * (1 + scale) + shift` for each row of `x` (`[B * L, D]`);
-    /// batch item `b` uses `shift(b)` and `scale(b)`. Statistics in f64.
+    /// row `r` uses `shift(r)` and `scale(r)`. Statistics in f64.
     fn forward_modulated<'a>(
         &self,
         x: &[f32],
-        l: usize,
         shift: impl Fn(usize) -> &'a [f32] + Sync,
         scale: impl Fn(usize) -> &'a [f32] + Sync,
     ) -> Vec<f32> {
@@ -45,19 +46,18 @@ impl LayerNorm {
         parallel_rows(&mut out, d, ROWS_PER_TASK, |first, block| {
             for (i, o) in block.chunks_exact_mut(d).enumerate() {
                 let r = first + i;
-                self.normalize_row(&x[r * d..(r + 1) * d], shift(r / l), scale(r / l), o);
+                self.normalize_row(&x[r * d..(r + 1) * d], shift(r), scale(r), o);
             }
         });
         out
     }
 
-    /// `x += gate(b) * y` row by row, then [`LayerNorm::forward_modulated`]
+    /// `x += gate(r) * y` row by row, then [`LayerNorm::forward_modulated`]
     /// of the new `x`: the residual add and the next norm in one pass.
     fn add_gated_then_forward<'a>(
         &self,
         x: &mut [f32],
         y: &[f32],
-        l: usize,
         gate: impl Fn(usize) -> &'a [f32] + Sync,
         shift: impl Fn(usize) -> &'a [f32] + Sync,
         scale: impl Fn(usize) -> &'a [f32] + Sync,
@@ -67,8 +67,8 @@ impl LayerNorm {
         parallel_row_blocks((x, d), (&mut out, d), ROWS_PER_TASK, |first, xs, os| {
             for (i, (xr, o)) in xs.chunks_exact_mut(d).zip(os.chunks_exact_mut(d)).enumerate() {
                 let r = first + i;
-                add_gated_row(xr, &y[r * d..(r + 1) * d], gate(r / l));
-                self.normalize_row(xr, shift(r / l), scale(r / l), o);
+                add_gated_row(xr, &y[r * d..(r + 1) * d], gate(r));
+                self.normalize_row(xr, shift(r), scale(r), o);
             }
         });
         out
@@ -127,8 +127,9 @@ impl TimestepEmbedder {
     }
 }
 
-/// The adaLN shift/scale/... vectors: `rows` (1 = shared by the batch, or B)
-/// x `parts` vectors of length `d`.
+/// The adaLN shift/scale/... vectors: `rows` conditioning rows (1 = shared by
+/// the batch; B = one per sequence; one per sequence and canvas segment on a
+/// multimodal canvas) x `parts` vectors of length `d`.
 #[derive(Clone, Debug)]
 struct Modulation {
     rows: usize,
@@ -143,7 +144,7 @@ impl Modulation {
         Ok(Modulation { rows, parts, d: ada.out_features / parts, data })
     }
 
-    /// Part `i` for batch item `b`.
+    /// Part `i` of conditioning row `b`.
     fn part(&self, b: usize, i: usize) -> &[f32] {
         let r = if self.rows == 1 { 0 } else { b };
         &self.data[(r * self.parts + i) * self.d..(r * self.parts + i + 1) * self.d]
@@ -154,15 +155,36 @@ impl Modulation {
 /// microseconds.
 const ROWS_PER_TASK: usize = 8;
 
-/// `x += gate(b) * y` row by row.
-fn add_gated<'a>(x: &mut [f32], y: &[f32], l: usize, gate: impl Fn(usize) -> &'a [f32] + Sync) {
+/// `x += gate(r) * y` row by row.
+fn add_gated<'a>(x: &mut [f32], y: &[f32], gate: impl Fn(usize) -> &'a [f32] + Sync) {
     let d = gate(0).len();
     parallel_rows(x, d, ROWS_PER_TASK, |first, block| {
         for (i, xr) in block.chunks_exact_mut(d).enumerate() {
             let r = first + i;
-            add_gated_row(xr, &y[r * d..(r + 1) * d], gate(r / l));
+            add_gated_row(xr, &y[r * d..(r + 1) * d], gate(r));
         }
     });
+}
+
+/// Which conditioning row of a [`Modulation`] each row of `x` uses: before
+/// the last block's gather (`full`, `[B * L]`) and after it (`kept`).
+#[derive(Clone, Debug)]
+struct RowIndex {
+    full: Vec<u32>,
+    kept: Vec<u32>,
+}
+
+impl RowIndex {
+    /// Row `r` of sequence `r / l` uses conditioning row `seq_row(r / l, r % l)`;
+    /// after keeping `keep` positions the same rule applies to those positions.
+    fn new(batch: usize, l: usize, keep: Option<&[usize]>, seq_row: impl Fn(usize, usize) -> usize) -> Self {
+        let full = (0..batch * l).map(|r| seq_row(r / l, r % l) as u32).collect();
+        let kept = match keep {
+            Some(k) => (0..batch * k.len()).map(|r| seq_row(r / k.len(), k[r % k.len()]) as u32).collect(),
+            None => vec![],
+        };
+        RowIndex { full, kept }
+    }
 }
 
 fn add_gated_row(x: &mut [f32], y: &[f32], gate: &[f32]) {
@@ -223,25 +245,35 @@ impl Block {
     /// of each sequence leave the block (`[B * keep.len(), D]`): in the last
     /// block nothing reads the other rows after attention, whose keys and
     /// values still come from every position.
-    fn forward(&self, x: Vec<f32>, l: usize, m: &Modulation, pass: &Pass, keep: Option<&[usize]>) -> Result<Vec<f32>> {
+    fn forward(
+        &self,
+        x: Vec<f32>,
+        l: usize,
+        m: &Modulation,
+        pass: &Pass,
+        keep: Option<&[usize]>,
+        idx: &RowIndex,
+    ) -> Result<Vec<f32>> {
         let Pass { rope, causal, lora } = *pass;
         let d = self.norm1.weight.len();
         let rows = x.len() / d;
         let batch = rows / l;
+        let full = &idx.full;
         // Parts: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
-        let h = self.norm1.forward_modulated(&x, l, |b| m.part(b, 0), |b| m.part(b, 1));
+        let h = self.norm1.forward_modulated(&x, |r| m.part(full[r] as usize, 0), |r| m.part(full[r] as usize, 1));
         let qkv = self.linear(0, &h, rows, lora, Activation::Identity)?;
         let o = attention(&qkv, l, d, self.n_heads, rope, causal, keep);
-        let (mut x, l) = match keep {
-            Some(keep) => (gather_rows(&x, d, l, keep), keep.len()),
-            None => (x, l),
+        let (mut x, l, ri) = match keep {
+            Some(keep) => (gather_rows(&x, d, l, keep), keep.len(), &idx.kept),
+            None => (x, l, full),
         };
         let rows = batch * l;
         let a = self.linear(1, &o, rows, lora, Activation::Identity)?;
-        let h = self.norm2.add_gated_then_forward(&mut x, &a, l, |b| m.part(b, 2), |b| m.part(b, 3), |b| m.part(b, 4));
+        let part = |r: usize, i: usize| m.part(ri[r] as usize, i);
+        let h = self.norm2.add_gated_then_forward(&mut x, &a, |r| part(r, 2), |r| part(r, 3), |r| part(r, 4));
         let u = self.linear(2, &h, rows, lora, Activation::GeluTanh)?;
         let y = self.linear(3, &u, rows, lora, Activation::Identity)?;
-        add_gated(&mut x, &y, l, |b| m.part(b, 5));
+        add_gated(&mut x, &y, |r| part(r, 5));
         Ok(x)
     }
 }
@@ -378,7 +410,41 @@ pub struct Dit {
     /// With time conditioning off, `c` is constant: all adaLN vectors are
     /// computed once here instead of on every step.
     constant_modulation: Option<(Vec<Modulation>, Modulation)>,
+    /// `[3, D]`, one vector per [`Modality`]; present iff a continuous head is.
+    modality_embed: Option<Vec<f32>>,
+    image: Option<ImageHead>,
+    audio: Option<AudioHead>,
 }
+
+/// One multimodal canvas batch: `[text | image patches | audio frame groups]`
+/// per sequence, each segment optional, each with its own noise level.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CanvasInput<'a> {
+    pub batch: usize,
+    /// `[B, Lt]` token ids (Lt may be 0).
+    pub tokens: &'a [u32],
+    /// MDLM sigma per sequence (used only with time conditioning).
+    pub text_sigma: Option<&'a [f32]>,
+    /// Noisy images `[B, C*H*W]` (in [-1, 1] units) and their times `[B]`.
+    pub image: Option<(&'a [f32], &'a [f32])>,
+    /// Noisy normalised log-mels `[B, frames*mels]` and their times `[B]`.
+    pub audio: Option<(&'a [f32], &'a [f32])>,
+    /// Text positions that need logits (None = all).
+    pub text_positions: Option<&'a [usize]>,
+}
+
+/// What [`Dit::forward_canvas`] returns: raw text logits `[B, P, V]` and the
+/// v-predictions `[B, values]` of the continuous segments (empty if absent).
+#[derive(Clone, Debug, Default)]
+pub struct CanvasOutput {
+    pub text: Vec<f32>,
+    pub image: Vec<f32>,
+    pub audio: Vec<f32>,
+}
+
+/// Continuous time `t` in [0, 1] enters the timestep embedding as `1000 t`
+/// (`aios_train.heads.CONTINUOUS_TIME_SCALE`).
+pub const CONTINUOUS_TIME_SCALE: f32 = 1000.0;
 
 impl Dit {
     /// Loads and checks every tensor the config needs.
@@ -405,8 +471,29 @@ impl Dit {
         let final_ada = Linear::load(file, "output_layer.adaLN_modulation", 2 * d, cfg.cond_dim, true, mode)?;
         let output = Linear::load(file, "output_layer.linear", v, d, true, mode)?;
         let rope = Rope::new(&cfg);
-        let mut model =
-            Dit { cfg, embedding, sigma_map, blocks, final_norm, final_ada, output, rope, constant_modulation: None };
+        let modality_embed = if cfg.multimodal() {
+            let raw = file.require("modality_embed.embedding")?;
+            quant::linear::check_shape(file, "modality_embed.embedding", &raw.shape, &[3, d])?;
+            Some(quant::load_f32(file, raw)?.flatten_all()?.to_vec1()?)
+        } else {
+            None
+        };
+        let image = cfg.has_image().then(|| ImageHead::load(file, &cfg, mode)).transpose()?;
+        let audio = cfg.has_audio().then(|| AudioHead::load(file, &cfg, mode)).transpose()?;
+        let mut model = Dit {
+            cfg,
+            embedding,
+            sigma_map,
+            blocks,
+            final_norm,
+            final_ada,
+            output,
+            rope,
+            constant_modulation: None,
+            modality_embed,
+            image,
+            audio,
+        };
         if !model.cfg.time_conditioning {
             let c = model.sigma_map.forward(&[0.0])?;
             model.constant_modulation = Some(model.modulations(&c, 1)?);
@@ -488,17 +575,177 @@ impl Dit {
         // Only the rows at `positions` reach the output layer, so the last
         // block computes only those after attention.
         let keep = positions.filter(|pos| !pos.iter().copied().eq(0..l));
+        if let Some(me) = &self.modality_embed {
+            // Text rows of a multimodal model carry the text modality vector.
+            x.chunks_exact_mut(d).for_each(|row| row.iter_mut().zip(&me[..d]).for_each(|(v, e)| *v += e));
+        }
         let last = self.blocks.len() - 1;
         let pass = Pass { rope: &self.rope, causal: self.cfg.causal, lora };
+        // One conditioning row per sequence (or one shared by all).
+        let idx = RowIndex::new(batch, l, keep, |b, _| b);
         for (i, (block, m)) in self.blocks.iter().zip(block_mods).enumerate() {
-            x = block.forward(x, l, m, &pass, keep.filter(|_| i == last))?;
+            x = block.forward(x, l, m, &pass, keep.filter(|_| i == last), &idx)?;
         }
         // (A config has at least one block: `ModelConfig::validate`.)
         let p = keep.map_or(l, <[usize]>::len);
-        let h = self.final_norm.forward_modulated(&x, p, |b| final_mod.part(b, 0), |b| final_mod.part(b, 1));
+        let ri = if keep.is_some() { &idx.kept } else { &idx.full };
+        let h = self.final_norm.forward_modulated(
+            &x,
+            |r| final_mod.part(ri[r] as usize, 0),
+            |r| final_mod.part(ri[r] as usize, 1),
+        );
         let mut logits = self.output.forward_rows(&h, batch * p)?;
         lora.apply("output_layer.linear", &h, batch * p, &mut logits);
         Ok(logits)
+    }
+
+    /// One forward pass over a multimodal canvas (`aios_train`'s
+    /// `DiT.forward_canvas`): each segment is embedded by its head plus its
+    /// modality vector, gets its own adaLN conditioning (text: MDLM sigma;
+    /// image/audio: `silu(sigma_map(1000 t))`), and all positions attend to
+    /// all through the shared blocks; each head then reads its rows.
+    pub fn forward_canvas(&self, input: &CanvasInput, lora: &ActiveLora) -> Result<CanvasOutput> {
+        let cfg = &self.cfg;
+        let (d, v) = (cfg.hidden_size, cfg.vocab_size);
+        let me = self
+            .modality_embed
+            .as_deref()
+            .ok_or_else(|| Error::Config("this is a text-only model: it has no image or audio head".into()))?;
+        let batch = input.batch;
+        if batch == 0 || !input.tokens.len().is_multiple_of(batch) {
+            return crate::input_err!("{} tokens do not split into {batch} sequences", input.tokens.len());
+        }
+        let lt = input.tokens.len() / batch;
+        if let Some(&bad) = input.tokens.iter().find(|&&t| t as usize >= v) {
+            return crate::input_err!("token id {bad} is outside the vocabulary of {v}");
+        }
+        let check_t = |what: &str, values: &[f32], per: usize, t: &[f32]| -> Result<()> {
+            if values.len() != batch * per || t.len() != batch {
+                return crate::input_err!(
+                    "{what}: expected {batch} x {per} values and {batch} times, got {} and {}",
+                    values.len(),
+                    t.len()
+                );
+            }
+            if values.iter().chain(t).any(|x| !x.is_finite()) {
+                return crate::input_err!("{what} contains NaN or infinity");
+            }
+            Ok(())
+        };
+        // Segments present, in canvas order: (embedded rows, positions, conditioning input per sequence).
+        let mut segments: Vec<(Vec<f32>, usize, Vec<f32>)> = vec![];
+        if lt > 0 {
+            let mut x = Vec::with_capacity(input.tokens.len() * d);
+            for &t in input.tokens {
+                let e = &self.embedding[t as usize * d..(t as usize + 1) * d];
+                x.extend(e.iter().zip(&me[..d]).map(|(a, b)| a + b));
+            }
+            let sigma = match (cfg.time_conditioning, input.text_sigma) {
+                (true, Some(s)) if s.len() == batch => s.to_vec(),
+                (true, Some(s)) => return crate::input_err!("sigma has {} values for {batch} sequences", s.len()),
+                _ => vec![0f32; batch],
+            };
+            segments.push((x, lt, sigma));
+        }
+        let image_rows = match (input.image, &self.image) {
+            (None, _) => 0,
+            (Some(_), None) => return Err(missing_head(cfg, Modality::Image)),
+            (Some((px, t)), Some(head)) => {
+                check_t("image", px, cfg.image_values(), t)?;
+                let me = &me[Modality::Image as usize * d..][..d];
+                segments.push((head.embed(px, batch, me)?, head.proj.positions, scaled(t)));
+                head.proj.positions
+            }
+        };
+        let audio_rows = match (input.audio, &self.audio) {
+            (None, _) => 0,
+            (Some(_), None) => return Err(missing_head(cfg, Modality::Audio)),
+            (Some((mel, t)), Some(head)) => {
+                check_t("audio", mel, cfg.audio_frames * cfg.audio_mels, t)?;
+                let me = &me[Modality::Audio as usize * d..][..d];
+                segments.push((head.embed(mel, batch, me)?, head.proj.positions, scaled(t)));
+                head.proj.positions
+            }
+        };
+        let l: usize = segments.iter().map(|s| s.1).sum();
+        if l == 0 {
+            return crate::input_err!("the canvas is empty");
+        }
+        if l > cfg.max_length {
+            return crate::input_err!("canvas length {l} is outside 1..={}", cfg.max_length);
+        }
+        if let Some(&bad) = input.text_positions.unwrap_or(&[]).iter().find(|&&p| p >= lt) {
+            return crate::input_err!("text position {bad} is outside the text segment of length {lt}");
+        }
+        // Interleave the segments back into sequences: [B, L, D].
+        let mut x = Vec::with_capacity(batch * l * d);
+        for b in 0..batch {
+            for (rows, n, _) in &segments {
+                x.extend_from_slice(&rows[b * n * d..(b + 1) * n * d]);
+            }
+        }
+        // Conditioning rows: sequence-major, one per (sequence, segment).
+        let nseg = segments.len();
+        let mut cond_in = Vec::with_capacity(batch * nseg);
+        for b in 0..batch {
+            cond_in.extend(segments.iter().map(|s| s.2[b]));
+        }
+        let (block_mods, final_mod) = self.modulations(&self.sigma_map.forward(&cond_in)?, batch * nseg)?;
+        let bounds: Vec<usize> = segments
+            .iter()
+            .scan(0, |acc, s| {
+                *acc += s.1;
+                Some(*acc)
+            })
+            .collect();
+        let seg_of = |pos: usize| bounds.iter().position(|&e| pos < e).expect("position inside the canvas");
+        let idx = RowIndex::new(batch, l, None, |b, pos| b * nseg + seg_of(pos));
+        let pass = Pass { rope: &self.rope, causal: false, lora };
+        for (block, m) in self.blocks.iter().zip(&block_mods) {
+            x = block.forward(x, l, m, &pass, None, &idx)?;
+        }
+        let h = self.final_norm.forward_modulated(
+            &x,
+            |r| final_mod.part(idx.full[r] as usize, 0),
+            |r| final_mod.part(idx.full[r] as usize, 1),
+        );
+        let rows_of = |start: usize, positions: &mut dyn Iterator<Item = usize>| -> Vec<f32> {
+            let ps: Vec<usize> = positions.collect();
+            let mut out = Vec::with_capacity(batch * ps.len() * d);
+            for b in 0..batch {
+                for &p in &ps {
+                    out.extend_from_slice(&h[(b * l + start + p) * d..][..d]);
+                }
+            }
+            out
+        };
+        let mut out = CanvasOutput::default();
+        if lt > 0 {
+            let rows = match input.text_positions {
+                Some(p) => rows_of(0, &mut p.iter().copied()),
+                None => rows_of(0, &mut (0..lt)),
+            };
+            let n = rows.len() / d;
+            if n > 0 {
+                out.text = self.output.forward_rows(&rows, n)?;
+                lora.apply("output_layer.linear", &rows, n, &mut out.text);
+            }
+        }
+        if let Some(head) = self.image.as_ref().filter(|_| image_rows > 0) {
+            out.image = head.out(&rows_of(lt, &mut (0..image_rows)), batch)?;
+        }
+        if let Some(head) = self.audio.as_ref().filter(|_| audio_rows > 0) {
+            out.audio = head.out(&rows_of(lt + image_rows, &mut (0..audio_rows)), batch)?;
+        }
+        Ok(out)
+    }
+
+    pub fn image_head(&self) -> Option<&ImageHead> {
+        self.image.as_ref()
+    }
+
+    pub fn audio_head(&self) -> Option<&AudioHead> {
+        self.audio.as_ref()
     }
 
     /// A copy with the adapters' updates merged into the weights (`W + s B A`).
@@ -521,16 +768,39 @@ impl Dit {
         Ok(model)
     }
 
-    /// Parameter counts: (backbone, text heads = token embedding + output projection).
-    pub fn parameter_split(&self) -> (usize, usize) {
-        let is_head = |n: &str| n == "vocab_embed.embedding" || n.starts_with("output_layer.linear.");
-        self.cfg.tensor_shapes().iter().fold((0, 0), |(backbone, heads), (name, shape)| {
-            let n: usize = shape.iter().product();
-            if is_head(name) {
-                (backbone, heads + n)
+    /// Parameter counts: the backbone (blocks, timestep MLP, final norm and
+    /// adaLN, modality embedding) and each head (text = token embedding +
+    /// output projection; image/audio = `*_head.*`), heads in [`Modality`] order.
+    pub fn parameter_split(&self) -> (usize, Vec<(Modality, usize)>) {
+        let head_of = |n: &str| {
+            if n == "vocab_embed.embedding" || n.starts_with("output_layer.linear.") {
+                Some(Modality::Text)
+            } else if n.starts_with("image_head.") {
+                Some(Modality::Image)
+            } else if n.starts_with("audio_head.") {
+                Some(Modality::Audio)
             } else {
-                (backbone + n, heads)
+                None
             }
-        })
+        };
+        let mut heads: Vec<(Modality, usize)> = self.cfg.heads().into_iter().map(|m| (m, 0)).collect();
+        let mut backbone = 0;
+        for (name, shape) in self.cfg.tensor_shapes() {
+            let n: usize = shape.iter().product();
+            match head_of(&name) {
+                Some(m) => heads.iter_mut().find(|(h, _)| *h == m).expect("head listed").1 += n,
+                None => backbone += n,
+            }
+        }
+        (backbone, heads)
     }
+}
+
+fn scaled(t: &[f32]) -> Vec<f32> {
+    t.iter().map(|&t| t * CONTINUOUS_TIME_SCALE).collect()
+}
+
+fn missing_head(cfg: &ModelConfig, m: Modality) -> Error {
+    let has: Vec<&str> = cfg.heads().iter().map(|h| h.name()).collect();
+    Error::Config(format!("this model has no {} head (it has: {})", m.name(), has.join(", ")))
 }

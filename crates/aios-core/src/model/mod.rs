@@ -1,9 +1,12 @@
 //! Model definitions (one model per file, candle-transformers style).
 
+pub mod audio;
 pub mod config;
 pub mod dit;
+pub mod heads;
+pub mod image;
 pub mod ops;
 pub mod random;
 
-pub use config::ModelConfig;
-pub use dit::Dit;
+pub use config::{Modality, ModelConfig};
+pub use dit::{CanvasInput, CanvasOutput, Dit};

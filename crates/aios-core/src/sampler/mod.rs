@@ -5,6 +5,7 @@
 //! position of the current block, and a strategy decides which to commit.
 //! Given tokens (prompt, suffix, infill context) are never changed.
 
+pub mod continuous;
 pub mod rng;
 mod scores;
 

@@ -1,6 +1,12 @@
 //! The one orchestration point: load a model folder (weights + tokenizer),
 //! build the canvas from a prompt, run a sampler, decode.
 
+mod canvas;
+
+pub use canvas::{
+    save_output, AudioOut, GivenAudio, GivenImage, ImageOut, MediaRequest, DEFAULT_TEXT_LENGTH, GRIFFIN_LIM_ITERS,
+};
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -63,6 +69,12 @@ pub struct Generation {
     /// The adapters (name, weight) this generation ran with.
     pub adapters: Vec<(String, f32)>,
     pub timings: Timings,
+    /// The generated image (image among the outputs).
+    pub image: Option<ImageOut>,
+    /// The generated sound (audio among the outputs).
+    pub audio: Option<AudioOut>,
+    /// The modalities generated (text only for the text API).
+    pub modalities: Vec<crate::model::Modality>,
 }
 
 /// Summary of a loaded model for `aios-run info` and `Engine.info`.
@@ -74,7 +86,14 @@ pub struct ModelInfo {
     /// `(dtype, tensor count, parameter count)` per stored dtype.
     pub dtypes: Vec<(DType, usize, usize)>,
     pub backbone_params: usize,
-    pub head_params: usize,
+    /// Parameters of each head (text: token embedding + output projection).
+    pub heads: Vec<(crate::model::Modality, usize)>,
+}
+
+impl ModelInfo {
+    pub fn head_params(&self) -> usize {
+        self.heads.iter().map(|h| h.1).sum()
+    }
 }
 
 /// What one generation runs with: the model and the adapters active when it
@@ -148,7 +167,7 @@ impl Engine {
             file.config_json().ok_or_else(|| Error::format(weights.display(), "missing aios.config metadata"))?;
         let config = ModelConfig::from_json(json)?;
         let model = pool.install(|| Dit::load(&file, config.clone(), opts.matmul))?;
-        let (backbone_params, head_params) = model.parameter_split();
+        let (backbone_params, heads) = model.parameter_split();
         let mut dtypes: Vec<(DType, usize, usize)> = vec![];
         for t in &file.tensors {
             match dtypes.iter_mut().find(|(d, _, _)| *d == t.dtype) {
@@ -178,8 +197,7 @@ impl Engine {
                 )));
             }
         }
-        let info =
-            ModelInfo { path: weights, config, file_bytes: file.file_bytes, dtypes, backbone_params, head_params };
+        let info = ModelInfo { path: weights, config, file_bytes: file.file_bytes, dtypes, backbone_params, heads };
         let fingerprint = file.metadata.get("aios.fingerprint").cloned();
         let current = RwLock::new(Arc::new(Runtime { model: Arc::new(model), lora: ActiveLora::empty() }));
         Ok(Engine {
@@ -338,6 +356,12 @@ impl Engine {
         self.pool.install(|| forward(&rt, batch, sigma, None))
     }
 
+    /// One forward pass over a multimodal canvas (parity tests, benchmarks).
+    pub fn forward_canvas(&self, input: &crate::model::CanvasInput) -> Result<crate::model::CanvasOutput> {
+        let rt = self.snapshot();
+        self.pool.install(|| rt.model.forward_canvas(input, &rt.lora))
+    }
+
     /// Generates text for `req`, reporting each step to `on_step`.
     pub fn generate_text(&self, req: &TextRequest, on_step: &mut (dyn FnMut(Progress) + Send)) -> Result<Generation> {
         let t_start = Instant::now();
@@ -424,6 +448,9 @@ impl Engine {
                 total_ms: t0.elapsed().as_secs_f64() * 1e3,
                 ..Default::default()
             },
+            image: None,
+            audio: None,
+            modalities: vec![crate::model::Modality::Text],
         })
     }
 }
