@@ -75,7 +75,7 @@ def test_top_level_help_and_version():
 @pytest.mark.parametrize("sub,options", [
     ("generate", ["--model", "--suffix", "--length", "--steps", "--sampler", "--seed", "--temperature", "--top-p",
                   "--block-length", "--guidance", "--threshold", "--threads", "--dtype", "--matmul", "--quiet",
-                  "<PROMPT>", "ancestral", "threshold"]),
+                  "[PROMPT]", "--modality", "--out", "ancestral", "threshold"]),
     ("info", ["<MODEL>", "--dtype"]),
     ("quantize", ["<INPUT>", "<OUTPUT>", "--dtype", "int4", "int8", "int2"]),
 ])
@@ -130,7 +130,7 @@ def test_info_prints_config_dtypes_and_split(folder):
     assert re.search(r"^file: .*model\.f32\.parquet \(\d+\.\d+ MB\)$", text, re.M)
     d = re.search(r"^dtype f32: (\d+) tensors, (\d+) parameters$", text, re.M)
     assert d and int(d.group(1)) == 5 + 10 * CFG["n_layers"] + 5
-    s = re.search(r"^parameters: (\d+) total, backbone (\d+) \(([\d.]+)%\), text heads (\d+) \(([\d.]+)%\)$",
+    s = re.search(r"^parameters: (\d+) total, backbone (\d+) \(([\d.]+)%\), text head (\d+) \(([\d.]+)%\)$",
                   text, re.M)
     assert s, text
     total, backbone, heads = int(s.group(1)), int(s.group(2)), int(s.group(4))

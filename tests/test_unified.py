@@ -5,6 +5,7 @@ and aios_rt (Rust), here for every head and for whole DDIM/DDPM trajectories (th
 the runtime's counter-based noise).
 """
 
+import re
 import wave
 from pathlib import Path
 
@@ -282,3 +283,64 @@ def test_unwritable_output_is_an_io_error(tmp_path):
     with pytest.raises(aios_rt.InputError, match="no audio"):
         g.save(tmp_path / "x.wav")
     assert isinstance(aios_rt.AiosIOError("x"), OSError)
+
+
+# ---- aios-run ----
+BIN = ROOT / "target" / "release" / "aios-run"
+
+
+def _cli(*args):
+    import subprocess
+    return subprocess.run([str(BIN), *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_generates_png_wav_and_pairs(tmp_path):
+    _, cfg, path = _model(tmp_path)
+    folder = path.parent
+    p = _cli("generate", "--model", folder, "--modality", "image", "a bag", "--steps", "3", "--out", tmp_path / "bag.png",
+             "--sampler", "ddim", "--guidance", "2")
+    assert p.returncode == 0, p.stderr
+    assert _read_png_gray(tmp_path / "bag.png").shape == (8, 8)
+    p = _cli("generate", "--model", folder, "--modality", "audio", "seven", "--out", tmp_path / "seven.wav", "--steps", "2")
+    assert p.returncode == 0, p.stderr
+    with wave.open(str(tmp_path / "seven.wav")) as w:
+        assert w.getframerate() == cfg.audio_sample_rate
+    p = _cli("generate", "--model", folder, "--modality", "text,image", "--out", tmp_path / "pair", "--steps", "4",
+             "--text-length", "8")
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "pair.png").exists() and (tmp_path / "pair.txt").read_text().strip() == p.stdout.strip()
+    # Captioning a PNG, and inpainting with a mask PNG, round trip through files.
+    p = _cli("generate", "--model", folder, "--modality", "text", "--image", tmp_path / "bag.png", "--steps", "3",
+             "--text-length", "6")
+    assert p.returncode == 0, p.stderr
+    p = _cli("generate", "--model", folder, "--modality", "image", "--image", tmp_path / "bag.png", "--image-mask",
+             tmp_path / "bag.png", "--out", tmp_path / "inpainted.png", "--steps", "3")
+    assert p.returncode == 0, p.stderr
+    src, mask, got = (_read_png_gray(tmp_path / f) for f in ("bag.png", "bag.png", "inpainted.png"))
+    assert np.array_equal(got[mask >= 128], src[mask >= 128])
+    p = _cli("info", folder)
+    assert re.search(r"backbone \d+ \([\d.]+%\), text head \d+ \([\d.]+%\), image head \d+ \([\d.]+%\), audio head "
+                     r"\d+ \([\d.]+%\)", p.stdout), p.stdout
+
+
+@pytest.mark.parametrize("args,code,msg", [
+    (["--modality", "video"], 2, "invalid value"),
+    (["--modality", "image"], 3, "need --out"),
+    (["--modality", "image", "--out", "/nonexistent-dir/x.png"], 5, "I/O error"),
+    (["--modality", "image", "--out", "x.png", "--steps", "0"], 3, "steps"),
+    (["--modality", "text", "--image", "missing.png"], 5, "I/O error"),
+    (["--modality", "text", "--image", "garbage.png"], 4, "PNG"),
+    (["--modality", "image", "--out", "x.png", "--sampler", "euler"], 3, "unknown sampler"),
+])
+def test_cli_bad_media_input(tmp_path, args, code, msg):
+    _, _, path = _model(tmp_path)
+    (tmp_path / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    args = [a if not a.endswith(".png") or a.startswith("/") else str(tmp_path / a) for a in args]
+    p = _cli("generate", "--model", path.parent, "a bag", *args)
+    assert p.returncode == code, (p.returncode, p.stderr)
+    assert msg in p.stderr and "panicked" not in p.stderr
+
+
+def test_cli_text_model_names_its_heads():
+    p = _cli("generate", "--model", ROOT / "models" / "aios-text-tiny", "--modality", "image", "a sneaker", "--out", "/tmp/x.png")
+    assert p.returncode == 4 and "no image head (it has: text)" in p.stderr

@@ -24,6 +24,16 @@ class Generation:
     forward_passes: int
     adapters: Dict[str, float]
     timings: Dict[str, float]
+    modalities: List[str]
+    @property
+    def image(self) -> Optional[np.ndarray]: ...
+    @property
+    def audio(self) -> Optional[np.ndarray]: ...
+    @property
+    def log_mel(self) -> Optional[np.ndarray]: ...
+    @property
+    def sample_rate(self) -> Optional[int]: ...
+    def save(self, path: Union[str, PathLike[str]]) -> None: ...
 
 class Engine:
     def __init__(
@@ -36,18 +46,32 @@ class Engine:
     def diffuse(
         self,
         prompt: str = "",
-        modality: str = "text",
-        length: int = 64,
-        steps: int = 16,
+        modality: Union[str, Sequence[str]] = "text",
+        length: Optional[int] = None,
+        steps: Optional[int] = None,
         sampler: str = "confidence",
-        seed: int = 0,
+        seed: Optional[int] = None,
         block_length: Optional[int] = None,
         guidance: float = 0.0,
         temperature: float = 1.0,
         top_p: float = 1.0,
         threshold: float = 0.9,
         suffix: Optional[str] = None,
+        image: Optional[np.ndarray] = None,
+        image_mask: Optional[np.ndarray] = None,
+        audio: Optional[np.ndarray] = None,
+        audio_mask: Optional[np.ndarray] = None,
+        text_length: Optional[int] = None,
+        eta: float = 0.0,
     ) -> Generation: ...
+    def forward_canvas(
+        self,
+        tokens: Sequence[Sequence[int]],
+        image: Optional[np.ndarray] = None,
+        t_image: Optional[Sequence[float]] = None,
+        audio: Optional[np.ndarray] = None,
+        t_audio: Optional[Sequence[float]] = None,
+    ) -> Dict[str, np.ndarray]: ...
     def diffuse_tokens(
         self,
         tokens: Sequence[int],

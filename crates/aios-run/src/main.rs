@@ -9,15 +9,19 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use aios_core::engine::{save_output, GivenAudio, GivenImage, MediaRequest};
 use aios_core::format::DType;
+use aios_core::media::read_png_gray;
+use aios_core::model::Modality;
 use aios_core::quant::{quantize_file, MatmulMode};
+use aios_core::sampler::continuous::ContinuousSampler;
 use aios_core::sampler::{SamplerOptions, Strategy};
 use aios_core::{Engine, EngineOptions, Error, TextRequest};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
-#[command(name = "aios-run", version, about = "Run small diffusion language models on the edge")]
+#[command(name = "aios-run", version, about = "Run small unified diffusion models (text, image, audio) on the edge")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -25,7 +29,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Generate text from a prompt (text on stdout, progress on stderr).
+    /// Generate text, images or sound from a prompt (text on stdout, progress on stderr).
     Generate(GenerateArgs),
     /// Show a model's config, stored dtypes, file size and parameter split.
     Info {
@@ -52,8 +56,32 @@ struct GenerateArgs {
     /// Model folder (weights + tokenizer.json) or .parquet file.
     #[arg(long, short)]
     model: PathBuf,
-    /// Text the generation starts with. `[MASK]` inside it marks tokens to fill.
+    /// Text the generation starts with (`[MASK]` inside it marks tokens to
+    /// fill), or the caption an image/sound is generated from.
+    #[arg(default_value = "")]
     prompt: String,
+    /// What to generate: text, image, audio, or several at once (`text,image`).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "text")]
+    modality: Vec<ModalityArg>,
+    /// Where image/sound (and, with them, text) go: `PATH.png` / `PATH.wav`,
+    /// or a stem that gets `.png`, `.wav` and `.txt` as needed.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// A given image (PNG): captioned with `--modality text`, inpainted with `--image-mask`.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// PNG of the same size as `--image`: white (>= 128) = known pixel, kept; black = generated.
+    #[arg(long)]
+    image_mask: Option<PathBuf>,
+    /// A given sound (WAV at the model's sample rate), e.g. to transcribe with `--modality text`.
+    #[arg(long)]
+    audio: Option<PathBuf>,
+    /// Tokens in the text segment of an image/audio canvas.
+    #[arg(long)]
+    text_length: Option<usize>,
+    /// DDIM's eta for image/audio (0 = deterministic); `--sampler ddpm` ignores it.
+    #[arg(long, default_value_t = 0.0)]
+    eta: f64,
     /// Text fixed at the end of the canvas (the model fills the gap).
     #[arg(long)]
     suffix: Option<String>,
@@ -62,7 +90,7 @@ struct GenerateArgs {
     length: usize,
     #[arg(long, default_value_t = 16)]
     steps: usize,
-    /// ancestral, confidence, entropy, margin or threshold.
+    /// Text: ancestral, confidence, entropy, margin or threshold. Image/audio: ddim or ddpm.
     #[arg(long, default_value = "confidence")]
     sampler: String,
     #[arg(long, default_value_t = 0)]
@@ -116,13 +144,178 @@ fn parse_dtype(s: &str) -> Result<DType, Error> {
     DType::parse(s).ok_or_else(|| Error::Input(format!("unknown dtype {s:?}; use f32, f16, int8, int4 or int2")))
 }
 
+/// `--modality` values.
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
+enum ModalityArg {
+    Text,
+    Image,
+    Audio,
+}
+
+impl From<ModalityArg> for Modality {
+    fn from(m: ModalityArg) -> Self {
+        match m {
+            ModalityArg::Text => Modality::Text,
+            ModalityArg::Image => Modality::Image,
+            ModalityArg::Audio => Modality::Audio,
+        }
+    }
+}
+
+/// A WAV file as mono f32 samples, checked against the model's sample rate.
+fn read_wav(path: &std::path::Path, want_rate: usize) -> Result<Vec<f32>, Error> {
+    let mut r = hound::WavReader::open(path).map_err(|e| match e {
+        hound::Error::IoError(io) => Error::io(path, io),
+        other => Error::format(path.display(), format!("not a readable WAV: {other}")),
+    })?;
+    let spec = r.spec();
+    if spec.sample_rate as usize != want_rate {
+        return Err(Error::Input(format!(
+            "{}: {} Hz, but this model's audio is {want_rate} Hz",
+            path.display(),
+            spec.sample_rate
+        )));
+    }
+    let bad = |e: hound::Error| Error::format(path.display(), format!("WAV data: {e}"));
+    let raw: Vec<f32> = match spec.sample_format {
+        hound::SampleFormat::Float => r.samples::<f32>().collect::<Result<_, _>>().map_err(bad)?,
+        hound::SampleFormat::Int => {
+            let scale = 1.0 / (1u64 << (spec.bits_per_sample.clamp(1, 32) - 1)) as f32;
+            r.samples::<i32>().map(|s| s.map(|v| v as f32 * scale)).collect::<Result<_, _>>().map_err(bad)?
+        }
+    };
+    let ch = spec.channels.max(1) as usize;
+    Ok(raw.chunks(ch).map(|c| c.iter().sum::<f32>() / c.len() as f32).collect())
+}
+
+fn media_generate(
+    a: GenerateArgs,
+    engine: Engine,
+    sampler: SamplerOptions,
+    continuous: ContinuousSampler,
+) -> Result<(), Error> {
+    let mut outputs: Vec<Modality> = a.modality.iter().map(|&m| m.into()).collect();
+    outputs.sort();
+    outputs.dedup();
+    let cfg = engine.config().clone();
+    let image = match &a.image {
+        Some(p) => {
+            let (px, h, w) = read_png_gray(p)?;
+            if cfg.image_channels != 1 || h != cfg.image_size || w != cfg.image_size {
+                return Err(Error::Input(format!(
+                    "{}: {w}x{h} grey image, but this model's images are {}x{} with {} channel(s)",
+                    p.display(),
+                    cfg.image_size,
+                    cfg.image_size,
+                    cfg.image_channels
+                )));
+            }
+            let mask = match &a.image_mask {
+                Some(mp) => {
+                    let (m, mh, mw) = read_png_gray(mp)?;
+                    if (mh, mw) != (h, w) {
+                        return Err(Error::Input(format!("{}: mask is {mw}x{mh}, image {w}x{h}", mp.display())));
+                    }
+                    Some(m.iter().map(|&v| v >= 128).collect())
+                }
+                None => None,
+            };
+            Some(GivenImage { pixels: px.iter().map(|&v| v as f32).collect(), mask })
+        }
+        None if a.image_mask.is_some() => return Err(Error::Input("--image-mask needs --image".into())),
+        None => None,
+    };
+    let audio = match &a.audio {
+        Some(p) => {
+            if !cfg.has_audio() {
+                return Err(Error::Config("audio was given but this model has no audio head".into()));
+            }
+            Some(GivenAudio { samples: read_wav(p, cfg.audio_sample_rate)?, mask: None })
+        }
+        None => None,
+    };
+    let wants_file = outputs.iter().any(|m| *m != Modality::Text);
+    if wants_file && a.out.is_none() {
+        return Err(Error::Input("image/audio outputs need --out PATH".into()));
+    }
+    let req = MediaRequest {
+        outputs: outputs.clone(),
+        prompt: (!a.prompt.is_empty()).then(|| a.prompt.clone()),
+        text_length: a.text_length,
+        image,
+        audio,
+        sampler,
+        continuous,
+        eta: a.eta,
+    };
+    let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(req.sampler.steps as u64) };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{bar:30}] step {pos}/{len} ({elapsed})")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    let g = engine.generate_media(&req, &mut |p| bar.set_position(p.step as u64))?;
+    bar.finish_and_clear();
+    let mut written = vec![];
+    if let Some(out) = &a.out {
+        let ext = out.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+        for m in &outputs {
+            let want = match m {
+                Modality::Image => "png",
+                Modality::Audio => "wav",
+                Modality::Text => "txt",
+            };
+            // A single output whose extension already says what it is is written as named.
+            let path = if outputs.len() == 1 && ext.as_deref() == Some(want) {
+                out.clone()
+            } else {
+                let mut p = out.as_os_str().to_owned();
+                p.push(format!(".{want}"));
+                PathBuf::from(p)
+            };
+            save_output(&path, want, g.image.as_ref(), g.audio.as_ref(), &g.text)?;
+            written.push(path);
+        }
+    }
+    if outputs.contains(&Modality::Text) {
+        let _ = writeln!(std::io::stdout().lock(), "{}", g.text);
+    }
+    if !a.quiet {
+        let files: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+        eprintln!(
+            "{} steps, {} forward passes, {:.1} ms ({:.1} ms forward){}{}",
+            g.steps_run,
+            g.forward_passes,
+            g.timings.total_ms,
+            g.timings.forward_ms,
+            if files.is_empty() { "" } else { "; wrote " },
+            files.join(", ")
+        );
+    }
+    Ok(())
+}
+
 fn generate(a: GenerateArgs) -> Result<(), Error> {
     let matmul = MatmulMode::parse(&a.matmul).ok_or_else(|| {
         Error::Input(format!("unknown matmul mode {:?}; use auto, int8, dequantize or quantized", a.matmul))
     })?;
     let opts = EngineOptions { threads: a.threads, dtype: a.dtype.as_deref().map(parse_dtype).transpose()?, matmul };
+    let (strategy, continuous) = match ContinuousSampler::parse(&a.sampler) {
+        Ok(c) => (Strategy::Confidence, c),
+        Err(_) => (
+            Strategy::parse(&a.sampler).map_err(|_| {
+                Error::Input(format!(
+                    "unknown sampler {:?}; text: {}; image/audio: {}",
+                    a.sampler,
+                    Strategy::NAMES.join(", "),
+                    ContinuousSampler::NAMES.join(", ")
+                ))
+            })?,
+            ContinuousSampler::Ddim,
+        ),
+    };
     let sampler = SamplerOptions {
-        strategy: Strategy::parse(&a.sampler)?,
+        strategy,
         steps: a.steps,
         temperature: a.temperature,
         top_p: a.top_p,
@@ -136,6 +329,12 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
     let engine = Engine::open(&a.model, &opts)?;
     for (i, (path, weight)) in adapters.iter().enumerate() {
         engine.load_adapter(path, &format!("adapter{i}"), Some(*weight))?;
+    }
+    if a.modality != [ModalityArg::Text] || a.image.is_some() || a.audio.is_some() || a.image_mask.is_some() {
+        return media_generate(a, engine, sampler, continuous);
+    }
+    if a.out.is_some() {
+        return Err(Error::Input("--out is for image/audio outputs; text goes to stdout".into()));
     }
     let req = TextRequest { prompt: a.prompt, suffix: a.suffix, length: a.length, sampler };
     let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(req.sampler.steps as u64) };
