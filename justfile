@@ -8,6 +8,7 @@ py := venv + "/bin/python"
 # build): $AIOS_WHEELS, then the team's shared/wheels beside or inside the checkout.
 torch_wheel_dirs := env_var_or_default("AIOS_WHEELS", "") + " ../shared/wheels shared/wheels"
 model := "models/aios-text-tiny"
+unified := "models/aios-unified-tiny"
 
 # Set up and generate text with the shipped model.
 default: demo
@@ -35,9 +36,14 @@ setup:
     cargo build --release -p aios-run
     echo "setup done: aios_rt in {{venv}}, aios-run at target/release/aios-run"
 
-# Generate English text with the shipped tiny model (progress bar on stderr).
+# Generate English text with the shipped tiny model (progress bar on stderr),
+# then an image, a spoken word and a caption+image pair with the unified model (into runs/demo/).
 demo prompt="The old house" *args="": setup
     target/release/aios-run generate --model {{model}} "{{prompt}}" --length 64 --steps 64 --sampler ancestral --top-p 0.8 --seed 0 {{args}}
+    mkdir -p runs/demo
+    target/release/aios-run generate --model {{unified}} --modality image "a sneaker" --steps 20 --guidance 3 --out runs/demo/sneaker.png
+    target/release/aios-run generate --model {{unified}} --modality audio "seven" --steps 20 --guidance 3 --out runs/demo/seven.wav
+    target/release/aios-run generate --model {{unified}} --modality text,image --steps 20 --temperature 0 --out runs/demo/pair
 
 # Store a few memories and search them (MiniLM embeddings, Arrow segments).
 memory-demo dir="runs/memory-demo": setup
@@ -70,6 +76,8 @@ bench: setup
     cargo run --release -p aios-core --example linear_ab
     {{py}} bench/bench_lora.py
     {{py}} bench/conditioning_by_length.py
+    {{py}} bench/bench_unified.py
+    {{py}} bench/unified_quality.py
 
 # The seeded mutation fuzzer over weight files, adapters, memory stores and the CLI (long run; a short one is in `just test`).
 fuzz mutants="20000" seed="1":
@@ -83,6 +91,8 @@ lint:
 fmt:
     cargo fmt --all
 
-# Rebuild the training corpus from the offline sources (see models/aios-text-tiny/README.md).
+# Rebuild the training data from the offline sources: the text corpus (see models/aios-text-tiny/README.md)
+# and the images and spoken words of the unified model (see models/aios-unified-tiny/README.md).
 data: setup
     {{py}} -m aios_train data --out data
+    {{py}} -m aios_train data-mm --out data/mm

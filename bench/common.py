@@ -50,3 +50,20 @@ def text_generation_args(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=7)
     return ap
+
+
+def write_png_gray(path, pixels) -> None:
+    """8-bit grey PNG from a 2-D uint8 array (standard library only; sample grids)."""
+    import struct
+    import zlib
+
+    import numpy as np
+    a = np.ascontiguousarray(pixels, dtype=np.uint8)
+    h, w = a.shape
+    raw = b"".join(b"\x00" + a[y].tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+                           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))

@@ -509,9 +509,15 @@ DIFFUSE_CASES = {
     "nan_threshold": dict(threshold=float("nan")),
     "block_length_0": dict(block_length=0),
     "too_few_steps_for_blocks": dict(length=32, block_length=2, steps=3),
-    "image_modality": dict(modality="image"),
-    "audio_modality": dict(modality="audio"),
+    "unknown_modality": dict(modality="video"),
 }
+
+
+@pytest.mark.parametrize("modality", ["image", "audio", ["text", "image"]])
+def test_missing_head_is_a_config_error_naming_the_heads(eng, modality):
+    with pytest.raises(aios_rt.ConfigError, match=r"no (image|audio) head \(it has: text\)"):
+        eng.diffuse(PROMPT, modality=modality, steps=4)
+    works(eng)
 
 
 @pytest.mark.parametrize("case", list(DIFFUSE_CASES))

@@ -64,6 +64,8 @@ class UnifiedArgs:
     ckpt_every: int = 100
     time_limit_min: float | None = None
     progress: bool = True
+    image_size: int = 28
+    image_patch: int = 4
     # Architecture when not warm-starting.
     hidden_size: int = 256
     n_layers: int = 4
@@ -83,11 +85,11 @@ def lr_at(step: int, a: UnifiedArgs) -> float:
     return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def unified_config(base: ModelConfig | None, a: UnifiedArgs, audio: dict) -> ModelConfig:
+def unified_config(base: ModelConfig | None, a: UnifiedArgs, audio: dict, vocab_size: int = 4096) -> ModelConfig:
     d = base.to_dict() if base is not None else dict(
-        vocab_size=4096, hidden_size=a.hidden_size, n_layers=a.n_layers, n_heads=a.n_heads, cond_dim=a.cond_dim,
+        vocab_size=vocab_size, hidden_size=a.hidden_size, n_layers=a.n_layers, n_heads=a.n_heads, cond_dim=a.cond_dim,
         max_length=128, mask_token_id=3)
-    d.update(image_size=28, image_channels=1, image_patch=4, audio_mels=audio["n_mels"], audio_frames=audio["frames"],
+    d.update(image_size=a.image_size, image_channels=1, image_patch=a.image_patch, audio_mels=audio["n_mels"], audio_frames=audio["frames"],
              audio_frames_per_token=4, audio_sample_rate=audio["sample_rate"], audio_n_fft=audio["n_fft"],
              audio_hop=audio["hop"])
     return ModelConfig.from_dict(d)
@@ -153,7 +155,7 @@ def train_unified(a: UnifiedArgs, resume: bool = True) -> dict:
     imgs, aud, info = load_mm(a.data)
     tok = load_tokenizer(a.tokenizer)
     base_model, base_cfg = load_model(a.warm_start) if a.warm_start else (None, None)
-    cfg = unified_config(base_cfg, a, info["audio"]["features"])
+    cfg = unified_config(base_cfg, a, info["audio"]["features"], vocab_size=tok.get_vocab_size())
     model = DiT(cfg)
     if base_model is not None:
         missing, unexpected = model.load_state_dict(base_model.state_dict(), strict=False)

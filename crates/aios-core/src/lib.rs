@@ -13,6 +13,7 @@ pub mod engine;
 pub mod error;
 pub mod format;
 pub mod guard;
+pub mod kernels;
 pub mod media;
 pub mod memory;
 pub mod model;

@@ -41,6 +41,47 @@ pub struct TextRequest {
     pub sampler: SamplerOptions,
 }
 
+/// A validated [`TextRequest`]: the canvas, how much of it is the prompt
+/// (with BOS), and the fixed suffix.
+struct TextPlan {
+    canvas: Vec<u32>,
+    prefix_len: usize,
+    suffix: Vec<u32>,
+}
+
+impl TextRequest {
+    /// The one place a text request is checked against a model (media
+    /// requests: `MediaRequest::plan`).
+    fn plan(&self, engine: &Engine) -> Result<TextPlan> {
+        let cfg = &engine.config;
+        if self.length == 0 || self.length > cfg.max_length {
+            return crate::input_err!(
+                "length must be in 1..={} (the model's maximum), got {}",
+                cfg.max_length,
+                self.length
+            );
+        }
+        self.sampler.validate()?;
+        let mut prefix = vec![cfg.bos_token_id];
+        prefix.extend(engine.encode(&self.prompt)?);
+        let suffix = match &self.suffix {
+            Some(s) => engine.encode(s)?,
+            None => vec![],
+        };
+        if prefix.len() + suffix.len() >= self.length {
+            return crate::input_err!(
+                "prompt and suffix take {} tokens (with BOS), leaving nothing to generate in length {}",
+                prefix.len() + suffix.len(),
+                self.length
+            );
+        }
+        let mut canvas = prefix.clone();
+        canvas.resize(self.length - suffix.len(), cfg.mask_token_id);
+        canvas.extend(&suffix);
+        Ok(TextPlan { canvas, prefix_len: prefix.len(), suffix })
+    }
+}
+
 /// Wall-clock breakdown of one generation, milliseconds.
 #[derive(Clone, Debug, Default)]
 pub struct Timings {
@@ -366,40 +407,17 @@ impl Engine {
     pub fn generate_text(&self, req: &TextRequest, on_step: &mut (dyn FnMut(Progress) + Send)) -> Result<Generation> {
         let t_start = Instant::now();
         let cfg = &self.config;
-        if req.length == 0 || req.length > cfg.max_length {
-            return crate::input_err!(
-                "length must be in 1..={} (the model's maximum), got {}",
-                cfg.max_length,
-                req.length
-            );
-        }
-        req.sampler.validate()?;
-        let mut prefix = vec![cfg.bos_token_id];
-        prefix.extend(self.encode(&req.prompt)?);
-        let suffix = match &req.suffix {
-            Some(s) => self.encode(s)?,
-            None => vec![],
-        };
-        if prefix.len() + suffix.len() >= req.length {
-            return crate::input_err!(
-                "prompt and suffix take {} tokens (with BOS), leaving nothing to generate in length {}",
-                prefix.len() + suffix.len(),
-                req.length
-            );
-        }
-        let mut canvas = prefix.clone();
-        canvas.resize(req.length - suffix.len(), cfg.mask_token_id);
-        canvas.extend(&suffix);
+        let TextPlan { canvas, prefix_len: prefix, suffix } = req.plan(self)?;
         let tokenize_ms = t_start.elapsed().as_secs_f64() * 1e3;
         let mut generation = self.generate_tokens(canvas, &req.sampler, on_step)?;
         let t_dec = Instant::now();
         // Cut the generated span at its first end-of-sequence (what follows is
         // a new document in the training format), but keep a caller's suffix.
         let gen_end = req.length - suffix.len();
-        let cut = generation.tokens[prefix.len()..gen_end]
+        let cut = generation.tokens[prefix..gen_end]
             .iter()
             .position(|&t| t == cfg.eos_token_id)
-            .map_or(gen_end, |p| p + prefix.len());
+            .map_or(gen_end, |p| p + prefix);
         let mut shown = generation.tokens[..cut].to_vec();
         shown.extend(&generation.tokens[gen_end..]);
         generation.text = self.decode(&shown)?;

@@ -116,7 +116,7 @@ fn normal_cdf(x: f32) -> f32 {
                     + t * (-0.186_288_06
                         + t * (0.278_868_07
                             + t * (-1.135_204 + t * (1.488_515_9 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
-    let erfc = t * crate::model::ops::exp_f32(-z * z + poly);
+    let erfc = t * crate::kernels::exp_f32(-z * z + poly);
     // erfc(z) / 2 is Phi(-|x|); reflect for positive x.
     let tail = 0.5 * erfc;
     if x >= 0.0 {
@@ -287,10 +287,10 @@ impl Bert {
                     let q = at(i, 0);
                     let mut max = f32::NEG_INFINITY;
                     for (j, pj) in p.iter_mut().enumerate() {
-                        *pj = crate::model::ops::dot(q, at(j, 1)) * scale;
+                        *pj = crate::kernels::dot(q, at(j, 1)) * scale;
                         max = max.max(*pj);
                     }
-                    p.iter_mut().for_each(|pj| *pj = crate::model::ops::exp_f32(*pj - max));
+                    p.iter_mut().for_each(|pj| *pj = crate::kernels::exp_f32(*pj - max));
                     let sum: f32 = p.iter().sum();
                     for (j, pj) in p.iter().enumerate() {
                         let w = pj / sum;

@@ -17,7 +17,7 @@ pub use file::{quantize_file, QuantizeReport};
 pub enum Activation {
     #[default]
     Identity,
-    /// GELU, tanh approximation ([`crate::model::ops::gelu_tanh_scalar`]).
+    /// GELU, tanh approximation ([`crate::kernels::gelu_tanh_scalar`]).
     GeluTanh,
 }
 
@@ -26,7 +26,7 @@ impl Activation {
     pub fn apply(self, values: &mut [f32]) {
         match self {
             Activation::Identity => {}
-            Activation::GeluTanh => values.iter_mut().for_each(|v| *v = crate::model::ops::gelu_tanh_scalar(*v)),
+            Activation::GeluTanh => values.iter_mut().for_each(|v| *v = crate::kernels::gelu_tanh_scalar(*v)),
         }
     }
 

@@ -199,11 +199,7 @@ pub(crate) fn for_each_tile(
     }
 }
 
-/// The output buffer shared by tile tasks.
-pub(crate) struct SendPtr<T>(pub(crate) *mut T);
-// SAFETY: tasks write disjoint tiles of the output (see `for_each_tile`'s callers).
-unsafe impl<T> Send for SendPtr<T> {}
-unsafe impl<T> Sync for SendPtr<T> {}
+pub(crate) use crate::kernels::SendPtr;
 
 #[derive(Clone, Copy)]
 enum Kernel {

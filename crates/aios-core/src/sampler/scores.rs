@@ -2,7 +2,7 @@
 //! (the mask token can never be predicted).
 
 use super::rng::Stream;
-use crate::model::ops::{exp_f32, max_and_nan};
+use crate::kernels::{exp_f32, lanes8, max_and_nan, sum_f64, tree8};
 
 /// What a sampler needs to know about one masked position at one step.
 #[derive(Clone, Copy, Debug)]
@@ -117,40 +117,6 @@ fn first_index_of(x: &[f32], v: f32) -> Option<usize> {
         }
     }
     None
-}
-
-/// Eight lane sums of `f(a[i], b[i])` (fixed order; the tail goes to lane 0).
-#[inline(always)]
-fn lanes8(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64) -> [f64; 8] {
-    let mut acc = [0f64; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        acc[0] += f(*x, *y);
-    }
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += f(x[l], y[l]);
-        }
-    }
-    acc
-}
-
-/// Eight lane sums combined in a fixed order.
-fn tree8(a: [f64; 8]) -> f64 {
-    ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
-}
-
-/// `Σ x` in f64, in eight lanes (vectorises; the order depends only on the length).
-fn sum_f64(x: &[f32]) -> f64 {
-    let mut acc = [0f64; 8];
-    let chunks = x.chunks_exact(8);
-    let tail: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();
-    for c in chunks {
-        for l in 0..8 {
-            acc[l] += c[l] as f64;
-        }
-    }
-    tree8(acc) + tail
 }
 
 /// The largest `cut` such that the weights `>= cut` sum to at least `target`

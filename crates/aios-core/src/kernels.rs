@@ -1,7 +1,10 @@
-//! Element-wise kernels for the plain-buffer forward passes, written so the
-//! compiler vectorises them. Profiling the tiny model
-//! (perf, 1 thread) showed candle's GELU spending 36% of a forward pass in
-//! scalar libm `tanhf`/`expm1f`; this version auto-vectorises (AVX2/AVX-512).
+//! The low-level kernels that `model`, `sampler`, `quant` and `memory` share
+//! (one copy each): exp, GELU, lane reductions in a fixed order (so results
+//! depend only on the length, never on threads), dot, and the raw output
+//! pointer that parallel tasks write disjoint parts of. Written so the
+//! compiler vectorises them: profiling the tiny model (perf, 1 thread) showed
+//! candle's GELU spending 36% of a forward pass in scalar libm
+//! `tanhf`/`expm1f`; these auto-vectorise (AVX2/AVX-512/NEON).
 
 /// exp(x) for x in [-87, 88], relative error ~2e-7: Cody-Waite range
 /// reduction to r in [-ln2/2, ln2/2] and a degree-7 Taylor polynomial.
@@ -110,6 +113,51 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
+
+/// Eight lane sums of `f(a[i], b[i])` (fixed order; the tail goes to lane 0).
+#[inline(always)]
+pub fn lanes8(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64) -> [f64; 8] {
+    let mut acc = [0f64; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        acc[0] += f(*x, *y);
+    }
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += f(x[l], y[l]);
+        }
+    }
+    acc
+}
+
+/// Eight lane sums combined in a fixed order.
+#[inline]
+pub fn tree8(a: [f64; 8]) -> f64 {
+    ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+}
+
+/// `Σ x` in f64, in eight lanes (vectorises; the order depends only on the length).
+#[inline]
+pub fn sum_f64(x: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] += c[l] as f64;
+        }
+    }
+    tree8(acc) + tail
+}
+
+/// A raw output pointer shared by parallel tasks that write disjoint parts
+/// of one buffer (tiles of a matmul, heads of attention). `T: Send` because
+/// the values are written from other threads.
+pub(crate) struct SendPtr<T: Send>(pub(crate) *mut T);
+// SAFETY: every user hands each task a disjoint region of the buffer and
+// joins all tasks before the buffer is read or freed (see the call sites).
+unsafe impl<T: Send> Send for SendPtr<T> {}
+unsafe impl<T: Send> Sync for SendPtr<T> {}
 
 #[cfg(test)]
 mod tests {

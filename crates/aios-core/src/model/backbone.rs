@@ -11,11 +11,12 @@ use candle_core::{Device, Tensor};
 use super::audio::AudioHead;
 use super::config::{Modality, ModelConfig};
 use super::image::ImageHead;
-use super::ops::{exp_f32, max_and_nan, mean_var_f64, sum_by_lanes};
+use super::text::TextHead;
 use crate::adapter::ActiveLora;
 use crate::error::{Error, Result};
 use crate::format::WeightFile;
-use crate::quant::packed::{PackedMatrix, SendPtr};
+use crate::kernels::{exp_f32, max_and_nan, mean_var_f64, sum_by_lanes, SendPtr};
+use crate::quant::packed::PackedMatrix;
 use crate::quant::{self, Activation, Linear, MatmulMode};
 
 const FREQ_EMBED_DIM: usize = 256;
@@ -399,13 +400,11 @@ impl Rope {
 #[derive(Clone, Debug)]
 pub struct Dit {
     pub cfg: ModelConfig,
-    /// `[vocab, D]`.
-    embedding: Vec<f32>,
+    text: TextHead,
     sigma_map: TimestepEmbedder,
     blocks: Vec<Block>,
     final_norm: LayerNorm,
     final_ada: Linear,
-    output: Linear,
     rope: Rope,
     /// With time conditioning off, `c` is constant: all adaLN vectors are
     /// computed once here instead of on every step.
@@ -461,15 +460,12 @@ impl Dit {
                 format!("tensors not used by the config: {unexpected:?} (does aios.config match the weights?)"),
             ));
         }
-        let (v, d) = (cfg.vocab_size, cfg.hidden_size);
-        let raw = file.require("vocab_embed.embedding")?;
-        quant::linear::check_shape(file, "vocab_embed.embedding", &raw.shape, &[v, d])?;
-        let embedding = quant::load_f32(file, raw)?.flatten_all()?.to_vec1()?;
+        let d = cfg.hidden_size;
+        let text = TextHead::load(file, &cfg, mode)?;
         let sigma_map = TimestepEmbedder::load(file, cfg.cond_dim, mode)?;
         let blocks = (0..cfg.n_layers).map(|i| Block::load(file, i, &cfg, mode)).collect::<Result<Vec<_>>>()?;
         let final_norm = LayerNorm::load(file, "output_layer.norm_final.weight", d, cfg.norm_eps)?;
         let final_ada = Linear::load(file, "output_layer.adaLN_modulation", 2 * d, cfg.cond_dim, true, mode)?;
-        let output = Linear::load(file, "output_layer.linear", v, d, true, mode)?;
         let rope = Rope::new(&cfg);
         let modality_embed = if cfg.multimodal() {
             let raw = file.require("modality_embed.embedding")?;
@@ -482,12 +478,11 @@ impl Dit {
         let audio = cfg.has_audio().then(|| AudioHead::load(file, &cfg, mode)).transpose()?;
         let mut model = Dit {
             cfg,
-            embedding,
+            text,
             sigma_map,
             blocks,
             final_norm,
             final_ada,
-            output,
             rope,
             constant_modulation: None,
             modality_embed,
@@ -568,17 +563,11 @@ impl Dit {
                 (&computed.0, &computed.1)
             }
         };
-        let mut x = Vec::with_capacity(tokens.len() * d);
-        for &t in tokens {
-            x.extend_from_slice(&self.embedding[t as usize * d..(t as usize + 1) * d]);
-        }
+        // Text rows of a multimodal model carry the text modality vector.
+        let mut x = self.text.embed(tokens, self.modality_embed.as_deref().map(|me| &me[..d]));
         // Only the rows at `positions` reach the output layer, so the last
         // block computes only those after attention.
         let keep = positions.filter(|pos| !pos.iter().copied().eq(0..l));
-        if let Some(me) = &self.modality_embed {
-            // Text rows of a multimodal model carry the text modality vector.
-            x.chunks_exact_mut(d).for_each(|row| row.iter_mut().zip(&me[..d]).for_each(|(v, e)| *v += e));
-        }
         let last = self.blocks.len() - 1;
         let pass = Pass { rope: &self.rope, causal: self.cfg.causal, lora };
         // One conditioning row per sequence (or one shared by all).
@@ -594,9 +583,7 @@ impl Dit {
             |r| final_mod.part(ri[r] as usize, 0),
             |r| final_mod.part(ri[r] as usize, 1),
         );
-        let mut logits = self.output.forward_rows(&h, batch * p)?;
-        lora.apply("output_layer.linear", &h, batch * p, &mut logits);
-        Ok(logits)
+        self.text.logits(&h, batch * p, lora)
     }
 
     /// One forward pass over a multimodal canvas (`aios_train`'s
@@ -635,11 +622,7 @@ impl Dit {
         // Segments present, in canvas order: (embedded rows, positions, conditioning input per sequence).
         let mut segments: Vec<(Vec<f32>, usize, Vec<f32>)> = vec![];
         if lt > 0 {
-            let mut x = Vec::with_capacity(input.tokens.len() * d);
-            for &t in input.tokens {
-                let e = &self.embedding[t as usize * d..(t as usize + 1) * d];
-                x.extend(e.iter().zip(&me[..d]).map(|(a, b)| a + b));
-            }
+            let x = self.text.embed(input.tokens, Some(&me[..d]));
             let sigma = match (cfg.time_conditioning, input.text_sigma) {
                 (true, Some(s)) if s.len() == batch => s.to_vec(),
                 (true, Some(s)) => return crate::input_err!("sigma has {} values for {batch} sequences", s.len()),
@@ -727,8 +710,7 @@ impl Dit {
             };
             let n = rows.len() / d;
             if n > 0 {
-                out.text = self.output.forward_rows(&rows, n)?;
-                lora.apply("output_layer.linear", &rows, n, &mut out.text);
+                out.text = self.text.logits(&rows, n, lora)?;
             }
         }
         if let Some(head) = self.image.as_ref().filter(|_| image_rows > 0) {
@@ -754,8 +736,8 @@ impl Dit {
         let mut model = self.clone();
         for name in lora.module_names() {
             let delta = lora.dense_delta(name)?.expect("listed module");
-            let layer = if name == "output_layer.linear" {
-                &mut model.output
+            let layer = if name == super::text::OUTPUT_NAME {
+                &mut model.text.output
             } else {
                 model
                     .blocks
