@@ -142,7 +142,7 @@ def main() -> None:
     ij, iacc = train_judge("image", pixels_unit(imgs["train_x"]), imgs["train_y"], pixels_unit(imgs["test_x"]),
                            imgs["test_y"], 3, cache)
     aj, aacc = train_judge("audio", aud["train_x"].astype(np.float32), aud["train_y"], aud["test_x"].astype(np.float32),
-                           aud["test_y"], 8, cache)
+                           aud["test_y"], 3, cache)
     print(f"judges: image test accuracy {iacc:.4f}, audio held-out-voice accuracy {aacc:.4f} ({time.time() - t0:.0f} s)")
     res: dict = {"judge_image_acc": iacc, "judge_audio_acc": aacc}
     eng = aios_rt.Engine(a.model, threads=a.threads, dtype=a.dtype)

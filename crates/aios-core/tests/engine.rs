@@ -173,3 +173,57 @@ fn dit_logits_rejects_bad_input_without_panicking() {
     assert!(bad(m.logits(&toks, 2, Some(&[0.1]), None, &none)), "one sigma for two sequences");
     assert_eq!(m.logits(&toks, 2, Some(&[0.1, 0.2]), Some(&[4]), &none).unwrap().len(), 2 * 64);
 }
+
+/// A random multimodal model (no tokenizer: requests without a prompt).
+fn unified(dir: &std::path::Path, dtype: DType) -> std::path::PathBuf {
+    let c = ModelConfig::from_json(
+        r#"{"vocab_size":64,"hidden_size":256,"n_layers":2,"n_heads":4,"cond_dim":32,"max_length":96,
+            "mask_token_id":3,"image_size":16,"image_patch":4,"audio_mels":16,"audio_frames":32,
+            "audio_frames_per_token":4,"audio_sample_rate":8000,"audio_n_fft":256,"audio_hop":64}"#,
+    )
+    .unwrap();
+    let p = dir.join(format!("model.{}.parquet", dtype.alias()));
+    write_random_model(&p, &c, 11, dtype).unwrap();
+    p
+}
+
+#[test]
+fn media_generation_is_identical_on_one_and_two_threads() {
+    use aios_core::engine::MediaRequest;
+    use aios_core::model::Modality;
+    use aios_core::sampler::continuous::ContinuousSampler;
+    let dir = tempfile::tempdir().unwrap();
+    for dtype in [DType::F32, DType::Q4K] {
+        let p = unified(dir.path(), dtype);
+        for (outputs, sampler) in [
+            (vec![Modality::Image], ContinuousSampler::Ddpm),
+            (vec![Modality::Audio], ContinuousSampler::Ddim),
+            (vec![Modality::Text, Modality::Image, Modality::Audio], ContinuousSampler::Ddim),
+        ] {
+            let req = MediaRequest {
+                outputs: outputs.clone(),
+                prompt: None,
+                text_length: Some(8),
+                image: None,
+                audio: None,
+                sampler: SamplerOptions { steps: 5, seed: 4, ..Default::default() },
+                continuous: sampler,
+                eta: 0.3,
+            };
+            let run = |threads| {
+                let e = Engine::open(&p, &EngineOptions { threads: Some(threads), ..Default::default() }).unwrap();
+                e.generate_media(&req, &mut |_| {}).unwrap()
+            };
+            let (a, b) = (run(1), run(2));
+            assert_eq!(a.image.as_ref().map(|i| &i.pixels), b.image.as_ref().map(|i| &i.pixels), "{outputs:?}");
+            assert_eq!(a.audio.as_ref().map(|x| &x.samples), b.audio.as_ref().map(|x| &x.samples), "{outputs:?}");
+            assert_eq!(a.tokens, b.tokens);
+            assert_eq!(a.image.is_some(), outputs.contains(&Modality::Image));
+            assert_eq!(a.audio.is_some(), outputs.contains(&Modality::Audio));
+            if let Some(x) = &a.audio {
+                assert_eq!(x.samples.len(), 31 * 64);
+                assert!(x.samples.iter().all(|s| s.is_finite()));
+            }
+        }
+    }
+}

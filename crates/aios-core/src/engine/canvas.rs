@@ -442,7 +442,8 @@ impl Engine {
                 vec![true; plan.tokens.len()],
             ),
         };
-        let text = if plan.gen_text {
+        // Without a tokenizer (token-level use) the tokens are the output.
+        let text = if plan.gen_text && self.tokenizer.is_some() {
             let cut = tokens[plan.prefix_len..]
                 .iter()
                 .position(|&t| t == cfg.eos_token_id)
