@@ -30,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate text, images or sound from a prompt (text on stdout, progress on stderr).
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
     /// Show a model's config, stored dtypes, file size and parameter split.
     Info {
         /// Model folder or .parquet file.
@@ -424,7 +424,7 @@ fn exit_code(e: &Error) -> u8 {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate(a) => generate(a),
+        Command::Generate(a) => generate(*a),
         Command::Info { model, dtype } => info(model, dtype),
         Command::Quantize { input, output, dtype } => quantize(input, output, dtype),
         Command::Memory(a) => memory::run(a),

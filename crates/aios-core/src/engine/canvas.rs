@@ -11,7 +11,7 @@ use super::{log_linear_sigma, Engine, Generation, Runtime, Timings};
 use crate::error::{Error, Result};
 use crate::media::{u8_to_unit, unit_to_u8, MelSpec};
 use crate::model::{CanvasInput, Modality, ModelConfig};
-use crate::sampler::continuous::{self, ContinuousSampler, Region};
+use crate::sampler::continuous::{self, ContinuousSampler, Region, StepRule};
 use crate::sampler::{self, Denoiser, Progress, SamplerOptions};
 
 /// Griffin-Lim iterations when turning generated log-mels into sound.
@@ -304,8 +304,7 @@ impl CanvasDenoiser<'_> {
         let out = self.rt.model.forward_canvas(&input, &self.rt.lora)?;
         if active {
             let w = self.opts.guidance;
-            let seed = self.opts.seed;
-            let (sampler, eta) = (self.sampler, self.eta);
+            let rule = StepRule { sampler: self.sampler, eta: self.eta, seed: self.opts.seed };
             let st = &mut *st;
             for (region, v) in [(st.image.as_mut(), &out.image), (st.audio.as_mut(), &out.audio)] {
                 if let Some(r) = region {
@@ -314,7 +313,7 @@ impl CanvasDenoiser<'_> {
                     }
                     let per = v.len() / n;
                     let v = if n == 2 { continuous::guide(&v[..per], &v[per..], w) } else { v.clone() };
-                    r.advance(sampler, &v, t, s, eta, seed, step as u64 + 1);
+                    r.advance(rule, &v, t, s, step as u64 + 1);
                 }
             }
             st.done += 1;

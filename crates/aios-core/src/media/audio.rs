@@ -165,8 +165,8 @@ impl MelSpec {
             let m_row = &mel[f * nm..(f + 1) * nm];
             fbt_m.iter_mut().for_each(|v| *v = 0.0);
             for (m, &(lo, hi)) in bands.iter().enumerate() {
-                for k in lo..hi {
-                    fbt_m[k] += self.fb[m * nf + k] * m_row[m];
+                for (v, &w) in fbt_m[lo..hi].iter_mut().zip(&self.fb[m * nf + lo..m * nf + hi]) {
+                    *v += w * m_row[m];
                 }
             }
             let s = &mut out[f * nf..(f + 1) * nf];

@@ -132,6 +132,15 @@ pub fn step(
     }
 }
 
+/// How a generation steps its continuous segments.
+#[derive(Clone, Copy, Debug)]
+pub struct StepRule {
+    pub sampler: ContinuousSampler,
+    /// DDIM's eta (ignored by DDPM).
+    pub eta: f64,
+    pub seed: u64,
+}
+
 /// A region of a continuous canvas segment being generated.
 #[derive(Clone, Debug)]
 pub struct Region {
@@ -166,7 +175,8 @@ impl Region {
     }
 
     /// Advances from `t` to `s` with the model's `v`; `step` is 1-based.
-    pub fn advance(&mut self, sampler: ContinuousSampler, v: &[f32], t: f64, s: f64, eta: f64, seed: u64, step: u64) {
+    pub fn advance(&mut self, rule: StepRule, v: &[f32], t: f64, s: f64, step: u64) {
+        let StepRule { sampler, eta, seed } = rule;
         let stochastic = s > 0.0 && (sampler == ContinuousSampler::Ddpm || eta > 0.0);
         let z = if stochastic { gaussian(seed, step, self.x.len(), self.offset) } else { vec![] };
         self::step(sampler, &mut self.x, v, t, s, eta, &z, self.clip);
@@ -242,7 +252,8 @@ mod tests {
         let ts = timesteps(4);
         for (i, w) in ts.windows(2).enumerate() {
             let v = vec![0.3f32; 16];
-            r.advance(ContinuousSampler::Ddpm, &v, w[0], w[1], 0.0, 9, i as u64 + 1);
+            let rule = StepRule { sampler: ContinuousSampler::Ddpm, eta: 0.0, seed: 9 };
+            r.advance(rule, &v, w[0], w[1], i as u64 + 1);
         }
         for i in 0..16 {
             if mask[i] {
