@@ -4,6 +4,9 @@
 >>> eng = aios_rt.Engine("models/aios-text-tiny")
 >>> g = eng.diffuse("The old house", length=64, steps=16, sampler="confidence", seed=0)
 >>> g.text, g.confidence, g.steps_run, g.timings
+>>> uni = aios_rt.Engine("models/aios-unified-tiny")
+>>> img = uni.diffuse("a sneaker", modality="image", steps=20, guidance=3.0).image   # numpy uint8 [28, 28]
+>>> uni.diffuse("seven", modality="audio", steps=20).save("seven.wav")
 >>> mem = aios_rt.MemoryStore("~/.aios/memory")
 >>> mem.add("Our trip to Kyoto was in April 2025.", meta={"tag": "travel"})
 >>> mem.search("when did we visit Japan?", k=5)
