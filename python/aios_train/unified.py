@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from .continuous import q_sample, v_target
 from .media import image_to_unit
 from .model import DiT
 from .schedule import EPS, noise, q_xt, subs_masked_nll
-from .train import EMA, load_checkpoint, save_checkpoint
+from .train import EMA, load_checkpoint, lr_at, save_checkpoint
 
 MODES = ("joint", "to_media", "to_text")
 
@@ -76,13 +75,6 @@ class UnifiedArgs:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("corpus_windows", "progress")}
         d["mode_probs"] = list(self.mode_probs)
         return d
-
-
-def lr_at(step: int, a: UnifiedArgs) -> float:
-    if step < a.warmup:
-        return a.lr * (step + 1) / a.warmup
-    p = min(1.0, (step - a.warmup) / max(1, a.steps - a.warmup))
-    return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
 def unified_config(base: ModelConfig | None, a: UnifiedArgs, audio: dict, vocab_size: int = 4096) -> ModelConfig:
