@@ -61,3 +61,24 @@ def test_unified_training_learns_resumes_exactly_and_exports(tmp_path):
     assert g.image.shape == (8, 8)
     assert eng.info["heads"] == {k: v for k, v in model.parameter_split().items() if k != "backbone"}
     assert eng.info["backbone_params"] == model.parameter_split()["backbone"]
+
+
+def test_probes_mode_probs_and_audio_time_shift(tmp_path):
+    import argparse
+
+    import pytest
+    from aios_train.__main__ import probs3
+
+    _data(tmp_path)
+    r = train_unified(_args(tmp_path, "probe", 4, probe_every=2, audio_t_shift=4.0, audio_mode_probs=(0.1, 0.8, 0.1)))
+    log = [json.loads(l) for l in (tmp_path / "probe" / "log.jsonl").read_text().splitlines()]
+    probed = [rec for rec in log if "aud_gap" in rec]
+    assert [rec["step"] for rec in probed] == [2, 4] and r["steps"] == 4
+    assert all(np.isfinite([rec["img_gap"], rec["aud_gap"]]).all() for rec in probed)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="audio_t_shift"):
+            train_unified(_args(tmp_path, "bad", 2, audio_t_shift=bad))
+    assert probs3("0.2,0.5,0.3") == (0.2, 0.5, 0.3)
+    for bad in ("0.5,0.5", "a,b,c", "0.5,0.6,0.1", "-0.1,0.6,0.5"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            probs3(bad)

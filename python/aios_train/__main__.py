@@ -26,6 +26,18 @@ def cmd_data_mm(a) -> None:
                       for k, v in s.items() if k in ("images", "audio")}, indent=2))
 
 
+def probs3(s: str) -> tuple[float, float, float]:
+    """'0.3,0.5,0.2' -> three probabilities that sum to 1."""
+    import argparse
+    try:
+        p = tuple(float(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected three comma-separated numbers") from None
+    if len(p) != 3 or min(p) < 0 or abs(sum(p) - 1) > 1e-6:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected three non-negative numbers that sum to 1")
+    return p
+
+
 def cmd_train_unified(a) -> None:
     import torch
     from .tokenizer import load_tokenizer
@@ -40,7 +52,8 @@ def cmd_train_unified(a) -> None:
     args = UnifiedArgs(out=a.out, data=a.data, corpus_windows=windows, warm_start=a.warm_start, tokenizer=a.tokenizer,
                        steps=a.steps, image_batch=a.image_batch, audio_batch=a.audio_batch, text_batch=a.text_batch,
                        lr=a.lr, warmup=a.warmup, seed=a.seed, threads=a.threads, ckpt_every=a.ckpt_every,
-                       time_limit_min=a.time_limit_min)
+                       time_limit_min=a.time_limit_min, mode_probs=a.mode_probs, audio_mode_probs=a.audio_mode_probs,
+                       probe_every=a.probe_every, audio_t_shift=a.audio_t_shift)
     r = train_unified(args)
     print(json.dumps({k: r[k] for k in ("steps", "stopped_early")}))
 
@@ -157,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--steps", type=int, default=4000)
     s.add_argument("--image-batch", type=int, default=32)
     s.add_argument("--audio-batch", type=int, default=16)
+    s.add_argument("--mode-probs", type=probs3, default=(0.3, 0.5, 0.2),
+                   help="per caption/media pair: P(joint), P(caption -> media), P(media -> caption)")
+    s.add_argument("--audio-mode-probs", type=probs3, default=None, help="the same for speech (default: --mode-probs)")
+    s.add_argument("--probe-every", type=int, default=100, help="log the caption gap every N steps (0 = never)")
+    s.add_argument("--audio-t-shift", type=float, default=1.0,
+                   help="shift audio training times towards noise, t -> s t / (1 + (s - 1) t) (1 = uniform)")
     s.add_argument("--text-batch", type=int, default=8)
     s.add_argument("--lr", type=float, default=5e-4)
     s.add_argument("--warmup", type=int, default=200)
