@@ -24,6 +24,7 @@ from ._errors import AiosError, AiosIOError, ConfigError, FormatError, InputErro
 from ._native import (
     SAMPLERS,
     Generation,
+    UsedMemory,
     __version__,
     dequantize as _dequantize,
     quantize as _quantize,
@@ -36,6 +37,7 @@ from .memory import Embedder, Hit, MemoryStore, default_embedder_path
 __all__ = [
     "Engine",
     "Generation",
+    "UsedMemory",
     "MemoryStore",
     "Hit",
     "Embedder",

@@ -14,6 +14,12 @@ class TokenizerError(AiosError): ...
 class AiosIOError(AiosError, OSError): ...
 class NumericError(AiosError, ArithmeticError): ...
 
+class UsedMemory:
+    id: Optional[int]
+    score: Optional[float]
+    text: str
+    tokens: int
+
 class Generation:
     text: str
     tokens: List[int]
@@ -25,6 +31,12 @@ class Generation:
     adapters: Dict[str, float]
     timings: Dict[str, float]
     modalities: List[str]
+    uncertainty: Optional[float]
+    token_uncertainty: Optional[List[float]]
+    uncertainty_parts: Optional[Dict[str, float]]
+    should_evolve: Optional[bool]
+    memories: List[UsedMemory]
+    memory_tokens: int
     @property
     def image(self) -> Optional[np.ndarray]: ...
     @property
@@ -42,7 +54,11 @@ class Engine:
         threads: Optional[int] = None,
         dtype: Optional[str] = None,
         matmul: str = "auto",
+        memory: Optional[MemoryStore] = None,
     ) -> None: ...
+    def set_memory(self, memory: Optional[MemoryStore]) -> None: ...
+    @property
+    def has_memory(self) -> bool: ...
     def diffuse(
         self,
         prompt: str = "",
@@ -63,6 +79,9 @@ class Engine:
         audio_mask: Optional[np.ndarray] = None,
         text_length: Optional[int] = None,
         eta: float = 0.0,
+        likelihood_samples: Optional[int] = None,
+        memory_k: Optional[int] = None,
+        memories: Optional[Sequence[str]] = None,
     ) -> Generation: ...
     def forward_canvas(
         self,
@@ -83,6 +102,7 @@ class Engine:
         temperature: float = 1.0,
         top_p: float = 1.0,
         threshold: float = 0.9,
+        likelihood_samples: Optional[int] = None,
     ) -> Generation: ...
     def logits(self, batch: Sequence[Sequence[int]], sigma: Optional[float] = None) -> np.ndarray: ...
     def logits_raw(self, batch: Sequence[Sequence[int]], sigma: Optional[float] = None) -> Tuple[bytes, List[int]]: ...

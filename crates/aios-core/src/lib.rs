@@ -21,6 +21,6 @@ pub mod quant;
 pub mod sampler;
 pub mod threads;
 
-pub use engine::{Engine, EngineOptions, Generation, TextRequest};
+pub use engine::{Engine, EngineOptions, Generation, MemorySource, TextRequest, UsedMemory};
 
 pub use error::{Error, Result};

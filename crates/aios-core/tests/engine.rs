@@ -88,7 +88,13 @@ fn bad_requests_are_clear_errors() {
     assert!(matches!(e.generate_tokens(vec![99; 4], &opts, &mut |_| {}), Err(Error::Input(_))));
     assert!(matches!(e.logits(&[vec![1, 2], vec![1]], None), Err(Error::Input(_))));
     // Text calls without a tokenizer say so.
-    let req = aios_core::TextRequest { prompt: "hi".into(), suffix: None, length: 8, sampler: opts };
+    let req = aios_core::TextRequest {
+        prompt: "hi".into(),
+        suffix: None,
+        length: 8,
+        sampler: opts,
+        memory: Default::default(),
+    };
     assert!(matches!(e.generate_text(&req, &mut |_| {}), Err(Error::Tokenizer(_))));
     assert!(matches!(Engine::open(dir.path().join("nope"), &EngineOptions::default()), Err(Error::Io { .. })));
     assert!(matches!(

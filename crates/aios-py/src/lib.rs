@@ -13,7 +13,7 @@ use aios_core::model::Modality;
 use aios_core::quant::{self, MatmulMode};
 use aios_core::sampler::continuous::ContinuousSampler;
 use aios_core::sampler::{SamplerOptions, Strategy};
-use aios_core::{Engine as CoreEngine, EngineOptions, Error, TextRequest};
+use aios_core::{Engine as CoreEngine, EngineOptions, Error, MemorySource, TextRequest};
 mod memory;
 
 use pyo3::prelude::*;
@@ -207,8 +207,47 @@ struct Generation {
     /// The generated modalities, e.g. ["text", "image"].
     #[pyo3(get)]
     modalities: Vec<&'static str>,
+    /// How unsure the model was, one number (text generations; None otherwise).
+    #[pyo3(get)]
+    uncertainty: Option<f64>,
+    /// Per canvas position: 1 - p(committed token) at commit, 0 for given tokens.
+    #[pyo3(get)]
+    token_uncertainty: Option<Vec<f32>>,
+    /// The components of `uncertainty` (entropy, surprisal, changes, lateness, nll).
+    #[pyo3(get)]
+    uncertainty_parts: Option<HashMap<String, f64>>,
+    /// `uncertainty` above the model's calibrated threshold (None: no calibration).
+    #[pyo3(get)]
+    should_evolve: Option<bool>,
+    /// The memories that conditioned this generation, most relevant first.
+    #[pyo3(get)]
+    memories: Vec<UsedMemory>,
+    /// Canvas positions in front of the prompt that hold the memories.
+    #[pyo3(get)]
+    memory_tokens: usize,
     image: Option<aios_core::engine::ImageOut>,
     audio: Option<aios_core::engine::AudioOut>,
+}
+
+/// A memory that conditioned a generation.
+#[pyclass(frozen, module = "aios_rt", get_all)]
+#[derive(Clone)]
+struct UsedMemory {
+    /// Its id in the store (None for memories passed in `memories=`).
+    id: Option<u64>,
+    /// Cosine similarity to the prompt (None for memories passed in).
+    score: Option<f32>,
+    text: String,
+    /// How many of its tokens fitted on the canvas.
+    tokens: usize,
+}
+
+#[pymethods]
+impl UsedMemory {
+    fn __repr__(&self) -> String {
+        let score = self.score.map_or("None".to_string(), |s| format!("{s:.3}"));
+        format!("UsedMemory(id={:?}, score={score}, tokens={}, text={:?})", self.id, self.tokens, self.text)
+    }
 }
 
 /// A numpy array of `bytes` read as `dtype`, reshaped to `shape` (a writable copy).
@@ -282,7 +321,25 @@ impl From<aios_core::Generation> for Generation {
             ("decode_ms".to_string(), t.decode_ms),
             ("total_ms".to_string(), t.total_ms),
         ]);
+        let u = g.uncertainty;
+        let parts = u.as_ref().map(|u| {
+            aios_core::sampler::uncertainty::COMPONENTS
+                .iter()
+                .zip(u.parts.values())
+                .filter_map(|(n, v)| v.map(|v| (n.to_string(), v)))
+                .collect()
+        });
         Generation {
+            memories: g
+                .memories
+                .into_iter()
+                .map(|m| UsedMemory { id: m.id, score: m.score, text: m.text, tokens: m.tokens })
+                .collect(),
+            memory_tokens: g.memory_tokens,
+            uncertainty: u.as_ref().map(|u| u.scalar),
+            should_evolve: u.as_ref().and_then(|u| u.should_evolve),
+            uncertainty_parts: parts,
+            token_uncertainty: u.map(|u| u.token),
             text: g.text,
             tokens: g.tokens,
             confidence: g.confidence,
@@ -422,6 +479,7 @@ fn sampler_options(
     temperature: f64,
     top_p: f64,
     threshold: f64,
+    likelihood_samples: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<SamplerOptions> {
     let o = SamplerOptions {
         strategy,
@@ -437,28 +495,61 @@ fn sampler_options(
                 s.extract::<u64>().map_err(|_| input_error(format!("seed must be an integer in 0..2^64, got {s}")))?
             }
         },
+        likelihood_samples: count_or(
+            likelihood_samples,
+            aios_core::sampler::uncertainty::DEFAULT_LIKELIHOOD_SAMPLES,
+            "likelihood_samples",
+        )?,
     };
     o.validate().map_err(to_py)?;
     Ok(o)
 }
 
+/// The core store behind an `aios_rt.MemoryStore` (or its native object).
+fn memory_store(v: Option<&Bound<'_, PyAny>>) -> PyResult<Option<std::sync::Arc<aios_core::memory::MemoryStore>>> {
+    let Some(v) = v.filter(|v| !v.is_none()) else { return Ok(None) };
+    let native = if v.hasattr("_native")? { v.getattr("_native")? } else { v.clone() };
+    let store = native
+        .cast::<memory::MemoryStore>()
+        .map_err(|_| input_error(format!("memory must be an aios_rt.MemoryStore, got {}", v.get_type())))?;
+    Ok(Some(store.get().inner.clone()))
+}
+
 #[pymethods]
 impl Engine {
     #[new]
-    #[pyo3(signature = (path, threads=None, dtype=None, matmul="auto"))]
+    #[pyo3(signature = (path, threads=None, dtype=None, matmul="auto", memory=None))]
     fn new(
         py: Python<'_>,
         path: PyPath,
         threads: Option<&Bound<'_, PyAny>>,
         dtype: Option<&str>,
         matmul: &str,
+        memory: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        let store = memory_store(memory)?;
         let threads = opt_count(threads, "threads")?;
         let matmul = MatmulMode::parse(matmul).ok_or_else(|| {
             input_error(format!("unknown matmul mode {matmul:?}; use auto, int8, dequantize or quantized"))
         })?;
         let opts = EngineOptions { threads, dtype: dtype.map(parse_dtype).transpose()?, matmul };
-        Ok(Engine { inner: run(py, || CoreEngine::open(&path, &opts))? })
+        let inner = run(py, || CoreEngine::open(&path, &opts))?;
+        inner.set_memory(store);
+        Ok(Engine { inner })
+    }
+
+    /// Attaches the `aios_rt.MemoryStore` that `diffuse(memory_k=...)` searches
+    /// (None detaches it). Generations already running keep the old one.
+    #[pyo3(signature = (memory))]
+    fn set_memory(&self, memory: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        self.inner.set_memory(memory_store(memory)?);
+        Ok(())
+    }
+
+    /// Whether a memory store is attached.
+    #[getter]
+    fn has_memory(&self) -> bool {
+        self.inner.memory().is_some()
     }
 
     /// Generates from a prompt. `modality` is what to generate: "text",
@@ -469,10 +560,15 @@ impl Engine {
     /// floats in [0, 1]; a float waveform at the model's sample rate); with a
     /// mask (true = known) they are inpainted, without one they condition
     /// (captioning). `text_length` sizes the text segment of a media canvas.
+    /// Text only: `memory_k` conditions on the top-k memories of the engine's
+    /// store for the prompt, `memories` on given texts (`g.memories` lists
+    /// them); `g.uncertainty` / `g.should_evolve` report how unsure the model
+    /// was, with `likelihood_samples` extra forward passes (default 4).
     #[pyo3(signature = (prompt="", modality=Modalities(vec![Modality::Text]), length=None, steps=None,
                         sampler=SamplerChoice::Text(Strategy::Confidence), seed=None, block_length=None,
                         guidance=0.0, temperature=1.0, top_p=1.0, threshold=0.9, suffix=None, image=None, image_mask=None, audio=None,
-                        audio_mask=None, text_length=None, eta=0.0))]
+                        audio_mask=None, text_length=None, eta=0.0, likelihood_samples=None, memory_k=None,
+                        memories=None))]
     #[allow(clippy::too_many_arguments)]
     fn diffuse(
         &self,
@@ -495,25 +591,50 @@ impl Engine {
         audio_mask: Option<&Bound<'_, PyAny>>,
         text_length: Option<&Bound<'_, PyAny>>,
         eta: f64,
+        likelihood_samples: Option<&Bound<'_, PyAny>>,
+        memory_k: Option<&Bound<'_, PyAny>>,
+        memories: Option<Vec<String>>,
     ) -> PyResult<Generation> {
         let (strategy, continuous) = match sampler {
             SamplerChoice::Text(s) => (s, ContinuousSampler::Ddim),
             SamplerChoice::Continuous(c) => (Strategy::Confidence, c),
         };
-        let sampler = sampler_options(strategy, steps, seed, block_length, guidance, temperature, top_p, threshold)?;
+        let sampler = sampler_options(
+            strategy,
+            steps,
+            seed,
+            block_length,
+            guidance,
+            temperature,
+            top_p,
+            threshold,
+            likelihood_samples,
+        )?;
         let image = image.filter(|v| !v.is_none());
         let audio = audio.filter(|v| !v.is_none());
         if modality.0 == [Modality::Text] && image.is_none() && audio.is_none() {
             if image_mask.is_some_and(|m| !m.is_none()) || audio_mask.is_some_and(|m| !m.is_none()) {
                 return Err(input_error("a mask needs the image or audio it belongs to"));
             }
+            let memory = match (opt_count(memory_k, "memory_k")?, memories) {
+                (Some(_), Some(_)) => {
+                    return Err(input_error("pass memory_k (search the store) or memories, not both"))
+                }
+                (Some(k), None) => MemorySource::Search { k },
+                (None, Some(m)) => MemorySource::Given(m),
+                (None, None) => MemorySource::None,
+            };
             let req = TextRequest {
                 prompt: prompt.to_string(),
                 suffix,
                 length: count_or(length, DEFAULT_LENGTH, "length")?,
                 sampler,
+                memory,
             };
             return Ok(run(py, || self.inner.generate_text(&req, &mut |_| {}))?.into());
+        }
+        if memory_k.is_some_and(|m| !m.is_none()) || memories.is_some() {
+            return Err(input_error("memories condition text-only generation"));
         }
         if suffix.is_some() {
             return Err(input_error("suffix is for text-only generation"));
@@ -550,7 +671,7 @@ impl Engine {
     /// Generates on a token canvas: every `mask_token_id` is filled, all other
     /// tokens are kept (infilling anywhere).
     #[pyo3(signature = (tokens, steps=None, sampler="confidence", seed=None, block_length=None, guidance=0.0,
-                        temperature=1.0, top_p=1.0, threshold=0.9))]
+                        temperature=1.0, top_p=1.0, threshold=0.9, likelihood_samples=None))]
     #[allow(clippy::too_many_arguments)]
     fn diffuse_tokens(
         &self,
@@ -564,9 +685,20 @@ impl Engine {
         temperature: f64,
         top_p: f64,
         threshold: f64,
+        likelihood_samples: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Generation> {
         let strategy = Strategy::parse(sampler).map_err(to_py)?;
-        let opts = sampler_options(strategy, steps, seed, block_length, guidance, temperature, top_p, threshold)?;
+        let opts = sampler_options(
+            strategy,
+            steps,
+            seed,
+            block_length,
+            guidance,
+            temperature,
+            top_p,
+            threshold,
+            likelihood_samples,
+        )?;
         let tokens = token_ids(tokens)?;
         let mut g = run(py, || self.inner.generate_tokens(tokens, &opts, &mut |_| {}))?;
         if let Ok(text) = self.inner.decode(&g.tokens) {
@@ -845,6 +977,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<Engine>()?;
     m.add_class::<Generation>()?;
+    m.add_class::<UsedMemory>()?;
     m.add_class::<memory::MemoryStore>()?;
     m.add_class::<memory::Embedder>()?;
     m.add_function(wrap_pyfunction!(quantize, m)?)?;

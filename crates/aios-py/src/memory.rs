@@ -22,7 +22,8 @@ fn parse_filter(filter: Option<&str>) -> PyResult<Option<Filter>> {
 
 #[pyclass(frozen, module = "aios_rt._native")]
 pub struct MemoryStore {
-    inner: core::MemoryStore,
+    /// Shared with the engines that search it.
+    pub(crate) inner: std::sync::Arc<core::MemoryStore>,
 }
 
 #[pymethods]
@@ -45,7 +46,7 @@ impl MemoryStore {
             threads: opt_count(threads, "threads")?,
             recover,
         };
-        run(py, || core::MemoryStore::open(&path, opts)).map(|inner| MemoryStore { inner })
+        run(py, || core::MemoryStore::open(&path, opts)).map(|inner| MemoryStore { inner: std::sync::Arc::new(inner) })
     }
 
     /// Adds memories; `vectors` is row-major little-endian f32 bytes or None.

@@ -12,11 +12,12 @@ use std::process::ExitCode;
 use aios_core::engine::{save_output, GivenAudio, GivenImage, MediaRequest};
 use aios_core::format::DType;
 use aios_core::media::read_png_gray;
+use aios_core::memory::{MemoryStore, StoreOptions};
 use aios_core::model::Modality;
 use aios_core::quant::{quantize_file, MatmulMode};
 use aios_core::sampler::continuous::ContinuousSampler;
 use aios_core::sampler::{SamplerOptions, Strategy};
-use aios_core::{Engine, EngineOptions, Error, TextRequest};
+use aios_core::{Engine, EngineOptions, Error, MemorySource, TextRequest};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -110,6 +111,9 @@ struct GenerateArgs {
     /// Confidence threshold of the threshold sampler.
     #[arg(long, default_value_t = 0.9)]
     threshold: f64,
+    /// Extra forward passes estimating the output's likelihood for the uncertainty report (0 = skip).
+    #[arg(long, default_value_t = aios_core::sampler::uncertainty::DEFAULT_LIKELIHOOD_SAMPLES)]
+    likelihood_samples: usize,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -122,6 +126,16 @@ struct GenerateArgs {
     /// LoRA adapter to apply, `PATH` or `PATH:WEIGHT` (default weight 1.0); repeat to mix several.
     #[arg(long = "adapter", value_name = "PATH[:WEIGHT]")]
     adapters: Vec<String>,
+    /// A memory store folder (see `aios-run memory`): its memories closest to
+    /// the prompt condition the text (how many: `--memory-k`).
+    #[arg(long)]
+    memory: Option<PathBuf>,
+    /// How many memories of `--memory` to condition on.
+    #[arg(long = "memory-k", short = 'k', default_value_t = 3)]
+    memory_k: usize,
+    /// all-MiniLM-L6-v2 folder for `--memory` (default: $AIOS_EMBEDDER).
+    #[arg(long)]
+    embedder: Option<PathBuf>,
     /// Hide the progress bar.
     #[arg(long, short)]
     quiet: bool,
@@ -323,6 +337,7 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
         guidance: a.guidance,
         threshold: a.threshold,
         seed: a.seed,
+        likelihood_samples: a.likelihood_samples,
     };
     sampler.validate()?;
     let adapters = a.adapters.iter().map(|s| parse_adapter(s)).collect::<Result<Vec<_>, _>>()?;
@@ -331,12 +346,27 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
         engine.load_adapter(path, &format!("adapter{i}"), Some(*weight))?;
     }
     if a.modality != [ModalityArg::Text] || a.image.is_some() || a.audio.is_some() || a.image_mask.is_some() {
+        if a.memory.is_some() {
+            return Err(Error::Input("--memory conditions text-only generation".into()));
+        }
         return media_generate(a, engine, sampler, continuous);
     }
     if a.out.is_some() {
         return Err(Error::Input("--out is for image/audio outputs; text goes to stdout".into()));
     }
-    let req = TextRequest { prompt: a.prompt, suffix: a.suffix, length: a.length, sampler };
+    let memory = match &a.memory {
+        Some(dir) => {
+            let embedder = a
+                .embedder
+                .clone()
+                .or_else(|| std::env::var_os("AIOS_EMBEDDER").filter(|v| !v.is_empty()).map(PathBuf::from));
+            let opts = StoreOptions { read_only: true, embedder, threads: a.threads, ..Default::default() };
+            engine.set_memory(Some(std::sync::Arc::new(MemoryStore::open(dir, opts)?)));
+            MemorySource::Search { k: a.memory_k }
+        }
+        None => MemorySource::None,
+    };
+    let req = TextRequest { prompt: a.prompt, suffix: a.suffix, length: a.length, sampler, memory };
     let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(req.sampler.steps as u64) };
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{bar:30}] step {pos}/{len} {msg} ({elapsed})")
@@ -350,11 +380,29 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
     bar.finish_and_clear();
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{}", g.text);
+    if !a.quiet {
+        for m in &g.memories {
+            let score = m.score.map_or(String::new(), |s| format!(" score {s:.3}"));
+            eprintln!("memory {}{score} ({} tokens): {}", m.id.map_or("-".into(), |i| i.to_string()), m.tokens, m.text);
+        }
+    }
     let generated: Vec<f32> = g.confidence.iter().zip(&g.given).filter(|(_, &gv)| !gv).map(|(c, _)| *c).collect();
     let mean_conf = generated.iter().sum::<f32>() / generated.len().max(1) as f32;
     if !a.quiet {
+        let uncertainty = match &g.uncertainty {
+            Some(u) => format!(
+                ", uncertainty {:.3}{}",
+                u.scalar,
+                match u.should_evolve {
+                    Some(true) => " (above the model's threshold: evolve)",
+                    Some(false) => " (within the model's threshold)",
+                    None => " (uncalibrated)",
+                }
+            ),
+            None => String::new(),
+        };
         eprintln!(
-            "{} tokens, {} steps, {} forward passes, {:.1} ms ({:.1} ms forward), mean confidence {:.3}",
+            "{} tokens, {} steps, {} forward passes, {:.1} ms ({:.1} ms forward), mean confidence {:.3}{uncertainty}",
             generated.len(),
             g.steps_run,
             g.forward_passes,

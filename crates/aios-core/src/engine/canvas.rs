@@ -472,6 +472,10 @@ impl Engine {
             image,
             audio,
             modalities,
+            // Calibrated on text-only generations; a caption's is not comparable.
+            uncertainty: None,
+            memories: vec![],
+            memory_tokens: 0,
         })
     }
 }

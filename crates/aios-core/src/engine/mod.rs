@@ -15,8 +15,11 @@ use std::time::Instant;
 use crate::adapter::{ActiveLora, LoraAdapter};
 use crate::error::{Error, Result};
 use crate::format::{DType, WeightFile};
+use crate::memory::store::Query;
+use crate::memory::{MemoryStore, Precision};
 use crate::model::{Dit, ModelConfig};
 use crate::quant::MatmulMode;
+use crate::sampler::uncertainty::{self, Calibration, Uncertainty};
 use crate::sampler::{self, Denoiser, Progress, SamplerOptions};
 
 /// How to open a model.
@@ -36,9 +39,37 @@ pub struct TextRequest {
     pub prompt: String,
     /// Optional text fixed at the end of the canvas (infilling between them).
     pub suffix: Option<String>,
-    /// Total canvas length in tokens, prompt and suffix included.
+    /// Total canvas length in tokens, prompt and suffix included (memories
+    /// come on top, in front of it).
     pub length: usize,
     pub sampler: SamplerOptions,
+    /// Memories that condition the generation.
+    pub memory: MemorySource,
+}
+
+/// Where a text generation's memories come from.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum MemorySource {
+    #[default]
+    None,
+    /// The top `k` of the engine's memory store for the prompt (cosine of
+    /// MiniLM embeddings); a store with fewer memories gives all it has.
+    Search { k: usize },
+    /// These texts, most relevant first.
+    Given(Vec<String>),
+}
+
+/// A memory that conditioned a generation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UsedMemory {
+    /// Its id in the store (None for memories passed by the caller).
+    pub id: Option<u64>,
+    /// Cosine similarity to the prompt (None for memories passed by the caller).
+    pub score: Option<f32>,
+    pub text: String,
+    /// How many of its tokens fitted on the canvas (it is cut at the end if
+    /// the memories together exceed the room left by `length`).
+    pub tokens: usize,
 }
 
 /// A validated [`TextRequest`]: the canvas, how much of it is the prompt
@@ -116,6 +147,12 @@ pub struct Generation {
     pub audio: Option<AudioOut>,
     /// The modalities generated (text only for the text API).
     pub modalities: Vec<crate::model::Modality>,
+    /// How unsure the model was (text generations; see `sampler::uncertainty`).
+    pub uncertainty: Option<Uncertainty>,
+    /// The memories that conditioned it, most relevant first.
+    pub memories: Vec<UsedMemory>,
+    /// Canvas positions in front of the prompt that hold those memories.
+    pub memory_tokens: usize,
 }
 
 /// Summary of a loaded model for `aios-run info` and `Engine.info`.
@@ -164,6 +201,10 @@ pub struct Engine {
     tokenizer_path: PathBuf,
     pool: crate::threads::Pool,
     info: ModelInfo,
+    /// The model's `uncertainty.json`, if it has one.
+    calibration: Option<Calibration>,
+    /// The memory store `MemorySource::Search` reads.
+    memory: RwLock<Option<Arc<MemoryStore>>>,
 }
 
 /// Resolves a model folder or file to the weight file to load.
@@ -238,6 +279,7 @@ impl Engine {
                 )));
             }
         }
+        let calibration = Calibration::load(&dir.join(uncertainty::CALIBRATION_FILE))?;
         let info = ModelInfo { path: weights, config, file_bytes: file.file_bytes, dtypes, backbone_params, heads };
         let fingerprint = file.metadata.get("aios.fingerprint").cloned();
         let current = RwLock::new(Arc::new(Runtime { model: Arc::new(model), lora: ActiveLora::empty() }));
@@ -250,7 +292,80 @@ impl Engine {
             tokenizer_path,
             pool,
             info,
+            calibration,
+            memory: RwLock::new(None),
         })
+    }
+
+    /// Attaches (or with None detaches) the memory store that
+    /// `MemorySource::Search` reads; generations already running keep theirs.
+    pub fn set_memory(&self, store: Option<Arc<MemoryStore>>) {
+        *self.memory.write().unwrap_or_else(|e| e.into_inner()) = store;
+    }
+
+    pub fn memory(&self) -> Option<Arc<MemoryStore>> {
+        self.memory.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The memories `source` names for `prompt`.
+    pub fn recall(&self, prompt: &str, source: &MemorySource) -> Result<Vec<UsedMemory>> {
+        match source {
+            MemorySource::None => Ok(vec![]),
+            MemorySource::Given(texts) => {
+                if texts.iter().any(|t| t.trim().is_empty()) {
+                    return crate::input_err!("a given memory is empty");
+                }
+                Ok(texts.iter().map(|t| UsedMemory { id: None, score: None, text: t.clone(), tokens: 0 }).collect())
+            }
+            MemorySource::Search { k } => {
+                if *k == 0 {
+                    return crate::input_err!("memory_k must be at least 1 (leave it out for no memories)");
+                }
+                let Some(store) = self.memory() else {
+                    return crate::input_err!("memory_k needs a memory store; open the engine with one");
+                };
+                if prompt.trim().is_empty() {
+                    return crate::input_err!("memory search needs a prompt to search with");
+                }
+                if store.is_empty() {
+                    return Ok(vec![]);
+                }
+                let hits = store.search(Query::Text(prompt), *k, Precision::F32, None)?;
+                Ok(hits
+                    .into_iter()
+                    .map(|h| UsedMemory { id: Some(h.id), score: Some(h.score), text: h.text, tokens: 0 })
+                    .collect())
+            }
+        }
+    }
+
+    /// The memory segment of a canvas: `[BOS] memory [EOS]` per memory, most
+    /// relevant first, within `room` tokens (the last one that fits is cut,
+    /// the rest dropped). Sets each memory's `tokens`; drops those with none.
+    fn memory_segment(&self, memories: &mut Vec<UsedMemory>, room: usize) -> Result<Vec<u32>> {
+        let cfg = &self.config;
+        let mut seg = vec![];
+        for m in memories.iter_mut() {
+            let mut ids = vec![cfg.bos_token_id];
+            ids.extend(self.encode(&m.text)?);
+            ids.push(cfg.eos_token_id);
+            // The mask id inside a memory would be generated over: refuse it.
+            if ids.contains(&cfg.mask_token_id) {
+                return crate::input_err!("a memory contains the mask token");
+            }
+            let take = ids.len().min(room - seg.len());
+            if take < 2 {
+                break; // not even one of its tokens fits after BOS
+            }
+            m.tokens = take - 1; // BOS is not the memory's
+            seg.extend(&ids[..take]);
+        }
+        memories.retain(|m| m.tokens > 0);
+        Ok(seg)
+    }
+    /// The uncertainty calibration loaded with the model (`uncertainty.json`).
+    pub fn calibration(&self) -> Option<&Calibration> {
+        self.calibration.as_ref()
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -407,18 +522,33 @@ impl Engine {
     pub fn generate_text(&self, req: &TextRequest, on_step: &mut (dyn FnMut(Progress) + Send)) -> Result<Generation> {
         let t_start = Instant::now();
         let cfg = &self.config;
-        let TextPlan { canvas, prefix_len: prefix, suffix } = req.plan(self)?;
+        let TextPlan { canvas, prefix_len, suffix } = req.plan(self)?;
+        let mut memories = self.recall(&req.prompt, &req.memory)?;
+        let room = cfg.max_length - req.length;
+        if !memories.is_empty() && room < 3 {
+            return crate::input_err!(
+                "length {} leaves no room for memories on the model's {}-token canvas; lower length",
+                req.length,
+                cfg.max_length
+            );
+        }
+        let mut full = self.memory_segment(&mut memories, room)?;
+        let mem_len = full.len();
+        full.extend(canvas);
         let tokenize_ms = t_start.elapsed().as_secs_f64() * 1e3;
-        let mut generation = self.generate_tokens(canvas, &req.sampler, on_step)?;
+        let mut generation = self.generate_tokens(full, &req.sampler, on_step)?;
+        generation.memories = memories;
+        generation.memory_tokens = mem_len;
+        let prefix = mem_len + prefix_len;
         let t_dec = Instant::now();
         // Cut the generated span at its first end-of-sequence (what follows is
         // a new document in the training format), but keep a caller's suffix.
-        let gen_end = req.length - suffix.len();
+        let gen_end = mem_len + req.length - suffix.len();
         let cut = generation.tokens[prefix..gen_end]
             .iter()
             .position(|&t| t == cfg.eos_token_id)
             .map_or(gen_end, |p| p + prefix);
-        let mut shown = generation.tokens[..cut].to_vec();
+        let mut shown = generation.tokens[mem_len..cut].to_vec();
         shown.extend(&generation.tokens[gen_end..]);
         generation.text = self.decode(&shown)?;
         generation.timings.tokenize_ms = tokenize_ms;
@@ -450,7 +580,19 @@ impl Engine {
         // apply to the next generation, never halfway through this one.
         let rt = self.snapshot();
         let den = ModelDenoiser { rt: &rt };
-        let s = self.pool.install(|| sampler::sample(&den, canvas, opts, on_step))?;
+        let (s, nll) = self
+            .pool
+            .install(|| -> Result<_> {
+                let s = sampler::sample(&den, canvas, opts, on_step)?;
+                let t = Instant::now();
+                let nll = uncertainty::likelihood(&den, &s.tokens, &given, opts.likelihood_samples, opts.seed)?;
+                Ok((s, nll, t.elapsed().as_secs_f64() * 1e3))
+            })
+            .map(|(mut s, nll, ms)| {
+                s.forward_ms += ms;
+                (s, nll)
+            })?;
+        let uncertainty = uncertainty::summarize(&s, &given, nll, self.calibration.as_ref());
         Ok(Generation {
             text: String::new(),
             tokens: s.tokens,
@@ -469,6 +611,9 @@ impl Engine {
             image: None,
             audio: None,
             modalities: vec![crate::model::Modality::Text],
+            uncertainty,
+            memories: vec![],
+            memory_tokens: 0,
         })
     }
 }

@@ -8,9 +8,11 @@
 pub mod continuous;
 pub mod rng;
 mod scores;
+pub mod uncertainty;
 
 pub use rng::Stream;
 pub use scores::{score_row, PositionScore};
+pub use uncertainty::{Calibration, Uncertainty, UncertaintyParts};
 
 use std::time::Instant;
 
@@ -71,6 +73,9 @@ pub struct SamplerOptions {
     /// Confidence threshold for [`Strategy::Threshold`].
     pub threshold: f64,
     pub seed: u64,
+    /// Forward passes spent after sampling on the masked-diffusion likelihood
+    /// of the output (part of the uncertainty estimate; 0 = skip it).
+    pub likelihood_samples: usize,
 }
 
 impl Default for SamplerOptions {
@@ -84,6 +89,7 @@ impl Default for SamplerOptions {
             guidance: 0.0,
             threshold: 0.9,
             seed: 0,
+            likelihood_samples: uncertainty::DEFAULT_LIKELIHOOD_SAMPLES,
         }
     }
 }
@@ -109,6 +115,13 @@ impl SamplerOptions {
         }
         if self.block_length == Some(0) {
             return crate::input_err!("block_length must be >= 1");
+        }
+        if self.likelihood_samples > uncertainty::MAX_LIKELIHOOD_SAMPLES {
+            return crate::input_err!(
+                "likelihood_samples must be in 0..={}, got {}",
+                uncertainty::MAX_LIKELIHOOD_SAMPLES,
+                self.likelihood_samples
+            );
         }
         Ok(())
     }
@@ -147,6 +160,11 @@ pub struct Sampled {
     pub entropy: Vec<f32>,
     /// Step at which each token was committed (None for given tokens).
     pub commit_step: Vec<Option<u32>>,
+    /// How often the model's top prediction for each position changed from
+    /// one forward pass to the next while it was still masked.
+    pub changes: Vec<u32>,
+    /// The step of the last such change (None: it never changed).
+    pub last_change: Vec<Option<u32>>,
     /// Sampler steps executed.
     pub steps_run: usize,
     /// Forward passes actually run (fewer than steps with the ancestral cache).
@@ -197,8 +215,12 @@ pub fn sample(
         confidence: given.iter().map(|&g| if g { 1.0 } else { f32::NAN }).collect(),
         entropy: vec![0.0; len],
         commit_step: vec![None; len],
+        changes: vec![0; len],
+        last_change: vec![None; len],
         ..Default::default()
     };
+    // The top prediction of each masked position at the last forward pass.
+    let mut last_top: Vec<Option<u32>> = vec![None; len];
     let step_alloc = commit_schedule(opts.steps, blocks.len());
     let mut global_step = 0usize;
     let mut cache: Option<Vec<f32>> = None;
@@ -234,6 +256,13 @@ pub fn sample(
             })
             .into_iter()
             .collect::<Result<_>>()?;
+            for &(i, sc) in &scored {
+                if last_top[i].is_some_and(|t| t != sc.top) {
+                    out.changes[i] += 1;
+                    out.last_change[i] = Some(global_step as u32);
+                }
+                last_top[i] = Some(sc.top);
+            }
             let commits = choose(opts, &scored, s, block_steps, scheduled, global_step)?;
             for &(i, sc) in &commits {
                 out.tokens[i] = sc.token;

@@ -15,6 +15,8 @@ pub struct PositionScore {
     pub entropy: f32,
     /// Top-1 minus top-2 probability.
     pub margin: f32,
+    /// The most probable token (the model's current prediction, whatever was drawn).
+    pub top: u32,
 }
 
 /// Scores one row of logits. Returns `None` if the row has no finite logit
@@ -106,6 +108,7 @@ pub fn score_row(row: &[f32], mask_id: u32, temperature: f64, top_p: f64, rng: &
         prob: (exps[best] as f64 / sum) as f32,
         entropy: entropy.max(0.0) as f32,
         margin: (p1 - p2) as f32,
+        top: i1 as u32,
     })
 }
 

@@ -189,3 +189,108 @@ fn schedule_sums_to_n() {
         }
     }
 }
+
+/// Logits that ignore the canvas: row v of position i is `(v * (i + 1)) % 7`.
+struct Fixed;
+
+impl Denoiser for Fixed {
+    fn vocab_size(&self) -> usize {
+        8
+    }
+    fn mask_id(&self) -> u32 {
+        0
+    }
+    fn logits(&self, canvases: &[Vec<u32>], _t: f64, positions: &[usize]) -> Result<Vec<f32>> {
+        Ok(canvases
+            .iter()
+            .flat_map(|_| positions.iter().flat_map(|&i| (0..8).map(move |v| ((v * (i + 1)) % 7) as f32)))
+            .collect())
+    }
+    fn time_conditioned(&self) -> bool {
+        false
+    }
+}
+
+#[test]
+fn likelihood_estimate_is_the_nll_for_a_context_free_model() {
+    // With logits independent of the canvas, the masked-diffusion bound is
+    // exactly the sum of -ln p(token) (E_t[1/t * P(masked | t)] = 1), so the
+    // estimate must converge to it; given positions do not count.
+    let tokens: Vec<u32> = (0..12).map(|i| 1 + (i * 5) % 7).collect();
+    let given: Vec<bool> = (0..12).map(|i| i < 3).collect();
+    let mut truth = 0.0;
+    for (i, &tok) in tokens.iter().enumerate().skip(3) {
+        let row: Vec<f64> = (1..8).map(|v| ((v * (i + 1)) % 7) as f64).collect();
+        let lse = row.iter().map(|x| x.exp()).sum::<f64>().ln();
+        truth += lse - ((tok as usize * (i + 1)) % 7) as f64;
+    }
+    truth /= 9.0;
+    let est = uncertainty::likelihood(&Fixed, &tokens, &given, 256, 7).unwrap().unwrap();
+    assert!((est - truth).abs() < 0.05 * truth, "estimate {est} vs exact {truth}");
+    // Deterministic per seed; nothing generated or no samples: no estimate.
+    assert_eq!(uncertainty::likelihood(&Fixed, &tokens, &given, 256, 7).unwrap(), Some(est));
+    assert_eq!(uncertainty::likelihood(&Fixed, &tokens, &[true; 12], 4, 7).unwrap(), None);
+    assert_eq!(uncertainty::likelihood(&Fixed, &tokens, &given, 0, 7).unwrap(), None);
+}
+
+#[test]
+fn trajectory_records_prediction_changes_and_uncertainty() {
+    // The hashing stub's predictions move whenever the canvas changes, so a
+    // multi-step generation sees changes; a canvas-independent model none.
+    let o = opts(Strategy::Confidence);
+    let s = sample(&Stub::new(11, 3.0), canvas(), &o, &mut |_| {}).unwrap();
+    let given: Vec<bool> = canvas().iter().map(|&t| t != 0).collect();
+    assert!(s.changes.iter().sum::<u32>() > 0);
+    for (i, &g) in given.iter().enumerate() {
+        if g {
+            assert_eq!((s.changes[i], s.last_change[i]), (0, None));
+        } else if let Some(l) = s.last_change[i] {
+            assert!(l <= s.commit_step[i].unwrap(), "a change after commit at {i}");
+        }
+    }
+    let fixed = sample(&Fixed, vec![0; 10], &o, &mut |_| {}).unwrap();
+    assert!(fixed.changes.iter().all(|&c| c == 0));
+    let u = uncertainty::summarize(&s, &given, Some(1.5), None).unwrap();
+    assert_eq!(u.token.len(), 16);
+    assert!(given.iter().zip(&u.token).all(|(&g, &t)| !g || t == 0.0));
+    assert!(u.parts.changes > 0.0 && u.parts.lateness > 0.0 && u.parts.lateness <= 1.0);
+    assert_eq!(u.should_evolve, None);
+    // Uncalibrated: the plain mean of the five components.
+    let p = u.parts;
+    let mean = (p.entropy + p.surprisal + p.changes + p.lateness + 1.5) / 5.0;
+    assert!((u.scalar - mean).abs() < 1e-12);
+    // Calibrated: standardised, weighted, and a verdict at the threshold.
+    let cal = Calibration {
+        mean: [p.entropy, 0.0, 0.0, 0.0, 0.0],
+        std: [1.0; 5],
+        weight: [1.0, 0.0, 0.0, 0.0, 0.0],
+        threshold: -0.5,
+    };
+    let c = uncertainty::summarize(&s, &given, Some(1.5), Some(&cal)).unwrap();
+    assert!(c.scalar.abs() < 1e-12);
+    assert_eq!(c.should_evolve, Some(true));
+    assert!(uncertainty::summarize(&s, &[true; 16], None, None).is_none());
+}
+
+#[test]
+fn calibration_files_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("uncertainty.json");
+    assert_eq!(Calibration::load(&p).unwrap(), None);
+    let good = r#"{"components": {"nll": {"mean": 4.0, "std": 0.5, "weight": 1.0}}, "threshold": 1.2}"#;
+    std::fs::write(&p, good).unwrap();
+    let c = Calibration::load(&p).unwrap().unwrap();
+    assert_eq!((c.mean[4], c.std[4], c.weight[4], c.threshold), (4.0, 0.5, 1.0, 1.2));
+    assert_eq!(c.weight[0], 0.0);
+    for bad in [
+        "not json",
+        r#"{"components": {"nll": {"mean": 4.0, "std": 0.0, "weight": 1.0}}, "threshold": 1.2}"#,
+        r#"{"components": {"fog": {"mean": 4.0, "std": 1.0, "weight": 1.0}}, "threshold": 1.2}"#,
+        r#"{"components": {"nll": {"mean": 4.0, "std": 1.0, "weight": 0.0}}, "threshold": 1.2}"#,
+        r#"{"components": {}, "threshold": 1.2}"#,
+    ] {
+        std::fs::write(&p, bad).unwrap();
+        let e = Calibration::load(&p).unwrap_err();
+        assert!(matches!(e, Error::Format { .. }), "{bad}: {e}");
+    }
+}
