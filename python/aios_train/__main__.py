@@ -58,6 +58,20 @@ def cmd_train_unified(a) -> None:
     print(json.dumps({k: r[k] for k in ("steps", "stopped_early")}))
 
 
+def cmd_calibrate_uncertainty(a) -> None:
+    from .tokenizer import load_tokenizer
+    from .uncertainty import InfillTask, calibrate
+    from .windows import windows_from_jsonl
+
+    task = InfillTask(steps=a.steps)
+    tok = load_tokenizer(Path(a.model) / "tokenizer.json")
+    windows = windows_from_jsonl(a.data, tok, task.length + 1)
+    if len(windows) < a.windows:
+        raise SystemExit(f"{a.data}: {len(windows)} windows of {task.length + 1} tokens, fewer than --windows {a.windows}")
+    cal = calibrate(a.model, windows[: a.windows], task, a.quantile, a.threads, source=f"{a.data}, first {a.windows} windows")
+    print(json.dumps(cal, indent=2))
+
+
 def cmd_tokenizer(a) -> None:
     from .tokenizer import train_tokenizer
     tok = train_tokenizer(a.train, a.out, vocab_size=a.vocab_size, min_frequency=a.min_frequency)
@@ -184,6 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--ckpt-every", type=int, default=100)
     s.add_argument("--time-limit-min", type=float, default=None)
     s.set_defaults(fn=cmd_train_unified)
+
+    s = sub.add_parser("calibrate-uncertainty",
+                       help="fit the runtime's uncertainty scale and should_evolve threshold -> <model>/uncertainty.json")
+    s.add_argument("--model", required=True, help="model folder")
+    s.add_argument("--data", default="data/corpus/valid.jsonl", help="held-out in-domain text (jsonl)")
+    s.add_argument("--windows", type=int, default=200, help="infilling cases (the first N windows)")
+    s.add_argument("--steps", type=int, default=24)
+    s.add_argument("--quantile", type=float, default=0.975, help="share of in-domain generations below the threshold")
+    s.add_argument("--threads", type=int, default=None)
+    s.set_defaults(fn=cmd_calibrate_uncertainty)
 
     s = sub.add_parser("tokenizer", help="train the byte-level BPE ([PAD]=0 [BOS]=1 [EOS]=2 [MASK]=3)")
     s.add_argument("--train", default="data/corpus/train.jsonl")
