@@ -188,3 +188,39 @@ def test_cli_generate_with_memory(folder, store, tmp_path):
     r = subprocess.run([str(AIOS_RUN), "generate", "--model", str(folder), "--memory", str(store.path), "-k", "0",
                         "The old house", "--length", "24"], capture_output=True, text=True, env=env)
     assert r.returncode != 0 and "memory_k must be at least 1" in r.stderr
+
+
+def test_score_composition(folder):
+    eng = aios_rt.Engine(folder, threads=2)
+    mems = ["the cat lived in the mill", "the river ran past the house"]
+    base = dict(memories=mems, length=24, steps=8, seed=2, temperature=0.0)
+    plain = eng.diffuse("The old house", **base)
+    # [full: 1] is the plain model; guidance w equals [full: 1 + w, unconditional: -w] (same greedy tokens).
+    assert eng.diffuse("The old house", compose={"full": 1.0}, **base).tokens == plain.tokens
+    g = eng.diffuse("The old house", guidance=1.0, **base)
+    c = eng.diffuse("The old house", compose={"full": 2.0, "unconditional": -1.0}, **base)
+    assert c.tokens == g.tokens
+    # Memory guidance moves the generation (random weights: some token changes) and keeps every given token.
+    m = eng.diffuse("The old house", compose={"full": 4.0, "no_memory": -3.0}, **base)
+    assert m.tokens != plain.tokens
+    assert [t for t, gv in zip(m.tokens, m.given) if gv] == [t for t, gv in zip(plain.tokens, plain.given) if gv]
+    for bad, match in [({"full": 1.5}, "sum to 1"), ({"fog": 1.0}, "unknown composition term"),
+                       ("full=1", "dict"), ({"full": float("nan"), "no_memory": 1.0}, "not finite")]:
+        with pytest.raises(InputError, match=match):
+            eng.diffuse("The old house", compose=bad, **base)
+    with pytest.raises(InputError, match="not both"):
+        eng.diffuse("The old house", compose={"full": 1.0}, guidance=1.0, length=24, steps=4)
+    unified = aios_rt.Engine(ROOT / "models" / "aios-unified-tiny", threads=1)
+    with pytest.raises(InputError, match="text-only"):
+        unified.diffuse("a bag", modality="image", compose={"full": 1.0}, steps=2)
+
+
+def test_cli_compose(folder):
+    if not AIOS_RUN.exists():
+        pytest.skip("aios-run not built (cargo build --release -p aios-run)")
+    base = [str(AIOS_RUN), "generate", "--model", str(folder), "The old house", "--length", "24", "--steps", "4"]
+    ok = subprocess.run(base + ["--compose", "full=2,unconditional=-1"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    for bad, msg in [("full=3", "sum to 1"), ("fog=1", "unknown composition term"), ("full", "VIEW=WEIGHT")]:
+        r = subprocess.run(base + ["--compose", bad], capture_output=True, text=True)
+        assert r.returncode != 0 and msg in r.stderr, r.stderr

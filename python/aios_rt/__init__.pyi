@@ -82,6 +82,7 @@ class Engine:
         likelihood_samples: Optional[int] = None,
         memory_k: Optional[int] = None,
         memories: Optional[Sequence[str]] = None,
+        compose: Optional[Dict[str, float]] = None,
     ) -> Generation: ...
     def forward_canvas(
         self,
@@ -103,6 +104,7 @@ class Engine:
         top_p: float = 1.0,
         threshold: float = 0.9,
         likelihood_samples: Optional[int] = None,
+        compose: Optional[Dict[str, float]] = None,
     ) -> Generation: ...
     def logits(self, batch: Sequence[Sequence[int]], sigma: Optional[float] = None) -> np.ndarray: ...
     def logits_raw(self, batch: Sequence[Sequence[int]], sigma: Optional[float] = None) -> Tuple[bytes, List[int]]: ...

@@ -12,7 +12,7 @@ use aios_core::format::{DType, WeightFile};
 use aios_core::model::Modality;
 use aios_core::quant::{self, MatmulMode};
 use aios_core::sampler::continuous::ContinuousSampler;
-use aios_core::sampler::{SamplerOptions, Strategy};
+use aios_core::sampler::{SamplerOptions, Strategy, Term, View};
 use aios_core::{Engine as CoreEngine, EngineOptions, Error, MemorySource, TextRequest};
 mod memory;
 
@@ -469,6 +469,25 @@ fn bool_mask(v: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<Option<Vec<bo
     Ok(Some(vals.iter().map(|&x| x != 0.0).collect()))
 }
 
+/// `compose=`: {"full": w, "no_memory": w, "unconditional": w}, parsed once.
+struct Compose(Vec<Term>);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Compose {
+    type Error = PyErr;
+
+    fn extract(ob: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let d: HashMap<String, f64> = ob.extract().map_err(|_| {
+            input_error("compose must be a dict of view name -> weight, e.g. {\"full\": 1.5, \"no_memory\": -0.5}")
+        })?;
+        let mut terms = d
+            .iter()
+            .map(|(k, &w)| Ok(Term { view: View::parse(k).map_err(to_py)?, weight: w }))
+            .collect::<PyResult<Vec<_>>>()?;
+        terms.sort_by_key(|t| t.view);
+        Ok(Compose(terms))
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn sampler_options(
     strategy: Strategy,
@@ -480,6 +499,7 @@ fn sampler_options(
     top_p: f64,
     threshold: f64,
     likelihood_samples: Option<&Bound<'_, PyAny>>,
+    compose: Option<Compose>,
 ) -> PyResult<SamplerOptions> {
     let o = SamplerOptions {
         strategy,
@@ -500,6 +520,8 @@ fn sampler_options(
             aios_core::sampler::uncertainty::DEFAULT_LIKELIHOOD_SAMPLES,
             "likelihood_samples",
         )?,
+        compose: compose.map(|c| c.0).unwrap_or_default(),
+        memory_prefix: 0,
     };
     o.validate().map_err(to_py)?;
     Ok(o)
@@ -564,11 +586,14 @@ impl Engine {
     /// store for the prompt, `memories` on given texts (`g.memories` lists
     /// them); `g.uncertainty` / `g.should_evolve` report how unsure the model
     /// was, with `likelihood_samples` extra forward passes (default 4).
+    /// `compose` mixes the logits of several views of the canvas per step,
+    /// e.g. `{"full": 1 + w, "no_memory": -w}` (memory guidance) or
+    /// `{"full": 1 + w, "unconditional": -w}` (= `guidance=w`); weights sum to 1.
     #[pyo3(signature = (prompt="", modality=Modalities(vec![Modality::Text]), length=None, steps=None,
                         sampler=SamplerChoice::Text(Strategy::Confidence), seed=None, block_length=None,
                         guidance=0.0, temperature=1.0, top_p=1.0, threshold=0.9, suffix=None, image=None, image_mask=None, audio=None,
                         audio_mask=None, text_length=None, eta=0.0, likelihood_samples=None, memory_k=None,
-                        memories=None))]
+                        memories=None, compose=None))]
     #[allow(clippy::too_many_arguments)]
     fn diffuse(
         &self,
@@ -594,6 +619,7 @@ impl Engine {
         likelihood_samples: Option<&Bound<'_, PyAny>>,
         memory_k: Option<&Bound<'_, PyAny>>,
         memories: Option<Vec<String>>,
+        compose: Option<Compose>,
     ) -> PyResult<Generation> {
         let (strategy, continuous) = match sampler {
             SamplerChoice::Text(s) => (s, ContinuousSampler::Ddim),
@@ -609,6 +635,7 @@ impl Engine {
             top_p,
             threshold,
             likelihood_samples,
+            compose,
         )?;
         let image = image.filter(|v| !v.is_none());
         let audio = audio.filter(|v| !v.is_none());
@@ -671,7 +698,7 @@ impl Engine {
     /// Generates on a token canvas: every `mask_token_id` is filled, all other
     /// tokens are kept (infilling anywhere).
     #[pyo3(signature = (tokens, steps=None, sampler="confidence", seed=None, block_length=None, guidance=0.0,
-                        temperature=1.0, top_p=1.0, threshold=0.9, likelihood_samples=None))]
+                        temperature=1.0, top_p=1.0, threshold=0.9, likelihood_samples=None, compose=None))]
     #[allow(clippy::too_many_arguments)]
     fn diffuse_tokens(
         &self,
@@ -686,6 +713,7 @@ impl Engine {
         top_p: f64,
         threshold: f64,
         likelihood_samples: Option<&Bound<'_, PyAny>>,
+        compose: Option<Compose>,
     ) -> PyResult<Generation> {
         let strategy = Strategy::parse(sampler).map_err(to_py)?;
         let opts = sampler_options(
@@ -698,6 +726,7 @@ impl Engine {
             top_p,
             threshold,
             likelihood_samples,
+            compose,
         )?;
         let tokens = token_ids(tokens)?;
         let mut g = run(py, || self.inner.generate_tokens(tokens, &opts, &mut |_| {}))?;

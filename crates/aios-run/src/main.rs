@@ -16,7 +16,7 @@ use aios_core::memory::{MemoryStore, StoreOptions};
 use aios_core::model::Modality;
 use aios_core::quant::{quantize_file, MatmulMode};
 use aios_core::sampler::continuous::ContinuousSampler;
-use aios_core::sampler::{SamplerOptions, Strategy};
+use aios_core::sampler::{SamplerOptions, Strategy, Term, View};
 use aios_core::{Engine, EngineOptions, Error, MemorySource, TextRequest};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -111,6 +111,10 @@ struct GenerateArgs {
     /// Confidence threshold of the threshold sampler.
     #[arg(long, default_value_t = 0.9)]
     threshold: f64,
+    /// Score composition, `VIEW=WEIGHT,...` over full, no_memory, unconditional (weights sum to 1):
+    /// e.g. `full=2,no_memory=-1` (memory guidance 1) or `full=2,unconditional=-1` (= `--guidance 1`).
+    #[arg(long, value_delimiter = ',')]
+    compose: Vec<String>,
     /// Extra forward passes estimating the output's likelihood for the uncertainty report (0 = skip).
     #[arg(long, default_value_t = aios_core::sampler::uncertainty::DEFAULT_LIKELIHOOD_SAMPLES)]
     likelihood_samples: usize,
@@ -139,6 +143,15 @@ struct GenerateArgs {
     /// Hide the progress bar.
     #[arg(long, short)]
     quiet: bool,
+}
+
+/// `VIEW=WEIGHT`, one term of `--compose`.
+fn parse_term(s: &str) -> Result<Term, Error> {
+    let (view, w) =
+        s.split_once('=').ok_or_else(|| Error::Input(format!("--compose term {s:?}: expected VIEW=WEIGHT")))?;
+    let weight =
+        w.trim().parse::<f64>().map_err(|_| Error::Input(format!("--compose term {s:?}: {w:?} is not a number")))?;
+    Ok(Term { view: View::parse(view.trim())?, weight })
 }
 
 /// `PATH[:WEIGHT]`: the part after the last ':' is a weight only if it parses as one.
@@ -338,6 +351,8 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
         threshold: a.threshold,
         seed: a.seed,
         likelihood_samples: a.likelihood_samples,
+        compose: a.compose.iter().map(|t| parse_term(t)).collect::<Result<_, _>>()?,
+        memory_prefix: 0,
     };
     sampler.validate()?;
     let adapters = a.adapters.iter().map(|s| parse_adapter(s)).collect::<Result<Vec<_>, _>>()?;

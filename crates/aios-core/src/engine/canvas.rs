@@ -107,6 +107,9 @@ impl MediaRequest {
             }
         }
         self.sampler.validate()?;
+        if !self.sampler.compose.is_empty() {
+            return crate::input_err!("score composition applies to text-only generation; use guidance for media");
+        }
         if !(self.eta.is_finite() && (0.0..=1.0).contains(&self.eta)) {
             return crate::input_err!("eta must be in [0, 1], got {}", self.eta);
         }

@@ -536,7 +536,8 @@ impl Engine {
         let mem_len = full.len();
         full.extend(canvas);
         let tokenize_ms = t_start.elapsed().as_secs_f64() * 1e3;
-        let mut generation = self.generate_tokens(full, &req.sampler, on_step)?;
+        let opts = SamplerOptions { memory_prefix: mem_len, ..req.sampler.clone() };
+        let mut generation = self.generate_tokens(full, &opts, on_step)?;
         generation.memories = memories;
         generation.memory_tokens = mem_len;
         let prefix = mem_len + prefix_len;

@@ -55,6 +55,37 @@ impl Strategy {
     }
 }
 
+/// Which given tokens one term of a score composition sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum View {
+    /// Everything given: memories, prompt, suffix.
+    Full,
+    /// The memory segment (the first `memory_prefix` positions) masked.
+    NoMemory,
+    /// Every given token masked (classifier-free guidance's unconditional).
+    Unconditional,
+}
+
+impl View {
+    pub const NAMES: [&'static str; 3] = ["full", "no_memory", "unconditional"];
+
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "full" => Ok(View::Full),
+            "no_memory" => Ok(View::NoMemory),
+            "unconditional" => Ok(View::Unconditional),
+            other => crate::input_err!("unknown composition term {other:?}; choose from {}", Self::NAMES.join(", ")),
+        }
+    }
+}
+
+/// One term of a score composition: the logits of `view`, times `weight`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Term {
+    pub view: View,
+    pub weight: f64,
+}
+
 /// Sampler settings; validated by [`SamplerOptions::validate`].
 #[derive(Clone, Debug)]
 pub struct SamplerOptions {
@@ -76,6 +107,15 @@ pub struct SamplerOptions {
     /// Forward passes spent after sampling on the masked-diffusion likelihood
     /// of the output (part of the uncertainty estimate; 0 = skip it).
     pub likelihood_samples: usize,
+    /// Score composition (empty = off): each step's logits are
+    /// `sum_i w_i logits(view_i)`, the weights summing to 1. Classifier-free
+    /// guidance w is `[full: 1 + w, unconditional: -w]`; memory guidance w
+    /// is `[full: 1 + w, no_memory: -w]`, which pushes towards what the
+    /// memories add to the prompt.
+    pub compose: Vec<Term>,
+    /// How many leading canvas positions are the memory segment (set by the
+    /// engine; `View::NoMemory` masks their given tokens).
+    pub memory_prefix: usize,
 }
 
 impl Default for SamplerOptions {
@@ -90,6 +130,8 @@ impl Default for SamplerOptions {
             threshold: 0.9,
             seed: 0,
             likelihood_samples: uncertainty::DEFAULT_LIKELIHOOD_SAMPLES,
+            compose: Vec::new(),
+            memory_prefix: 0,
         }
     }
 }
@@ -115,6 +157,28 @@ impl SamplerOptions {
         }
         if self.block_length == Some(0) {
             return crate::input_err!("block_length must be >= 1");
+        }
+        if !self.compose.is_empty() {
+            if self.guidance != 0.0 {
+                return crate::input_err!(
+                    "pass guidance or compose, not both (guidance w is compose full = 1 + w, unconditional = -w)"
+                );
+            }
+            if let Some(t) = self.compose.iter().find(|t| !t.weight.is_finite()) {
+                return crate::input_err!("composition weight of {:?} is not finite", t.view);
+            }
+            let mut views: Vec<View> = self.compose.iter().map(|t| t.view).collect();
+            views.sort();
+            views.dedup();
+            if views.len() != self.compose.len() {
+                return crate::input_err!("each composition term may appear once");
+            }
+            let sum: f64 = self.compose.iter().map(|t| t.weight).sum();
+            if (sum - 1.0).abs() > 1e-6 {
+                return crate::input_err!(
+                    "composition weights must sum to 1 (got {sum}); a sharper or flatter distribution is `temperature`"
+                );
+            }
         }
         if self.likelihood_samples > uncertainty::MAX_LIKELIHOOD_SAMPLES {
             return crate::input_err!(
@@ -196,6 +260,9 @@ pub fn sample(
     if let Some(&bad) = canvas.iter().find(|&&t| t as usize >= vocab) {
         return crate::input_err!("token id {bad} is outside the vocabulary of {vocab}");
     }
+    if opts.memory_prefix > len {
+        return crate::input_err!("memory_prefix {} is longer than the canvas ({len})", opts.memory_prefix);
+    }
     let given: Vec<bool> = canvas.iter().map(|&t| t != mask).collect();
     let block = opts.block_length.unwrap_or(len).min(len);
     let blocks: Vec<(usize, usize)> = (0..len)
@@ -238,7 +305,11 @@ pub fn sample(
                 Some(l) => l,
                 None => {
                     let t0 = Instant::now();
-                    let l = guided_logits(den, &out.tokens, &given, mask, t, opts.guidance, &eligible)?;
+                    let l = if opts.compose.is_empty() {
+                        guided_logits(den, &out.tokens, &given, mask, t, opts.guidance, &eligible)?
+                    } else {
+                        composed_logits(den, &out.tokens, &given, opts, t, &eligible)?
+                    };
                     out.forward_ms += t0.elapsed().as_secs_f64() * 1e3;
                     out.forward_passes += 1;
                     l
@@ -309,6 +380,38 @@ fn guided_logits(
     let (cond, un) = both.split_at(half);
     let w = w as f32;
     Ok(cond.iter().zip(un).map(|(&c, &u)| u + (w + 1.0) * (c - u)).collect())
+}
+
+/// `sum_i w_i logits(view_i)` for the canvas, all views in one batch.
+fn composed_logits(
+    den: &dyn Denoiser,
+    tokens: &[u32],
+    given: &[bool],
+    opts: &SamplerOptions,
+    t: f64,
+    positions: &[usize],
+) -> Result<Vec<f32>> {
+    let mask = den.mask_id();
+    let canvases: Vec<Vec<u32>> = opts
+        .compose
+        .iter()
+        .map(|term| {
+            let hide = |i: usize| match term.view {
+                View::Full => false,
+                View::NoMemory => i < opts.memory_prefix && given[i],
+                View::Unconditional => given[i],
+            };
+            tokens.iter().enumerate().map(|(i, &tok)| if hide(i) { mask } else { tok }).collect()
+        })
+        .collect();
+    let all = den.logits(&canvases, t, positions)?;
+    let n = all.len() / canvases.len();
+    let mut out = vec![0f32; n];
+    for (term, logits) in opts.compose.iter().zip(all.chunks_exact(n)) {
+        let w = term.weight as f32;
+        out.iter_mut().zip(logits).for_each(|(o, &l)| *o += w * l);
+    }
+    Ok(out)
 }
 
 /// Picks which scored positions to commit this step.

@@ -294,3 +294,79 @@ fn calibration_files_are_checked() {
         assert!(matches!(e, Error::Format { .. }), "{bad}: {e}");
     }
 }
+
+/// Records every canvas it is asked about (and answers like `Stub`).
+struct Recorder {
+    inner: Stub,
+    seen: std::sync::Mutex<Vec<Vec<u32>>>,
+}
+
+impl Denoiser for Recorder {
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab_size()
+    }
+    fn mask_id(&self) -> u32 {
+        0
+    }
+    fn logits(&self, canvases: &[Vec<u32>], t: f64, positions: &[usize]) -> Result<Vec<f32>> {
+        self.seen.lock().unwrap().extend(canvases.iter().cloned());
+        self.inner.logits(canvases, t, positions)
+    }
+    fn time_conditioned(&self) -> bool {
+        false
+    }
+}
+
+#[test]
+fn composition_generalises_guidance_and_masks_the_right_views() {
+    let den = Stub::new(11, 3.0);
+    let c = canvas();
+    let given: Vec<bool> = c.iter().map(|&t| t != 0).collect();
+    let pos: Vec<usize> = (0..16).filter(|&i| !given[i]).collect();
+    // guidance w == [full: 1 + w, unconditional: -w]
+    let w = 1.5;
+    let guided = guided_logits(&den, &c, &given, 0, 0.5, w, &pos).unwrap();
+    let o = SamplerOptions {
+        compose: vec![Term { view: View::Full, weight: 1.0 + w }, Term { view: View::Unconditional, weight: -w }],
+        ..opts(Strategy::Confidence)
+    };
+    let composed = composed_logits(&den, &c, &given, &o, 0.5, &pos).unwrap();
+    for (a, b) in guided.iter().zip(&composed) {
+        assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+    }
+    // [full: 1] is the plain model.
+    let plain = SamplerOptions { compose: vec![Term { view: View::Full, weight: 1.0 }], ..opts(Strategy::Confidence) };
+    assert_eq!(
+        sample(&den, c.clone(), &plain, &mut |_| {}).unwrap().tokens,
+        sample(&den, c.clone(), &opts(Strategy::Confidence), &mut |_| {}).unwrap().tokens
+    );
+    // no_memory masks the given tokens of the memory prefix only (positions 0 and 1 here).
+    let rec = Recorder { inner: Stub::new(11, 3.0), seen: Default::default() };
+    let mem = SamplerOptions {
+        compose: vec![Term { view: View::Full, weight: 2.0 }, Term { view: View::NoMemory, weight: -1.0 }],
+        memory_prefix: 2,
+        ..opts(Strategy::Confidence)
+    };
+    let out = sample(&rec, c.clone(), &mem, &mut |_| {}).unwrap();
+    let seen = rec.seen.lock().unwrap();
+    let (full, nomem) = (&seen[0], &seen[1]);
+    assert_eq!(full, &c);
+    assert_eq!((nomem[0], nomem[1], nomem[7], nomem[15]), (0, 0, 9, 3));
+    assert!(out.tokens.iter().all(|&t| t != 0));
+    assert_ne!(out.tokens, sample(&den, c.clone(), &opts(Strategy::Confidence), &mut |_| {}).unwrap().tokens);
+    // Bad compositions.
+    let bad = |compose: Vec<Term>, guidance: f64| SamplerOptions { compose, guidance, ..opts(Strategy::Confidence) };
+    let t = |view, weight| Term { view, weight };
+    for o in [
+        bad(vec![t(View::Full, 1.5)], 0.0),
+        bad(vec![t(View::Full, 0.5), t(View::Full, 0.5)], 0.0),
+        bad(vec![t(View::Full, f64::NAN)], 0.0),
+        bad(vec![t(View::Full, 1.0)], 2.0),
+    ] {
+        assert!(matches!(o.validate(), Err(Error::Input(_))), "{o:?}");
+    }
+    let over = SamplerOptions { memory_prefix: 17, ..plain };
+    assert!(matches!(sample(&den, c, &over, &mut |_| {}), Err(Error::Input(_))));
+    assert!(View::parse("fog").is_err());
+    assert_eq!(View::parse("no_memory").unwrap(), View::NoMemory);
+}
