@@ -72,6 +72,38 @@ def cmd_calibrate_uncertainty(a) -> None:
     print(json.dumps(cal, indent=2))
 
 
+def cmd_train_memory(a) -> None:
+    import numpy as np
+    import torch
+    from .data import read_jsonl
+    from .export import load_model
+    from .memory_pairs import memory_windows
+    from .tokenizer import load_tokenizer
+    from .train import TrainArgs, train
+    from .windows import windows_from_jsonl
+
+    torch.set_num_threads(a.threads)
+    _, cfg = load_model(a.warm_start)
+    tok = load_tokenizer(a.tokenizer)
+    leads = [d["text"] for d in read_jsonl(a.train) if d.get("source") == "wikipedia"]
+    mw, mk = memory_windows(leads, tok, cfg.max_length, a.memory_tokens, a.distractors, a.drop, a.copies, a.seed)
+    cw = windows_from_jsonl(a.train, tok, cfg.max_length)
+    n_corpus = int(round(len(mw) * (1 - a.memory_share) / a.memory_share)) if a.memory_share < 1 else 0
+    cw = cw[np.random.default_rng(a.seed).choice(len(cw), min(n_corpus, len(cw)), replace=False)]
+    windows = np.concatenate([mw, cw])
+    keep = np.concatenate([mk, np.zeros(cw.shape, dtype=bool)])
+    print(f"{len(mw)} memory windows from {len(leads)} leads + {len(cw)} corpus windows", file=sys.stderr)
+    vw = windows_from_jsonl(a.valid, tok, cfg.max_length) if a.valid else None
+    args = TrainArgs(out=a.out, train_windows=windows, train_keep=keep, valid_windows=vw, warm_start=a.warm_start,
+                     vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                     cond_dim=cfg.cond_dim, max_length=cfg.max_length, mask_token_id=cfg.mask_token_id,
+                     time_conditioning=cfg.time_conditioning, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
+                     warmup=a.warmup, seed=a.seed, threads=a.threads, eval_every=a.eval_every,
+                     ckpt_every=a.ckpt_every, time_limit_min=a.time_limit_min)
+    r = train(args)
+    print(json.dumps({k: r[k] for k in ("steps", "tokens", "stopped_early")}))
+
+
 def cmd_tokenizer(a) -> None:
     from .tokenizer import train_tokenizer
     tok = train_tokenizer(a.train, a.out, vocab_size=a.vocab_size, min_frequency=a.min_frequency)
@@ -208,6 +240,28 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--quantile", type=float, default=0.975, help="share of in-domain generations below the threshold")
     s.add_argument("--threads", type=int, default=None)
     s.set_defaults(fn=cmd_calibrate_uncertainty)
+
+    s = sub.add_parser("train-memory", help="teach a text model to use memories in front of its prompt (warm start)")
+    s.add_argument("--warm-start", required=True, help="the text model's .parquet (its config is kept)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--tokenizer", default="data/tokenizer.json")
+    s.add_argument("--train", default="data/corpus/train.jsonl")
+    s.add_argument("--valid", default="data/corpus/valid.jsonl")
+    s.add_argument("--memory-share", type=float, default=0.5, help="share of windows with memories (rest: corpus)")
+    s.add_argument("--memory-tokens", type=int, default=40, help="tokens of an article's opening kept as its memory")
+    s.add_argument("--distractors", type=int, default=1, help="other articles' memories in each window")
+    s.add_argument("--drop", type=float, default=0.2, help="probability that the article's own memory is left out")
+    s.add_argument("--copies", type=int, default=2, help="layouts (distractor draws) per lead")
+    s.add_argument("--steps", type=int, default=2000)
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--lr", type=float, default=3e-4)
+    s.add_argument("--warmup", type=int, default=100)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--eval-every", type=int, default=250)
+    s.add_argument("--ckpt-every", type=int, default=100)
+    s.add_argument("--time-limit-min", type=float, default=None)
+    s.set_defaults(fn=cmd_train_memory)
 
     s = sub.add_parser("tokenizer", help="train the byte-level BPE ([PAD]=0 [BOS]=1 [EOS]=2 [MASK]=3)")
     s.add_argument("--train", default="data/corpus/train.jsonl")

@@ -29,6 +29,9 @@ class TrainArgs:
     out: str                       # run directory: ckpt/, log.jsonl
     train_windows: np.ndarray | None = field(default=None, repr=False)
     valid_windows: np.ndarray | None = field(default=None, repr=False)
+    # Per training window, positions that are given (never masked, no loss): memory segments, padding.
+    train_keep: np.ndarray | None = field(default=None, repr=False)
+    warm_start: str | None = None          # aios .parquet whose weights start a new run (same config)
     vocab_size: int = 4096
     hidden_size: int = 256
     n_layers: int = 4
@@ -64,7 +67,8 @@ class TrainArgs:
                            mask_token_id=self.mask_token_id, time_conditioning=self.time_conditioning, causal=self.ar)
 
     def hparams(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("train_windows", "valid_windows", "progress", "stop_after")}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if f.name not in ("train_windows", "valid_windows", "train_keep", "progress", "stop_after")}
         d["betas"] = list(self.betas)
         return d
 
@@ -184,11 +188,23 @@ def train(a: TrainArgs, resume: bool = True) -> dict:
     data = torch.from_numpy(np.ascontiguousarray(a.train_windows, dtype=np.int64))
     if data.shape[1] != a.max_length or int(data.max()) >= a.vocab_size:
         raise ValueError(f"train: windows {tuple(data.shape)} / max id {int(data.max())} do not fit the config")
+    keep_all = None
+    if a.train_keep is not None:
+        if a.train_keep.shape != tuple(data.shape) or a.train_keep.dtype != np.bool_:
+            raise ValueError(f"train: keep mask {a.train_keep.shape} {a.train_keep.dtype} does not match the windows "
+                             f"{tuple(data.shape)} (bool)")
+        keep_all = torch.from_numpy(np.ascontiguousarray(a.train_keep))
     valid = None
     if a.valid_windows is not None and a.eval_every > 0:
         valid = torch.from_numpy(np.ascontiguousarray(a.valid_windows[: a.eval_windows], dtype=np.int64))
 
     model = DiT(cfg)
+    if a.warm_start:
+        from .export import load_model
+        base, base_cfg = load_model(a.warm_start)
+        if base_cfg.to_dict() != cfg.to_dict():
+            raise ValueError(f"train: {a.warm_start} has config {base_cfg.to_dict()}, this run {cfg.to_dict()}")
+        model.load_state_dict(base.state_dict())
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=a.betas, eps=1e-8, weight_decay=a.weight_decay)
     ema = EMA(model, a.ema)
@@ -215,13 +231,15 @@ def train(a: TrainArgs, resume: bool = True) -> dict:
         save_checkpoint(ckpt, model, ema, opt, gen, counters)
 
     for step in range(start_step, a.steps):
-        x0 = data[batch_indices(step, data.shape[0], a.batch_size, a.seed)]
+        idx = batch_indices(step, data.shape[0], a.batch_size, a.seed)
+        x0 = data[idx]
+        keep = None if keep_all is None else keep_all[idx]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a)
         if a.ar:
             loss = ar_loss(model, x0).mean()
         else:
-            nll, _ = diffusion_loss(model, x0, a.mask_token_id, gen)
+            nll, _ = diffusion_loss(model, x0, a.mask_token_id, gen, keep=keep)
             loss = nll.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
