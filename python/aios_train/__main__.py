@@ -104,6 +104,32 @@ def cmd_train_memory(a) -> None:
     print(json.dumps({k: r[k] for k in ("steps", "tokens", "stopped_early")}))
 
 
+def cmd_evolve(a) -> None:
+    import aios_rt
+    from .evolution import EvolveConfig, Evolver
+    from .lora import read_documents
+
+    texts = read_documents(a.data)
+    if not texts:
+        raise SystemExit(f"{a.data}: no documents")
+    prompt = a.prompt or " ".join(texts[0].split()[:4])
+    mem = aios_rt.MemoryStore(a.memory)
+    eng = aios_rt.Engine(a.model, threads=a.threads, memory=mem)
+    cfg = EvolveConfig(lora_steps=a.lora_steps, lora_minutes=a.lora_minutes, lora_lr=a.lora_lr,
+                       improve_margin=a.improve_margin,
+                       general_bound=a.general_bound, threads=a.threads or 1, force=a.force)
+    ev = Evolver(engine=eng, memory=mem, skills=a.skills, general_data=a.general, config=cfg)
+    rep = ev.step(prompt, texts)
+    for lv in rep.levels:
+        print(f"{lv.level}: {lv.outcome} ({lv.seconds:.1f} s) - {lv.reason}", file=sys.stderr)
+    if rep.kept:
+        g = ev.generate(prompt, length=64, steps=32, seed=0)
+        print(f"after: adapters {g.adapters}, uncertainty {g.uncertainty:.3f}, should_evolve {g.should_evolve}",
+              file=sys.stderr)
+    print(json.dumps(rep.to_dict(), indent=2, default=float))
+    ev.close()
+
+
 def cmd_tokenizer(a) -> None:
     from .tokenizer import train_tokenizer
     tok = train_tokenizer(a.train, a.out, vocab_size=a.vocab_size, min_frequency=a.min_frequency)
@@ -262,6 +288,23 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--ckpt-every", type=int, default=100)
     s.add_argument("--time-limit-min", type=float, default=None)
     s.set_defaults(fn=cmd_train_memory)
+
+    s = sub.add_parser("evolve", help="one pass of the self-evolution loop: uncertain? -> L0 memories -> L2 LoRA -> "
+                                      "validate -> store a skill")
+    s.add_argument("--model", required=True, help="model folder")
+    s.add_argument("--memory", required=True, help="memory store folder (created if missing)")
+    s.add_argument("--skills", required=True, help="skills folder: adapters + skill cards (created if missing)")
+    s.add_argument("--data", required=True, help="the new domain: .txt / .jsonl file or folder of them")
+    s.add_argument("--prompt", default=None, help="the prompt that was uncertain (default: the data's first words)")
+    s.add_argument("--general", default="data/corpus/valid.jsonl", help="general held-out text for the bound")
+    s.add_argument("--lora-steps", type=int, default=200)
+    s.add_argument("--lora-minutes", type=float, default=5.0)
+    s.add_argument("--lora-lr", type=float, default=2e-3)
+    s.add_argument("--improve-margin", type=float, default=0.05, help="nats/token the context must improve by")
+    s.add_argument("--general-bound", type=float, default=0.02, help="nats/token general text may degrade by")
+    s.add_argument("--force", action="store_true", help="adapt even when the engine is confident")
+    s.add_argument("--threads", type=int, default=None)
+    s.set_defaults(fn=cmd_evolve)
 
     s = sub.add_parser("tokenizer", help="train the byte-level BPE ([PAD]=0 [BOS]=1 [EOS]=2 [MASK]=3)")
     s.add_argument("--train", default="data/corpus/train.jsonl")
