@@ -47,20 +47,21 @@ def test_trigger_adapt_validate_store_reuse(setup):
     assert len(mem) == len(DOMAIN)  # L0 wrote the context into the memory store
     l2 = rep.levels[-1].metrics
     assert l2["context_gain"] >= cfg.improve_margin and l2["general_change"] <= cfg.general_bound
-    assert rep.kept == "L2" and rep.skill_id is not None
+    assert rep.kept == "L2" and rep.skill and rep.skill_id is not None
     card = ev.skills.get(rep.skill_id)
     assert card.meta["level"] == "L2" and card.meta["base_fingerprint"] == eng.fingerprint
+    assert card.meta["skill"] == rep.skill and len(ev.skills) == len(DOMAIN)  # a card per context document
     assert (tmp / "skills" / card.meta["file"]).is_file()
     # Reuse: a similar prompt activates the skill's adapter, an unrelated one does not.
     g = ev.generate("the quartz zebra kettle sings", length=48, steps=4)
-    assert g.adapters == {f"skill{rep.skill_id}": 1.0}
+    assert g.adapters == {rep.skill: 1.0}
     g = ev.generate("Grandma's lemon cake needs three eggs", length=48, steps=4)
     assert g.adapters == {}
     # A new Evolver over the same skills folder (a later session) finds it too.
     ev.close()
     ev2 = Evolver(engine=aios_rt.Engine(eng.info["path"], threads=1, memory=mem), memory=mem, skills=tmp / "skills",
                   general_data=general, config=cfg)
-    assert ev2.adapters_for("quartz zebra kettle") == {f"skill{rep.skill_id}": 1.0}
+    assert ev2.adapters_for("quartz zebra kettle") == {rep.skill: 1.0}
 
 
 def test_failed_validation_keeps_nothing(setup):
@@ -96,3 +97,4 @@ def test_confident_engine_does_nothing_and_bad_cards_are_skipped(setup):
     assert ev.adapters_for("quartz zebra kettle") == {}
     text = " | ".join(ev.warnings)
     assert "gone.lora.parquet" in text and "made for base 0000000000000000" in text and "broken.lora.parquet" in text
+    assert len(ev.warnings) == 3

@@ -224,3 +224,23 @@ def test_cli_compose(folder):
     for bad, msg in [("full=3", "sum to 1"), ("fog=1", "unknown composition term"), ("full", "VIEW=WEIGHT")]:
         r = subprocess.run(base + ["--compose", bad], capture_output=True, text=True)
         assert r.returncode != 0 and msg in r.stderr, r.stderr
+
+
+@needs_embedder
+def test_one_engine_and_store_serve_several_threads(folder, store):
+    from concurrent.futures import ThreadPoolExecutor
+    eng = aios_rt.Engine(folder, threads=2, memory=store)
+    prompts = ["The old house", "Our trip", "The dentist", "Grandma's cake"] * 2
+    seq = [eng.diffuse(p, memory_k=2, length=24, steps=6, seed=i).tokens for i, p in enumerate(prompts)]
+    with ThreadPoolExecutor(4) as pool:
+        par = list(pool.map(lambda ip: eng.diffuse(ip[1], memory_k=2, length=24, steps=6, seed=ip[0]).tokens,
+                            enumerate(prompts)))
+    assert par == seq
+
+
+def test_a_store_of_caller_vectors_cannot_be_searched_with_a_prompt(folder, tmp_path):
+    vecs = MemoryStore(tmp_path / "vecs", dim=8)
+    vecs.add("a memory", vector=np.ones(8, dtype=np.float32))
+    eng = aios_rt.Engine(folder, threads=1, memory=vecs)
+    with pytest.raises(InputError, match="caller-supplied vectors"):
+        eng.diffuse("The old house", memory_k=1, length=24, steps=4)

@@ -31,6 +31,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+MAX_CARDS = 64                        # skill cards (context documents) stored per skill
+
 
 @dataclass
 class EvolveConfig:
@@ -69,7 +71,8 @@ class Report:
     should_evolve: bool | None
     levels: list[LevelResult] = field(default_factory=list)
     kept: str | None = None           # the level whose adaptation was kept
-    skill_id: int | None = None
+    skill: str | None = None          # the kept skill's name (its adapter's name in the engine)
+    skill_id: int | None = None       # the id of its first skill card
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -164,9 +167,12 @@ class Evolver:
                 why.append(f"general loss rose by {general['general_change']:.4f} > bound {c.general_bound}")
             rep.levels.append(LevelResult("L2", "refused", "; ".join(why), time.time() - t0, m))
             return False
-        card_meta = {"level": "L2", "file": out.name, "base_fingerprint": self.fingerprint, "metrics": m,
-                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        rep.skill_id = self.skills.add(" ".join(docs)[:2000], meta=card_meta)
+        card_meta = {"skill": name, "level": "L2", "file": out.name, "base_fingerprint": self.fingerprint,
+                     "metrics": m, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        # One card per context document (MiniLM reads 256 tokens): a prompt matches the skill when it is close to
+        # any of the texts the skill was trained on.
+        ids = self.skills.add_many([d[:1000] for d in docs[:MAX_CARDS]], metas=[card_meta] * min(len(docs), MAX_CARDS))
+        rep.skill, rep.skill_id = name, ids[0]
         rep.levels.append(LevelResult("L2", "kept", f"context loss -{ctx_gain:.4f} nats/token, general "
                                       f"{general['general_change']:+.4f}", time.time() - t0, m))
         rep.kept = "L2"
@@ -197,19 +203,21 @@ class Evolver:
         if len(self.skills) == 0:
             return {}
         out: dict[str, float] = {}
-        for hit in self.skills.search(prompt, k=5):
+        for hit in self.skills.search(prompt, k=16):
             if hit.score < self.cfg.activate_threshold:
                 continue
             meta = hit.meta or {}
-            if meta.get("base_fingerprint") != self.fingerprint:
-                self._warn(f"skill {hit.id}: made for base {meta.get('base_fingerprint')}, this is {self.fingerprint}")
+            name = str(meta.get("skill", f"skill{hit.id}"))
+            if name in out:
                 continue
-            name = f"skill{hit.id}"
+            if meta.get("base_fingerprint") != self.fingerprint:
+                self._warn(f"skill {name}: made for base {meta.get('base_fingerprint')}, this is {self.fingerprint}")
+                continue
             if name not in self.engine.loaded_adapters:
                 try:
                     self.engine.load_adapter(self.skills_dir / str(meta.get("file")), name=name, weight=None)
                 except Exception as e:  # a missing or corrupt adapter file: skip the skill, keep going
-                    self._warn(f"skill {hit.id}: adapter {meta.get('file')!r} cannot be loaded: {e}")
+                    self._warn(f"skill {name}: adapter {meta.get('file')!r} cannot be loaded: {e}")
                     continue
             out[name] = 1.0
         return out
