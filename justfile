@@ -68,7 +68,7 @@ evolve-demo dir="runs/evolve-demo": setup
     {{py}} -c "import sysconfig, pathlib, json; t = (pathlib.Path(sysconfig.get_paths()['stdlib']) / 'LICENSE.txt').read_text(); paras = [p.strip() for p in t.split('\n\n') if len(p.strip()) > 200]; pathlib.Path('{{dir}}/domain.jsonl').write_text(''.join(json.dumps({'text': p}) + '\n' for p in paras))"
     [ -f data/corpus/valid.jsonl ] || {{py}} -m aios_train data --out data
     {{py}} -m aios_train evolve --model {{model}} --memory "{{dir}}/memory" --skills "{{dir}}/skills" \
-        --data "{{dir}}/domain.jsonl" --prompt "Permission to use, copy, modify" --force --threads 2 \
+        --data "{{dir}}/domain.jsonl" --prompt "Permission to use, copy, modify, and distribute this software" --force --threads 2 \
         --lora-steps 100 --lora-lr 5e-4 --general-bound 0.2
 
 # Every Rust and Python test.
