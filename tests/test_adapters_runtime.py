@@ -157,3 +157,23 @@ def test_cli_adapter_flag(files):
     assert p.returncode == 3 and "not finite" in p.stderr
     p = gen("--adapter", str(files / "missing.lora.parquet") + ":0.5")
     assert p.returncode == 5
+
+
+def test_composition_terms_with_adapter_sets(files):
+    """`compose` terms may name an adapter set (`full@a`, `full@none`): one step mixes the logits of several sets."""
+    eng = aios_rt.Engine(files, dtype="f32")
+    eng.load_adapter(files / "a.lora.parquet", weight=None)
+    canvas = [1, 9] + [3] * 30
+    plain = eng.diffuse_tokens(canvas, steps=6, seed=1)
+    via_term = eng.diffuse_tokens(canvas, steps=6, seed=1, compose={"full@a": 1.0})
+    eng.set_adapters({"a": 1.0})
+    active = eng.diffuse_tokens(canvas, steps=6, seed=1)
+    assert via_term.tokens == active.tokens != plain.tokens
+    assert eng.diffuse_tokens(canvas, steps=6, seed=1, compose={"full@none": 1.0}).tokens == plain.tokens
+    guided = eng.diffuse_tokens(canvas, steps=6, seed=1, compose={"full": 3.0, "full@none": -2.0})
+    assert guided.tokens == eng.diffuse_tokens(canvas, steps=6, seed=1, compose={"full": 3.0, "full@none": -2.0}).tokens
+    for bad, msg in [({"full@nope": 1.0}, "nope"), ({"full@a+a": 1.0}, "distinct"), ({"sideways@a": 1.0}, "unknown"),
+                     ({"full@a": 0.5}, "sum to 1")]:
+        with pytest.raises(aios_rt.InputError, match=msg):
+            eng.diffuse_tokens(canvas, steps=6, seed=1, compose=bad)
+    assert eng.active_adapters == {"a": 1.0}

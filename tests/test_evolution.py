@@ -1,8 +1,12 @@
-"""The evolution loop end to end on a tiny model: trigger -> L0 (memories) -> L1 (skipped) -> L2 (LoRA) ->
-validate -> store a skill -> reuse it for a similar prompt and not for an unrelated one; a failed validation
-stores nothing and leaves the engine as it was; bad skill cards are skipped with a warning."""
+"""The evolution loop end to end on a tiny model: trigger -> L0 (memories) -> L1 (skipped) -> L2 (LoRA) or L3
+(tensor patch) -> validate -> store a skill -> the engine reuses it for a similar prompt and not for an unrelated
+one; a failed validation stores nothing and leaves the engine as it was; bad skill cards are skipped with a
+warning; a process killed while storing never leaves a skill that points at a half-written file."""
 
 import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -52,16 +56,50 @@ def test_trigger_adapt_validate_store_reuse(setup):
     assert card.meta["level"] == "L2" and card.meta["base_fingerprint"] == eng.fingerprint
     assert card.meta["skill"] == rep.skill and len(ev.skills) == len(DOMAIN)  # a card per context document
     assert (tmp / "skills" / card.meta["file"]).is_file()
-    # Reuse: a similar prompt activates the skill's adapter, an unrelated one does not.
-    g = ev.generate("the quartz zebra kettle sings", length=48, steps=4)
-    assert g.adapters == {rep.skill: 1.0}
+    # Reuse, in the engine: a similar prompt activates the skill's adapter for that generation only, an unrelated
+    # one does not, and the engine's own active set is untouched.
+    g = eng.diffuse("the quartz zebra kettle sings", length=48, steps=4)
+    assert g.adapters == {rep.skill: 1.0} and g.skills == [rep.skill] and g.warnings == [] and g.patch is None
+    assert eng.active_adapters == {}
     g = ev.generate("Grandma's lemon cake needs three eggs", length=48, steps=4)
-    assert g.adapters == {}
-    # A new Evolver over the same skills folder (a later session) finds it too.
+    assert g.adapters == {} and g.skills == []
+    # The adapter is what changes the output: the same call without skills differs, with skills=False equals it.
+    a = eng.diffuse("the quartz zebra kettle sings", length=48, steps=4, seed=1)
+    b = eng.diffuse("the quartz zebra kettle sings", length=48, steps=4, seed=1, skills=False)
+    c = eng.diffuse("the quartz zebra kettle sings", length=48, steps=4, seed=1, skills=False,
+                    adapters={rep.skill: 1.0})
+    assert b.adapters == {} and c.adapters == {rep.skill: 1.0} and a.tokens == c.tokens
+    # A later session: a new engine over the same skills folder finds it too.
     ev.close()
-    ev2 = Evolver(engine=aios_rt.Engine(eng.info["path"], threads=1, memory=mem), memory=mem, skills=tmp / "skills",
-                  general_data=general, config=cfg)
-    assert ev2.adapters_for("quartz zebra kettle") == {rep.skill: 1.0}
+    assert not eng.has_skills
+    skills = MemoryStore(tmp / "skills" / "cards")
+    eng2 = aios_rt.Engine(eng.info["path"], threads=1, skills=skills, skill_threshold=0.5)
+    assert eng2.skills_for("quartz zebra kettle")["adapters"] == {rep.skill: 1.0}
+    assert eng2.skills_for("Grandma's lemon cake")["skills"] == []
+
+
+def test_escalates_to_a_tensor_patch(setup):
+    eng, mem, tmp, general, cfg = setup
+    cfg.lora_steps = 0  # L2 cannot improve anything: the loop must go on to L3
+    cfg.patch_steps, cfg.patch_top_k, cfg.patch_lr = 60, 2, 3e-3
+    ev = Evolver(engine=eng, memory=mem, skills=tmp / "skills", general_data=general, config=cfg)
+    rep = ev.step("Quartz zebra kettle", DOMAIN)
+    assert [(lv.level, lv.outcome) for lv in rep.levels] == [("L0", "refused"), ("L1", "skipped"), ("L2", "refused"),
+                                                             ("L3", "kept")]
+    l3 = rep.levels[-1].metrics
+    assert l3["context_gain"] >= cfg.improve_margin and len(l3["modules"]) == 2
+    card = ev.skills.get(rep.skill_id)
+    assert card.meta["level"] == "L3" and card.meta["file"].endswith(".patch.parquet")
+    assert not list((tmp / "skills").glob("*.lora.parquet"))  # the refused adapter was deleted
+    g = eng.diffuse("the quartz zebra kettle sings", length=48, steps=4)
+    assert g.patch == rep.skill and g.skills == [rep.skill] and g.adapters == {}
+    assert eng.active_patch is None  # activated for that call only
+    assert eng.diffuse("Grandma's lemon cake needs three eggs", length=48, steps=4).patch is None
+    # Only the chosen modules' tensors are in the patch.
+    from aios_train.selective import read_patch
+    tensors, pcfg = read_patch(tmp / "skills" / card.meta["file"])
+    assert {n.rsplit(".", 1)[0] for n in tensors} == set(l3["modules"]) == set(pcfg["modules"])
+    ev.close()
 
 
 def test_failed_validation_keeps_nothing(setup):
@@ -69,12 +107,12 @@ def test_failed_validation_keeps_nothing(setup):
     cfg.improve_margin = 100.0  # unreachable
     ev = Evolver(engine=eng, memory=mem, skills=tmp / "skills", general_data=general, config=cfg)
     before = (eng.loaded_adapters, eng.active_adapters)
+    cfg.patch_steps = 5
     rep = ev.step("Quartz zebra kettle", DOMAIN)
-    assert rep.levels[-1].level == "L3" and rep.kept is None
-    l2 = next(lv for lv in rep.levels if lv.level == "L2")
-    assert l2.outcome == "refused" and "margin" in l2.reason
-    assert len(ev.skills) == 0 and not list((tmp / "skills").glob("*.lora.parquet"))
-    assert (eng.loaded_adapters, eng.active_adapters) == before
+    assert [(lv.level, lv.outcome) for lv in rep.levels][-2:] == [("L2", "refused"), ("L3", "refused")]
+    assert rep.kept is None and all("margin" in lv.reason for lv in rep.levels[-2:])
+    assert len(ev.skills) == 0 and not [p for p in (tmp / "skills").iterdir() if p.name != "cards"]
+    assert (eng.loaded_adapters, eng.active_adapters, eng.loaded_patches) == before + ([],)
 
 
 def test_confident_engine_does_nothing_and_bad_cards_are_skipped(setup):
@@ -94,7 +132,72 @@ def test_confident_engine_does_nothing_and_bad_cards_are_skipped(setup):
     (tmp / "skills" / "broken.lora.parquet").write_bytes(b"PAR1 not really")
     ev.skills.add("quartz zebra kettle sings", meta={"level": "L2", "file": "broken.lora.parquet",
                                                      "base_fingerprint": calm.fingerprint})
-    assert ev.adapters_for("quartz zebra kettle") == {}
-    text = " | ".join(ev.warnings)
+    m = calm.skills_for("quartz zebra kettle")
+    assert m["skills"] == [] and m["adapters"] == {} and m["patch"] is None
+    text = " | ".join(m["warnings"])
     assert "gone.lora.parquet" in text and "made for base 0000000000000000" in text and "broken.lora.parquet" in text
-    assert len(ev.warnings) == 3
+    assert len(m["warnings"]) == 3
+    g = calm.diffuse("quartz zebra kettle", length=48, steps=4)  # a bad card never stops a generation
+    assert g.skills == [] and len(g.warnings) == 3
+    with pytest.raises(ValueError, match="unknown evolution levels"):
+        Evolver(engine=calm, memory=mem, skills=tmp / "skills2", general_data=general,
+                config=EvolveConfig(levels=("L0", "L9")))
+
+
+KILL = textwrap.dedent("""
+    import json, os, signal, sys
+    sys.path[:0] = [sys.argv[1]]
+    import _train_path  # noqa: F401
+    import aios_rt
+    from aios_train import evolution, export
+    from aios_train.evolution import EvolveConfig, Evolver
+    where, tmp = sys.argv[2], sys.argv[3]
+    if where == "writing":      # killed halfway through writing the adapter file
+        real = export.pq.write_table
+        def half(table, path, **kw):
+            real(table.slice(0, max(1, table.num_rows // 2)), path, **kw)
+            os.kill(os.getpid(), signal.SIGKILL)
+        export.pq.write_table = half
+    else:                       # killed after the file is in place, before its skill cards are stored
+        real_add = aios_rt.MemoryStore.add_many
+        def add_many(self, texts, *a, **kw):
+            if kw.get("metas") and kw["metas"][0].get("level"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_add(self, texts, *a, **kw)
+        aios_rt.MemoryStore.add_many = add_many
+    mem = aios_rt.MemoryStore(tmp + "/memory")
+    eng = aios_rt.Engine(tmp + "/model", threads=1, memory=mem)
+    cfg = EvolveConfig(**json.loads(sys.argv[4]))
+    Evolver(engine=eng, memory=mem, skills=tmp + "/skills", general_data=tmp + "/general.jsonl", config=cfg).step(
+        "Quartz zebra kettle", json.loads(sys.argv[5]))
+    print("not killed")
+""")
+
+
+@pytest.mark.parametrize("where", ["writing", "storing"])
+def test_sigkill_while_storing_never_activates_a_half_written_skill(setup, where):
+    eng, mem, tmp, general, cfg = setup
+    mem.close()
+    here = str(__import__("pathlib").Path(__file__).parent)
+    cfg_json = json.dumps({k: getattr(cfg, k) for k in ("lora_steps", "lora_lr", "lora_batch", "general_windows",
+                                                          "eval_n_t", "gen_length", "gen_steps", "general_bound")}
+                          | {"levels": ["L2"]})
+    r = subprocess.run([sys.executable, "-c", KILL, here, where, str(tmp), cfg_json, json.dumps(DOMAIN)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == -9, r.stdout + r.stderr  # SIGKILL
+    files = sorted(p.name for p in (tmp / "skills").iterdir() if p.name != "cards")
+    if where == "writing":
+        # Only the staged file, under a name nothing looks for.
+        assert files and not any(f.endswith((".lora.parquet", ".patch.parquet")) for f in files), files
+    else:
+        assert len(files) == 1 and files[0].endswith(".lora.parquet"), files  # whole file, no card yet
+    skills = MemoryStore(tmp / "skills" / "cards")
+    assert len(skills) == 0
+    fresh = aios_rt.Engine(tmp / "model", threads=1, skills=skills)
+    m = fresh.skills_for("quartz zebra kettle")
+    assert m["skills"] == [] and m["warnings"] == []
+    # The next Evolver on the folder clears what a killed one staged.
+    skills.close()
+    Evolver(engine=fresh, memory=MemoryStore(tmp / "memory"), skills=tmp / "skills", general_data=general,
+            config=cfg).close()
+    assert not [p for p in (tmp / "skills").iterdir() if ".partial" in p.name]

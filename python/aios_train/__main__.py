@@ -60,7 +60,7 @@ def cmd_train_unified(a) -> None:
 
 def cmd_calibrate_uncertainty(a) -> None:
     from .tokenizer import load_tokenizer
-    from .uncertainty import InfillTask, calibrate
+    from .uncertainty import InfillTask, calibrate, parse_weights
     from .windows import windows_from_jsonl
 
     task = InfillTask(steps=a.steps)
@@ -68,7 +68,8 @@ def cmd_calibrate_uncertainty(a) -> None:
     windows = windows_from_jsonl(a.data, tok, task.length + 1)
     if len(windows) < a.windows:
         raise SystemExit(f"{a.data}: {len(windows)} windows of {task.length + 1} tokens, fewer than --windows {a.windows}")
-    cal = calibrate(a.model, windows[: a.windows], task, a.quantile, a.threads, source=f"{a.data}, first {a.windows} windows")
+    cal = calibrate(a.model, windows[: a.windows], task, a.quantile, a.threads,
+                    source=f"{a.data}, first {a.windows} windows", weights=parse_weights(a.weights))
     print(json.dumps(cal, indent=2))
 
 
@@ -116,7 +117,8 @@ def cmd_evolve(a) -> None:
     mem = aios_rt.MemoryStore(a.memory)
     eng = aios_rt.Engine(a.model, threads=a.threads, memory=mem)
     cfg = EvolveConfig(lora_steps=a.lora_steps, lora_minutes=a.lora_minutes, lora_lr=a.lora_lr,
-                       improve_margin=a.improve_margin,
+                       patch_steps=a.patch_steps, patch_minutes=a.patch_minutes, patch_top_k=a.patch_top_k,
+                       levels=tuple(a.levels.split(",")), improve_margin=a.improve_margin,
                        general_bound=a.general_bound, threads=a.threads or 1, force=a.force)
     ev = Evolver(engine=eng, memory=mem, skills=a.skills, general_data=a.general, config=cfg)
     rep = ev.step(prompt, texts)
@@ -124,8 +126,8 @@ def cmd_evolve(a) -> None:
         print(f"{lv.level}: {lv.outcome} ({lv.seconds:.1f} s) - {lv.reason}", file=sys.stderr)
     if rep.kept:
         g = ev.generate(prompt, length=64, steps=32, seed=0)
-        print(f"after: adapters {g.adapters}, uncertainty {g.uncertainty:.3f}, should_evolve {g.should_evolve}",
-              file=sys.stderr)
+        print(f"after: skills {g.skills}, adapters {g.adapters}, patch {g.patch}, uncertainty {g.uncertainty:.3f}, "
+              f"should_evolve {g.should_evolve}", file=sys.stderr)
     print(json.dumps(rep.to_dict(), indent=2, default=float))
     ev.close()
 
@@ -209,6 +211,17 @@ def cmd_lora(a) -> None:
                       "target_modules": r["config"]["target_modules"]}))
 
 
+def cmd_patch(a) -> None:
+    from .selective import PatchTrainArgs, train_patch
+    r = train_patch(PatchTrainArgs(
+        base=a.base, data=a.data, out=a.out, valid_data=a.valid_data, valid_fraction=a.valid_fraction,
+        top_k=a.top_k, modules=a.modules.split(",") if a.modules else None, steps=a.steps, batch_size=a.batch_size,
+        lr=a.lr, warmup=a.warmup, seed=a.seed, threads=a.threads, eval_n_t=a.eval_n_t,
+        time_limit_min=a.time_limit_min))
+    print(json.dumps({"out": a.out, "modules": r["modules"], "steps": r["steps"], "train_s": round(r["train_s"], 1),
+                      "val_nats_before": r["val_nats_before"], "val_nats_after": r["val_nats_after"]}))
+
+
 def cmd_import_peft(a) -> None:
     from .lora import import_peft
     tensors, cfg = import_peft(a.folder, a.base, a.out)
@@ -264,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--windows", type=int, default=200, help="infilling cases (the first N windows)")
     s.add_argument("--steps", type=int, default=24)
     s.add_argument("--quantile", type=float, default=0.975, help="share of in-domain generations below the threshold")
+    s.add_argument("--weights", default=None, help="component weights, e.g. entropy=1,surprisal=1,nll=1 (components "
+                                                   "left out count 0; default: all 1)")
     s.add_argument("--threads", type=int, default=None)
     s.set_defaults(fn=cmd_calibrate_uncertainty)
 
@@ -290,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(fn=cmd_train_memory)
 
     s = sub.add_parser("evolve", help="one pass of the self-evolution loop: uncertain? -> L0 memories -> L2 LoRA -> "
-                                      "validate -> store a skill")
+                                      "L3 tensor patch -> validate -> store a skill")
     s.add_argument("--model", required=True, help="model folder")
     s.add_argument("--memory", required=True, help="memory store folder (created if missing)")
     s.add_argument("--skills", required=True, help="skills folder: adapters + skill cards (created if missing)")
@@ -300,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--lora-steps", type=int, default=200)
     s.add_argument("--lora-minutes", type=float, default=5.0)
     s.add_argument("--lora-lr", type=float, default=2e-3)
+    s.add_argument("--patch-steps", type=int, default=200)
+    s.add_argument("--patch-minutes", type=float, default=5.0)
+    s.add_argument("--patch-top-k", type=int, default=4, help="L3: block modules unfrozen")
+    s.add_argument("--levels", default="L0,L2,L3", help="levels to try, cheapest first")
     s.add_argument("--improve-margin", type=float, default=0.05, help="nats/token the context must improve by")
     s.add_argument("--general-bound", type=float, default=0.02, help="nats/token general text may degrade by")
     s.add_argument("--force", action="store_true", help="adapt even when the engine is confident")
@@ -420,6 +439,28 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--save-peft", default=None, metavar="DIR", help="also save the peft adapter folder (save_pretrained)")
     s.add_argument("--time-limit-min", type=float, default=None, help="stop training early after this many minutes")
     s.set_defaults(fn=cmd_lora)
+
+    s = sub.add_parser("patch", help="selective fine-tuning: train the modules gradient attribution picks -> tensor "
+                                     "patch (aios.kind = patch)",
+                       description="Pick the block modules with the largest relative gradient norm on --data "
+                                   "(Auto-RGN), train only those with MDLM's loss, and write just their tensors as a "
+                                   "patch the runtime overlays on the base (Engine.load_patch, aios-run --patch).")
+    s.add_argument("--base", required=True, help="model folder (model.f32.parquet + tokenizer.json) or a .parquet")
+    s.add_argument("--data", required=True, help=".txt file, .jsonl file or a folder of them")
+    s.add_argument("--out", required=True, help="patch file to write, e.g. notes.patch.parquet")
+    s.add_argument("--top-k", type=int, default=4, help="modules to unfreeze")
+    s.add_argument("--modules", default=None, help="comma-separated modules to train instead (blocks.0.mlp.2,...)")
+    s.add_argument("--steps", type=int, default=200)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--lr", type=float, default=5e-4)
+    s.add_argument("--warmup", type=int, default=20)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--valid-fraction", type=float, default=0.05)
+    s.add_argument("--valid-data", default=None)
+    s.add_argument("--eval-n-t", type=int, default=16)
+    s.add_argument("--time-limit-min", type=float, default=None)
+    s.set_defaults(fn=cmd_patch)
 
     s = sub.add_parser("import-peft", help="PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) -> aios adapter",
                        description="Convert a PEFT LoRA adapter folder trained on an aios DiT into the aios adapter "

@@ -2,8 +2,8 @@
 the adaptation helped, keep it as a skill, and reuse it for similar prompts later.
 
     ev = Evolver(engine=eng, memory=mem, skills="~/.aios/skills")
-    report = ev.step(prompt, context_texts)     # uncertain? -> L0 -> (L1) -> L2 -> validate -> store or discard
-    g = ev.generate(prompt, length=64)          # activates the matching skills' adapters (g.adapters)
+    report = ev.step(prompt, context_texts)     # uncertain? -> L0 -> (L1) -> L2 -> L3 -> validate -> store or discard
+    g = eng.diffuse(prompt, length=64)          # the engine activates matching skills (g.skills, g.adapters, g.patch)
 
 Levels, cheapest first:
 - L0, no training: the context goes into the memory store and the prompt is generated again with memory
@@ -15,12 +15,20 @@ Levels, cheapest first:
   reference with and without the adapter on the same windows, t-samples and seeds. A kept adapter is written to
   the skills folder with a skill card in the skills store (a MemoryStore whose text is the context, meta: level,
   metrics, file, base fingerprint); a refused one is deleted and the engine is left as it was.
-- L3, selective fine-tuning with a tensor patch: not available yet; reported as skipped.
+- L3, selective fine-tuning (`aios_train.selective`): the `patch_top_k` block modules with the largest relative
+  gradient norm on the context (Auto-RGN) are trained, the rest stay frozen, and only those tensors are written as
+  a tensor patch (`aios.kind = patch`). Validated exactly like L2 (same margin and bound, the patched model against
+  the base on the same windows), stored as a skill card with level L3, or deleted.
 
-Reuse: `adapters_for(prompt)` searches the skill cards with the prompt and returns every skill whose card scores
-at least `activate_threshold` (MiniLM cosine), fits this base (fingerprint) and whose adapter file loads;
-`generate` activates exactly those for one generation. Cards for another base or with a missing or corrupt file
-are skipped and listed in `warnings`.
+Every kept adaptation is written under a temporary name and renamed into place, then its cards are added; the
+cards are the only way a skill is found, so a process killed at any point leaves at worst an unused file, never
+a card pointing at a half-written one.
+
+Reuse happens in the runtime: the Evolver attaches its skills store to the engine (`engine.set_skills`), and every
+later text generation activates the skills whose cards score at least `activate_threshold` (MiniLM cosine with
+the prompt), fit this base (fingerprint) and whose file loads: adapters in `g.adapters`, a patch in `g.patch`, names
+in `g.skills`. Cards for another base or with a missing or corrupt file are skipped, listed in `g.warnings`.
+`engine.skills_for(prompt)` says what a prompt would activate without generating.
 """
 
 from __future__ import annotations
@@ -48,6 +56,11 @@ class EvolveConfig:
     eval_n_t: int = 8
     memory_k: int = 3
     memory_guidance: float = 1.0
+    patch_top_k: int = 4              # L3: block modules unfrozen (by relative gradient norm)
+    patch_steps: int = 200
+    patch_minutes: float = 5.0
+    patch_lr: float = 5e-4
+    levels: tuple[str, ...] = ("L0", "L2", "L3")  # levels tried, cheapest first (L1 arrives with ControlNet)
     activate_threshold: float = 0.45  # skill card cosine needed to activate its adapter
     gen_length: int = 64
     gen_steps: int = 32
@@ -85,13 +98,19 @@ class Evolver:
         self.engine = engine
         self.memory = memory
         self.cfg = config or EvolveConfig()
+        unknown = [lv for lv in self.cfg.levels if lv not in ("L0", "L1", "L2", "L3")]
+        if unknown:
+            raise ValueError(f"unknown evolution levels {unknown}; choose from L0, L2, L3 (L1 is not available yet)")
         self.skills_dir = Path(skills).expanduser()
         self.skills_dir.mkdir(parents=True, exist_ok=True)
         self.skills = aios_rt.MemoryStore(self.skills_dir / "cards")
+        # Holding the store's writer lock, no other Evolver works here: what is staged is a killed run's leftover.
+        for stale in self.skills_dir.glob(".skill-*.partial*"):
+            stale.unlink(missing_ok=True)
+        engine.set_skills(self.skills, self.cfg.activate_threshold)
         self.model_path = Path(engine.info["path"])
         self.fingerprint = engine.fingerprint
         self.general_data = Path(general_data)
-        self.warnings: list[str] = []
 
     # ------------------------------------------------------------------ the loop
     def step(self, prompt: str, context_texts: list[str]) -> Report:
@@ -105,12 +124,15 @@ class Evolver:
             rep.levels.append(LevelResult("none", "skipped", "the engine is confident (should_evolve is "
                                           f"{g.should_evolve}); nothing to adapt"))
             return rep
-        if self._level0(prompt, context_texts, rep):
-            return rep
-        rep.levels.append(LevelResult("L1", "skipped", "ControlNet adaptation is not available yet"))
-        if self._level2(context_texts, rep):
-            return rep
-        rep.levels.append(LevelResult("L3", "skipped", "selective fine-tuning (tensor patches) is not available yet"))
+        for level, run in (("L0", lambda: self._level0(prompt, context_texts, rep)), ("L1", None),
+                           ("L2", lambda: self._train_level("L2", context_texts, rep)),
+                           ("L3", lambda: self._train_level("L3", context_texts, rep))):
+            if run is None:
+                rep.levels.append(LevelResult(level, "skipped", "ControlNet adaptation is not available yet"))
+            elif level not in c.levels:
+                rep.levels.append(LevelResult(level, "skipped", f"not in EvolveConfig.levels {c.levels}"))
+            elif run():
+                return rep
         return rep
 
     def _level0(self, prompt: str, texts: list[str], rep: Report) -> bool:
@@ -131,55 +153,74 @@ class Evolver:
         rep.levels.append(LevelResult("L0", "refused", why, time.time() - t0, m))
         return False
 
-    def _level2(self, texts: list[str], rep: Report) -> bool:
-        from .lora import LoraTrainArgs, train_lora
+    def _train_level(self, level: str, texts: list[str], rep: Report) -> bool:
+        """L2 (LoRA) or L3 (tensor patch): train on the context, validate, store as a skill or discard."""
         c = self.cfg
         t0 = time.time()
         docs = [t.strip() for t in texts]
         n_valid = max(1, int(round(len(docs) * c.valid_fraction)))
         if len(docs) < 2:
-            rep.levels.append(LevelResult("L2", "skipped", "needs at least 2 context texts (one held out)"))
+            rep.levels.append(LevelResult(level, "skipped", "needs at least 2 context texts (one held out)"))
             return False
         train_docs, valid_docs = docs[:-n_valid], docs[-n_valid:]
         name = f"skill-{int(time.time() * 1000)}"
-        out = self.skills_dir / f"{name}.lora.parquet"
-        with tempfile.TemporaryDirectory() as tmp:
-            tr, va = Path(tmp) / "train.jsonl", Path(tmp) / "valid.jsonl"
-            tr.write_text("".join(json.dumps({"text": d}) + "\n" for d in train_docs))
-            va.write_text("".join(json.dumps({"text": d}) + "\n" for d in valid_docs))
-            r = train_lora(LoraTrainArgs(base=str(self.model_path.parent), data=str(tr), valid_data=str(va),
-                                         out=str(out), rank=c.lora_rank, lr=c.lora_lr, steps=c.lora_steps,
-                                         batch_size=c.lora_batch, warmup=min(20, max(1, c.lora_steps // 10)),
-                                         threads=c.threads, time_limit_min=c.lora_minutes, eval_n_t=c.eval_n_t,
-                                         progress=False))
-        general = self._general_change(r["peft_model"])
-        ctx_gain = (r["val_nats_before"] - r["val_nats_after"]) if r["val_nats_before"] is not None else None
-        m = {"context_nats_before": r["val_nats_before"], "context_nats_after": r["val_nats_after"],
-             "context_gain": ctx_gain, **general, "lora_steps": r["steps"], "train_s": round(r["train_s"], 1)}
-        ok_ctx = ctx_gain is not None and ctx_gain >= c.improve_margin
-        ok_gen = general["general_change"] <= c.general_bound
-        if not (ok_ctx and ok_gen):
-            out.unlink(missing_ok=True)
-            why = []
-            if not ok_ctx:
-                why.append(f"context loss improved by {ctx_gain:.4f} < margin {c.improve_margin}")
-            if not ok_gen:
-                why.append(f"general loss rose by {general['general_change']:.4f} > bound {c.general_bound}")
-            rep.levels.append(LevelResult("L2", "refused", "; ".join(why), time.time() - t0, m))
-            return False
-        card_meta = {"skill": name, "level": "L2", "file": out.name, "base_fingerprint": self.fingerprint,
+        suffix = ".lora.parquet" if level == "L2" else ".patch.parquet"
+        out = self.skills_dir / f"{name}{suffix}"
+        staged = self.skills_dir / f".{name}{suffix}.partial"
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                tr, va = Path(tmp) / "train.jsonl", Path(tmp) / "valid.jsonl"
+                tr.write_text("".join(json.dumps({"text": d}) + "\n" for d in train_docs))
+                va.write_text("".join(json.dumps({"text": d}) + "\n" for d in valid_docs))
+                if level == "L2":
+                    from .lora import LoraTrainArgs, train_lora
+                    r = train_lora(LoraTrainArgs(
+                        base=str(self.model_path.parent), data=str(tr), valid_data=str(va), out=str(staged),
+                        rank=c.lora_rank, lr=c.lora_lr, steps=c.lora_steps, batch_size=c.lora_batch,
+                        warmup=min(20, max(1, c.lora_steps // 10)), threads=c.threads, time_limit_min=c.lora_minutes,
+                        eval_n_t=c.eval_n_t, progress=False))
+                    general = self._general_change(r["peft_model"])
+                else:
+                    from .selective import PatchTrainArgs, train_patch
+                    r = train_patch(PatchTrainArgs(
+                        base=str(self.model_path.parent), data=str(tr), valid_data=str(va), out=str(staged),
+                        top_k=c.patch_top_k, lr=c.patch_lr, steps=c.patch_steps, batch_size=c.lora_batch,
+                        warmup=min(20, max(1, c.patch_steps // 10)), threads=c.threads,
+                        time_limit_min=c.patch_minutes, eval_n_t=c.eval_n_t, progress=False))
+                    general = self._general_change(r["model"], base=True)
+            ctx_gain = (r["val_nats_before"] - r["val_nats_after"]) if r["val_nats_before"] is not None else None
+            m = {"context_nats_before": r["val_nats_before"], "context_nats_after": r["val_nats_after"],
+                 "context_gain": ctx_gain, **general, "steps": r["steps"], "train_s": round(r["train_s"], 1)}
+            if level == "L3":
+                m["modules"] = r["modules"]
+            ok_ctx = ctx_gain is not None and ctx_gain >= c.improve_margin
+            ok_gen = general["general_change"] <= c.general_bound
+            if not (ok_ctx and ok_gen):
+                why = []
+                if not ok_ctx:
+                    why.append(f"context loss improved by {ctx_gain:.4f} < margin {c.improve_margin}")
+                if not ok_gen:
+                    why.append(f"general loss rose by {general['general_change']:.4f} > bound {c.general_bound}")
+                rep.levels.append(LevelResult(level, "refused", "; ".join(why), time.time() - t0, m))
+                return False
+            staged.replace(out)  # atomic: the final name only ever holds a whole, validated file
+        finally:
+            staged.unlink(missing_ok=True)
+        card_meta = {"skill": name, "level": level, "file": out.name, "base_fingerprint": self.fingerprint,
                      "metrics": m, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         # One card per context document (MiniLM reads 256 tokens): a prompt matches the skill when it is close to
-        # any of the texts the skill was trained on.
+        # any of the texts the skill was trained on. The cards go in last: until then nothing can find the file.
         ids = self.skills.add_many([d[:1000] for d in docs[:MAX_CARDS]], metas=[card_meta] * min(len(docs), MAX_CARDS))
         rep.skill, rep.skill_id = name, ids[0]
-        rep.levels.append(LevelResult("L2", "kept", f"context loss -{ctx_gain:.4f} nats/token, general "
+        rep.levels.append(LevelResult(level, "kept", f"context loss -{ctx_gain:.4f} nats/token, general "
                                       f"{general['general_change']:+.4f}", time.time() - t0, m))
-        rep.kept = "L2"
+        rep.kept = level
         return True
 
-    def _general_change(self, peft_model) -> dict:
-        """General held-out loss with the adapter minus without it (same windows, t-samples and seeds)."""
+    def _general_change(self, model, base: bool = False) -> dict:
+        """General held-out loss with the adaptation minus without it (same windows, t-samples and seeds).
+        `model` is a peft model (its adapter disabled for the baseline) or, with `base`, a patched model (the
+        baseline is the base reloaded from its file)."""
         from .evaluate import diffusion_nelbo
         from .tokenizer import load_tokenizer
         from .windows import windows_from_jsonl
@@ -191,49 +232,27 @@ class Evolver:
         mask = self.engine.mask_token_id
         length = json.loads(self.engine.config_json)["max_length"]
         w = windows_from_jsonl(self.general_data, tok, length)[: cfg.general_windows]
-        peft_model.eval()
-        with_ad = diffusion_nelbo(peft_model, w, mask, n_t=cfg.eval_n_t, seed=0, progress=False)["nats_per_token"]
-        with peft_model.disable_adapter():
-            base = diffusion_nelbo(peft_model, w, mask, n_t=cfg.eval_n_t, seed=0, progress=False)["nats_per_token"]
-        return {"general_nats_base": base, "general_nats_adapter": with_ad, "general_change": with_ad - base}
+        model.eval()
+        with_ad = diffusion_nelbo(model, w, mask, n_t=cfg.eval_n_t, seed=0, progress=False)["nats_per_token"]
+        if base:
+            from .export import load_model
+            ref = load_model(self.model_path)[0]
+            without = diffusion_nelbo(ref, w, mask, n_t=cfg.eval_n_t, seed=0, progress=False)["nats_per_token"]
+        else:
+            with model.disable_adapter():
+                without = diffusion_nelbo(model, w, mask, n_t=cfg.eval_n_t, seed=0, progress=False)["nats_per_token"]
+        return {"general_nats_base": without, "general_nats_adapter": with_ad, "general_change": with_ad - without}
 
     # ------------------------------------------------------------------ reuse
-    def adapters_for(self, prompt: str) -> dict[str, float]:
-        """name -> weight of the stored skills that fit `prompt` (loaded into the engine on first use)."""
-        if len(self.skills) == 0:
-            return {}
-        out: dict[str, float] = {}
-        for hit in self.skills.search(prompt, k=16):
-            if hit.score < self.cfg.activate_threshold:
-                continue
-            meta = hit.meta or {}
-            name = str(meta.get("skill", f"skill{hit.id}"))
-            if name in out:
-                continue
-            if meta.get("base_fingerprint") != self.fingerprint:
-                self._warn(f"skill {name}: made for base {meta.get('base_fingerprint')}, this is {self.fingerprint}")
-                continue
-            if name not in self.engine.loaded_adapters:
-                try:
-                    self.engine.load_adapter(self.skills_dir / str(meta.get("file")), name=name, weight=None)
-                except Exception as e:  # a missing or corrupt adapter file: skip the skill, keep going
-                    self._warn(f"skill {name}: adapter {meta.get('file')!r} cannot be loaded: {e}")
-                    continue
-            out[name] = 1.0
-        return out
-
     def generate(self, prompt: str, **kw):
-        """`engine.diffuse(prompt, **kw)` with exactly the matching skills' adapters active (g.adapters)."""
-        self.engine.set_adapters(self.adapters_for(prompt))
+        """`engine.diffuse(prompt, **kw)`: the engine activates the matching skills (g.skills, g.adapters, g.patch)."""
         return self.engine.diffuse(prompt, **kw)
 
     def close(self) -> None:
-        """Releases the skills store (one writer per store: another Evolver can open it afterwards)."""
+        """Detaches the skills store from the engine and releases it (one writer per store: another Evolver can
+        open it afterwards)."""
+        self.engine.set_skills(None)
         self.skills.close()
-
-    def _warn(self, msg: str) -> None:
-        if msg not in self.warnings:
-            self.warnings.append(msg)
 
 
 __all__ = ["EvolveConfig", "Evolver", "LevelResult", "Report"]

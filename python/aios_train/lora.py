@@ -409,13 +409,6 @@ class LoraTrainArgs:
     progress: bool = True
 
 
-def _lr_at(step: int, a: LoraTrainArgs) -> float:
-    if step < a.warmup:
-        return a.lr * (step + 1) / a.warmup
-    p = min(1.0, (step - a.warmup) / max(1, a.steps - a.warmup))
-    return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
-
-
 def _log(msg: str, progress: bool) -> None:
     from tqdm import tqdm
     if progress:
@@ -430,7 +423,7 @@ def train_lora(a: LoraTrainArgs) -> dict:
     from .evaluate import diffusion_nelbo
     from .schedule import diffusion_loss
     from .tokenizer import load_tokenizer
-    from .train import batch_indices
+    from .train import batch_indices, lr_at
     from .windows import make_windows
 
     if a.rank < 1 or a.steps < 0 or a.batch_size < 1 or not 0 <= a.dropout < 1 or not 0 <= a.valid_fraction < 1:
@@ -492,7 +485,7 @@ def train_lora(a: LoraTrainArgs) -> dict:
     stopped_early = False
     for step in range(a.steps):
         x0 = data[batch_indices(step, data.shape[0], a.batch_size, a.seed)]
-        lr = _lr_at(step, a)
+        lr = lr_at(step, a)
         for g in opt.param_groups:
             g["lr"] = lr
         nll, _ = diffusion_loss(pm, x0, mask_id, gen)

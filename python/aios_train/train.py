@@ -73,8 +73,9 @@ class TrainArgs:
         return d
 
 
-def lr_at(step: int, a: TrainArgs) -> float:
-    """Linear warmup then cosine decay to min_lr_ratio * lr at the last step."""
+def lr_at(step: int, a) -> float:
+    """Linear warmup then cosine decay to min_lr_ratio * lr at the last step. `a` is any run config with lr,
+    warmup, steps and min_lr_ratio (TrainArgs, LoraTrainArgs, PatchTrainArgs, ...): the one schedule of the package."""
     if step < a.warmup:
         return a.lr * (step + 1) / a.warmup
     p = min(1.0, (step - a.warmup) / max(1, a.steps - a.warmup))

@@ -11,6 +11,7 @@ held-out span, and writes `uncertainty.json` beside the model, where the engine 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,9 +91,30 @@ def fit(rows: list[dict], quantile: float = 0.975, weights: dict[str, float] | N
     return {"components": comps, "threshold": float(np.quantile(scalars, quantile)), "quantile": quantile}
 
 
+def parse_weights(spec: str | None) -> dict[str, float] | None:
+    """`entropy=1,surprisal=1,nll=2` -> {component: weight}; components left out get weight 0 (None: all 1)."""
+    if not spec:
+        return None
+    out: dict[str, float] = {}
+    for part in spec.split(","):
+        name, sep, w = part.partition("=")
+        name = name.strip()
+        if not sep or name not in COMPONENTS:
+            raise ValueError(f"weights term {part!r}: expected COMPONENT=WEIGHT with COMPONENT in {', '.join(COMPONENTS)}")
+        try:
+            val = float(w)
+        except ValueError as e:
+            raise ValueError(f"weights term {part!r}: {w!r} is not a number") from e
+        if not math.isfinite(val) or val < 0:
+            raise ValueError(f"weights term {part!r}: weights must be finite and >= 0")
+        out[name] = val
+    return out
+
+
 def calibrate(model: str | Path, windows: np.ndarray, task: InfillTask = InfillTask(), quantile: float = 0.975,
-              threads: int | None = None, source: str = "") -> dict:
-    """Measures the components on `windows` (held-out, in-domain) and writes `<model>/uncertainty.json`."""
+              threads: int | None = None, source: str = "", weights: dict[str, float] | None = None) -> dict:
+    """Measures the components on `windows` (held-out, in-domain) and writes `<model>/uncertainty.json`.
+    `weights` (component -> weight, missing = 0; default all 1) sets how much each component counts."""
     import aios_rt
     from .tokenizer import BOS_ID
 
@@ -113,7 +135,7 @@ def calibrate(model: str | Path, windows: np.ndarray, task: InfillTask = InfillT
         if stale.exists():
             stale.rename(target)
         raise
-    cal = fit(rows, quantile)
+    cal = fit(rows, quantile, weights)
     cal.update({"task": {"kind": "infill", **task.__dict__}, "windows": int(len(windows)), "data": source,
                 "seconds": round(time.time() - t0, 1),
                 "note": "written by python -m aios_train calibrate-uncertainty; read by the runtime at load"})

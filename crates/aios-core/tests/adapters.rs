@@ -225,3 +225,38 @@ fn hot_swap_under_load_never_mixes_adapter_sets() {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
     });
 }
+
+#[test]
+fn composition_terms_pick_adapter_sets() {
+    use aios_core::sampler::{Term, View};
+    let f = fixture();
+    let e = open(&f.f32);
+    e.load_adapter(&f.a, "a", None).unwrap();
+    let mut canvas = vec![3u32; 32];
+    canvas[0] = 1;
+    canvas[1] = 9;
+    let opts = |compose: Vec<Term>| SamplerOptions { steps: 8, seed: 2, compose, ..Default::default() };
+    let run = |o: &SamplerOptions| e.generate_tokens(canvas.clone(), o, &mut |_| {}).unwrap();
+    let plain = run(&opts(vec![]));
+    // A single term with adapter set {a} is the generation with a active.
+    let via_term = run(&opts(vec![Term::parse("full@a", 1.0).unwrap()]));
+    e.set_adapters(&BTreeMap::from([("a".into(), 1.0)])).unwrap();
+    let active = run(&opts(vec![]));
+    assert_eq!(via_term.tokens, active.tokens);
+    assert_ne!(active.tokens, plain.tokens, "the adapter should change the output");
+    // `full@none` is the bare base whatever is active.
+    assert_eq!(run(&opts(vec![Term::parse("full@none", 1.0).unwrap()])).tokens, plain.tokens);
+    // Adapter guidance mixes both sets in one step and is deterministic.
+    let guided = vec![Term::new(View::Full, 3.0), Term::parse("full@none", -2.0).unwrap()];
+    let g1 = run(&opts(guided.clone()));
+    assert_eq!(g1.tokens, run(&opts(guided)).tokens);
+    assert_eq!(g1.forward_passes, active.forward_passes);
+    // Unknown names and bad keys are input errors.
+    let bad = opts(vec![Term::parse("full@nope", 1.0).unwrap()]);
+    assert!(matches!(e.generate_tokens(canvas.clone(), &bad, &mut |_| {}), Err(Error::Input(m)) if m.contains("nope")));
+    assert!(matches!(Term::parse("full@a+a", 1.0), Err(Error::Input(_))));
+    assert!(matches!(Term::parse("full@", 1.0), Err(Error::Input(_))));
+    assert!(matches!(Term::parse("sideways@a", 1.0), Err(Error::Input(_))));
+    let dup = opts(vec![Term::parse("full@a", 0.5).unwrap(), Term::parse("full@a", 0.5).unwrap()]);
+    assert!(matches!(dup.validate(), Err(Error::Input(_))));
+}

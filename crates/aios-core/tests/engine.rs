@@ -94,6 +94,8 @@ fn bad_requests_are_clear_errors() {
         length: 8,
         sampler: opts,
         memory: Default::default(),
+        adapters: None,
+        use_skills: false,
     };
     assert!(matches!(e.generate_text(&req, &mut |_| {}), Err(Error::Tokenizer(_))));
     assert!(matches!(Engine::open(dir.path().join("nope"), &EngineOptions::default()), Err(Error::Io { .. })));

@@ -31,6 +31,8 @@ fn observe(dtype: &str) -> (u32, Vec<u32>) {
         length: 48,
         sampler: SamplerOptions { strategy: Strategy::Ancestral, steps: 24, top_p: 0.8, seed: 3, ..Default::default() },
         memory: Default::default(),
+        adapters: None,
+        use_skills: false,
     };
     let g = e.generate_text(&req, &mut |_| {}).unwrap();
     (fingerprint(&logits), g.tokens)

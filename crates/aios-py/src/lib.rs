@@ -12,7 +12,7 @@ use aios_core::format::{DType, WeightFile};
 use aios_core::model::Modality;
 use aios_core::quant::{self, MatmulMode};
 use aios_core::sampler::continuous::ContinuousSampler;
-use aios_core::sampler::{SamplerOptions, Strategy, Term, View};
+use aios_core::sampler::{SamplerOptions, Strategy, Term};
 use aios_core::{Engine as CoreEngine, EngineOptions, Error, MemorySource, TextRequest};
 mod memory;
 
@@ -202,6 +202,15 @@ struct Generation {
     /// name -> weight of the adapters this generation ran with.
     #[pyo3(get)]
     adapters: HashMap<String, f32>,
+    /// The tensor patch it ran on (None: the base weights).
+    #[pyo3(get)]
+    patch: Option<String>,
+    /// Stored skills activated for it (their adapters / patch are in `adapters` / `patch`).
+    #[pyo3(get)]
+    skills: Vec<String>,
+    /// Skill cards that matched but were skipped, and why.
+    #[pyo3(get)]
+    warnings: Vec<String>,
     #[pyo3(get)]
     timings: HashMap<String, f64>,
     /// The generated modalities, e.g. ["text", "image"].
@@ -348,6 +357,9 @@ impl From<aios_core::Generation> for Generation {
             steps_run: g.steps_run,
             forward_passes: g.forward_passes,
             adapters: g.adapters.into_iter().collect(),
+            patch: g.patch,
+            skills: g.skills,
+            warnings: g.warnings,
             timings,
             modalities: g.modalities.iter().map(|m| m.name()).collect(),
             image: g.image,
@@ -469,21 +481,19 @@ fn bool_mask(v: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<Option<Vec<bo
     Ok(Some(vals.iter().map(|&x| x != 0.0).collect()))
 }
 
-/// `compose=`: {"full": w, "no_memory": w, "unconditional": w}, parsed once.
+/// `compose=`: {"full": w, "no_memory": w, "unconditional": w, "full@name": w,
+/// "full@none": w, ...}, parsed once (terms in key order, so the sum is
+/// computed in the same order on every call).
 struct Compose(Vec<Term>);
 
 impl<'a, 'py> FromPyObject<'a, 'py> for Compose {
     type Error = PyErr;
 
     fn extract(ob: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
-        let d: HashMap<String, f64> = ob.extract().map_err(|_| {
+        let d: std::collections::BTreeMap<String, f64> = ob.extract().map_err(|_| {
             input_error("compose must be a dict of view name -> weight, e.g. {\"full\": 1.5, \"no_memory\": -0.5}")
         })?;
-        let mut terms = d
-            .iter()
-            .map(|(k, &w)| Ok(Term { view: View::parse(k).map_err(to_py)?, weight: w }))
-            .collect::<PyResult<Vec<_>>>()?;
-        terms.sort_by_key(|t| t.view);
+        let terms = d.iter().map(|(k, &w)| Term::parse(k, w).map_err(to_py)).collect::<PyResult<Vec<_>>>()?;
         Ok(Compose(terms))
     }
 }
@@ -527,6 +537,10 @@ fn sampler_options(
     Ok(o)
 }
 
+/// Cosine a skill card needs with the prompt to activate its skill (MiniLM
+/// scores related paraphrases ~0.5-0.8 and unrelated text below ~0.3).
+const DEFAULT_SKILL_THRESHOLD: f32 = 0.45;
+
 /// The core store behind an `aios_rt.MemoryStore` (or its native object).
 fn memory_store(v: Option<&Bound<'_, PyAny>>) -> PyResult<Option<std::sync::Arc<aios_core::memory::MemoryStore>>> {
     let Some(v) = v.filter(|v| !v.is_none()) else { return Ok(None) };
@@ -540,7 +554,9 @@ fn memory_store(v: Option<&Bound<'_, PyAny>>) -> PyResult<Option<std::sync::Arc<
 #[pymethods]
 impl Engine {
     #[new]
-    #[pyo3(signature = (path, threads=None, dtype=None, matmul="auto", memory=None))]
+    #[pyo3(signature = (path, threads=None, dtype=None, matmul="auto", memory=None, skills=None,
+                        skill_threshold=DEFAULT_SKILL_THRESHOLD))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         path: PyPath,
@@ -548,8 +564,11 @@ impl Engine {
         dtype: Option<&str>,
         matmul: &str,
         memory: Option<&Bound<'_, PyAny>>,
+        skills: Option<&Bound<'_, PyAny>>,
+        skill_threshold: f32,
     ) -> PyResult<Self> {
         let store = memory_store(memory)?;
+        let skills = memory_store(skills)?;
         let threads = opt_count(threads, "threads")?;
         let matmul = MatmulMode::parse(matmul).ok_or_else(|| {
             input_error(format!("unknown matmul mode {matmul:?}; use auto, int8, dequantize or quantized"))
@@ -557,7 +576,37 @@ impl Engine {
         let opts = EngineOptions { threads, dtype: dtype.map(parse_dtype).transpose()?, matmul };
         let inner = run(py, || CoreEngine::open(&path, &opts))?;
         inner.set_memory(store);
+        inner.set_skills(skills, skill_threshold).map_err(to_py)?;
         Ok(Engine { inner })
+    }
+
+    /// Attaches the skills store (an `aios_rt.MemoryStore` of skill cards at
+    /// `<skills>/cards`, written by `aios_train.evolution.Evolver`; None
+    /// detaches it). Every later text generation activates the skills whose
+    /// cards reach `threshold` (MiniLM cosine with the prompt): `g.skills`,
+    /// with their adapters in `g.adapters` and patch in `g.patch`.
+    #[pyo3(signature = (skills, threshold=DEFAULT_SKILL_THRESHOLD))]
+    fn set_skills(&self, skills: Option<&Bound<'_, PyAny>>, threshold: f32) -> PyResult<()> {
+        self.inner.set_skills(memory_store(skills)?, threshold).map_err(to_py)
+    }
+
+    /// What `prompt` would activate from the skills store, without
+    /// generating: {"skills": [...], "adapters": {name: weight}, "patch":
+    /// name or None, "warnings": [...]} (files load on first use).
+    fn skills_for<'py>(&self, py: Python<'py>, prompt: &str) -> PyResult<Bound<'py, PyDict>> {
+        let m = run(py, || self.inner.match_skills(prompt))?;
+        let d = PyDict::new(py);
+        d.set_item("skills", m.names)?;
+        d.set_item("adapters", m.adapters.into_iter().collect::<HashMap<_, _>>())?;
+        d.set_item("patch", m.patch)?;
+        d.set_item("warnings", m.warnings)?;
+        Ok(d)
+    }
+
+    /// Whether a skills store is attached.
+    #[getter]
+    fn has_skills(&self) -> bool {
+        self.inner.skills_store().is_some()
     }
 
     /// Attaches the `aios_rt.MemoryStore` that `diffuse(memory_k=...)` searches
@@ -589,11 +638,13 @@ impl Engine {
     /// `compose` mixes the logits of several views of the canvas per step,
     /// e.g. `{"full": 1 + w, "no_memory": -w}` (memory guidance) or
     /// `{"full": 1 + w, "unconditional": -w}` (= `guidance=w`); weights sum to 1.
+    /// `adapters` ({name: weight} of loaded adapters) replaces the engine's
+    /// active set for this call only; `skills=False` skips the skills store.
     #[pyo3(signature = (prompt="", modality=Modalities(vec![Modality::Text]), length=None, steps=None,
                         sampler=SamplerChoice::Text(Strategy::Confidence), seed=None, block_length=None,
                         guidance=0.0, temperature=1.0, top_p=1.0, threshold=0.9, suffix=None, image=None, image_mask=None, audio=None,
                         audio_mask=None, text_length=None, eta=0.0, likelihood_samples=None, memory_k=None,
-                        memories=None, compose=None))]
+                        memories=None, compose=None, adapters=None, skills=true))]
     #[allow(clippy::too_many_arguments)]
     fn diffuse(
         &self,
@@ -620,6 +671,8 @@ impl Engine {
         memory_k: Option<&Bound<'_, PyAny>>,
         memories: Option<Vec<String>>,
         compose: Option<Compose>,
+        adapters: Option<std::collections::BTreeMap<String, f32>>,
+        skills: bool,
     ) -> PyResult<Generation> {
         let (strategy, continuous) = match sampler {
             SamplerChoice::Text(s) => (s, ContinuousSampler::Ddim),
@@ -657,11 +710,16 @@ impl Engine {
                 length: count_or(length, DEFAULT_LENGTH, "length")?,
                 sampler,
                 memory,
+                adapters,
+                use_skills: skills,
             };
             return Ok(run(py, || self.inner.generate_text(&req, &mut |_| {}))?.into());
         }
         if memory_k.is_some_and(|m| !m.is_none()) || memories.is_some() {
             return Err(input_error("memories condition text-only generation"));
+        }
+        if adapters.is_some() {
+            return Err(input_error("a per-call adapter set is for text-only generation (use set_adapters)"));
         }
         if suffix.is_some() {
             return Err(input_error("suffix is for text-only generation"));
@@ -880,6 +938,42 @@ impl Engine {
     #[getter]
     fn loaded_adapters(&self) -> Vec<String> {
         self.inner.adapters().1
+    }
+
+    /// Loads a tensor patch (`aios.kind = patch`, from selective fine-tuning)
+    /// without reloading the model; `activate` makes later generations run
+    /// on it. Each loaded patch holds one more copy of the model in memory.
+    #[pyo3(signature = (path, name=None, activate=true))]
+    fn load_patch(&self, py: Python<'_>, path: PyPath, name: Option<String>, activate: bool) -> PyResult<String> {
+        let name = name.unwrap_or_else(|| {
+            let stem = path.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
+            stem.split('.').next().unwrap_or("patch").to_string()
+        });
+        run(py, || self.inner.load_patch(&path, &name, activate))?;
+        Ok(name)
+    }
+
+    /// Runs later generations on the loaded patch `name`, or with None on the base weights.
+    #[pyo3(signature = (name))]
+    fn set_patch(&self, py: Python<'_>, name: Option<String>) -> PyResult<()> {
+        run(py, || self.inner.set_patch(name.as_deref()))
+    }
+
+    /// Drops a loaded patch (the base weights are back if it was active).
+    fn unload_patch(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        run(py, || self.inner.unload_patch(name))
+    }
+
+    /// The active patch's name (None: the base weights).
+    #[getter]
+    fn active_patch(&self) -> Option<String> {
+        self.inner.patches().0
+    }
+
+    /// Every loaded patch name.
+    #[getter]
+    fn loaded_patches(&self) -> Vec<String> {
+        self.inner.patches().1
     }
 
     /// Merges the active adapters into f32 weights; `unfuse` restores them exactly.

@@ -16,7 +16,7 @@ use aios_core::memory::{MemoryStore, StoreOptions};
 use aios_core::model::Modality;
 use aios_core::quant::{quantize_file, MatmulMode};
 use aios_core::sampler::continuous::ContinuousSampler;
-use aios_core::sampler::{SamplerOptions, Strategy, Term, View};
+use aios_core::sampler::{SamplerOptions, Strategy, Term};
 use aios_core::{Engine, EngineOptions, Error, MemorySource, TextRequest};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -113,6 +113,8 @@ struct GenerateArgs {
     threshold: f64,
     /// Score composition, `VIEW=WEIGHT,...` over full, no_memory, unconditional (weights sum to 1):
     /// e.g. `full=2,no_memory=-1` (memory guidance 1) or `full=2,unconditional=-1` (= `--guidance 1`).
+    /// `VIEW@A+B` is that view with exactly the loaded adapters A and B, `VIEW@none` without adapters:
+    /// `full=2,full@none=-1` pushes towards what the active adapters add.
     #[arg(long, value_delimiter = ',')]
     compose: Vec<String>,
     /// Extra forward passes estimating the output's likelihood for the uncertainty report (0 = skip).
@@ -130,6 +132,16 @@ struct GenerateArgs {
     /// LoRA adapter to apply, `PATH` or `PATH:WEIGHT` (default weight 1.0); repeat to mix several.
     #[arg(long = "adapter", value_name = "PATH[:WEIGHT]")]
     adapters: Vec<String>,
+    /// Tensor patch to run on (`aios.kind = patch`, from selective fine-tuning).
+    #[arg(long)]
+    patch: Option<PathBuf>,
+    /// A skills folder written by `python -m aios_train evolve` (`<DIR>/cards` is its store): the
+    /// skills whose cards match the prompt are activated for this generation.
+    #[arg(long)]
+    skills: Option<PathBuf>,
+    /// Cosine a skill card needs with the prompt to activate its skill.
+    #[arg(long, default_value_t = 0.45)]
+    skill_threshold: f32,
     /// A memory store folder (see `aios-run memory`): its memories closest to
     /// the prompt condition the text (how many: `--memory-k`).
     #[arg(long)]
@@ -151,7 +163,7 @@ fn parse_term(s: &str) -> Result<Term, Error> {
         s.split_once('=').ok_or_else(|| Error::Input(format!("--compose term {s:?}: expected VIEW=WEIGHT")))?;
     let weight =
         w.trim().parse::<f64>().map_err(|_| Error::Input(format!("--compose term {s:?}: {w:?} is not a number")))?;
-    Ok(Term { view: View::parse(view.trim())?, weight })
+    Term::parse(view.trim(), weight)
 }
 
 /// `PATH[:WEIGHT]`: the part after the last ':' is a weight only if it parses as one.
@@ -360,6 +372,9 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
     for (i, (path, weight)) in adapters.iter().enumerate() {
         engine.load_adapter(path, &format!("adapter{i}"), Some(*weight))?;
     }
+    if let Some(p) = &a.patch {
+        engine.load_patch(p, "patch", true)?;
+    }
     if a.modality != [ModalityArg::Text] || a.image.is_some() || a.audio.is_some() || a.image_mask.is_some() {
         if a.memory.is_some() {
             return Err(Error::Input("--memory conditions text-only generation".into()));
@@ -381,7 +396,23 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
         }
         None => MemorySource::None,
     };
-    let req = TextRequest { prompt: a.prompt, suffix: a.suffix, length: a.length, sampler, memory };
+    if let Some(dir) = &a.skills {
+        let embedder = a
+            .embedder
+            .clone()
+            .or_else(|| std::env::var_os("AIOS_EMBEDDER").filter(|v| !v.is_empty()).map(PathBuf::from));
+        let opts = StoreOptions { read_only: true, embedder, threads: a.threads, ..Default::default() };
+        engine.set_skills(Some(std::sync::Arc::new(MemoryStore::open(dir.join("cards"), opts)?)), a.skill_threshold)?;
+    }
+    let req = TextRequest {
+        prompt: a.prompt,
+        suffix: a.suffix,
+        length: a.length,
+        sampler,
+        memory,
+        adapters: None,
+        use_skills: true,
+    };
     let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(req.sampler.steps as u64) };
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{bar:30}] step {pos}/{len} {msg} ({elapsed})")
@@ -399,6 +430,12 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
         for m in &g.memories {
             let score = m.score.map_or(String::new(), |s| format!(" score {s:.3}"));
             eprintln!("memory {}{score} ({} tokens): {}", m.id.map_or("-".into(), |i| i.to_string()), m.tokens, m.text);
+        }
+        if !g.skills.is_empty() {
+            eprintln!("skills activated: {}", g.skills.join(", "));
+        }
+        for w in &g.warnings {
+            eprintln!("warning: {w}");
         }
     }
     let generated: Vec<f32> = g.confidence.iter().zip(&g.given).filter(|(_, &gv)| !gv).map(|(c, _)| *c).collect();

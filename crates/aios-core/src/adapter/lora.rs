@@ -36,25 +36,6 @@ struct LoraFileConfig {
     base_config: serde_json::Value,
 }
 
-/// The config fields whose values differ between `a` and `b`, for messages.
-fn differing_fields(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
-    let empty = serde_json::Map::new();
-    let (a, b) = (a.as_object().unwrap_or(&empty), b.as_object().unwrap_or(&empty));
-    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    keys.into_iter()
-        .filter(|k| a.get(*k) != b.get(*k))
-        .map(|k| {
-            format!(
-                "{k}: adapter {} vs model {}",
-                a.get(k).unwrap_or(&serde_json::Value::Null),
-                b.get(k).unwrap_or(&serde_json::Value::Null)
-            )
-        })
-        .collect()
-}
-
 /// `(out_features, in_features)` of every module an adapter may target.
 pub fn target_shapes(cfg: &ModelConfig) -> BTreeMap<String, (usize, usize)> {
     let (d, f) = (cfg.hidden_size, cfg.mlp_ratio * cfg.hidden_size);
@@ -107,34 +88,7 @@ impl LoraAdapter {
         if !c.alpha.is_finite() {
             return Err(bad(format!("alpha {} is not finite", c.alpha)));
         }
-        match base_fingerprint {
-            None => {
-                return Err(Error::Config(format!(
-                    "{}: the base model file has no aios.fingerprint, so the adapter cannot be checked against it; \
-                     re-export the base with aios_train (quantised variants inherit it)",
-                    path.display()
-                )))
-            }
-            Some(fp) if fp != c.base_fingerprint => {
-                return Err(Error::Config(format!(
-                    "{}: adapter was trained on base model {}, but this engine's model is {fp}",
-                    path.display(),
-                    c.base_fingerprint
-                )))
-            }
-            Some(_) => {}
-        }
-        let base: ModelConfig =
-            serde_json::from_value(c.base_config.clone()).map_err(|e| bad(format!("invalid base_config: {e}")))?;
-        if base != *cfg {
-            let model = serde_json::to_value(cfg).expect("config serialises");
-            let adapter = serde_json::to_value(&base).expect("config serialises");
-            return Err(Error::Config(format!(
-                "{}: adapter was trained on a base with another config ({})",
-                path.display(),
-                differing_fields(&adapter, &model).join("; ")
-            )));
-        }
+        super::check_base(path, &c.base_fingerprint, &c.base_config, cfg, base_fingerprint)?;
         if c.target_modules.is_empty() {
             return Err(bad("target_modules is empty".into()));
         }

@@ -465,6 +465,9 @@ impl Engine {
             steps_run: steps_run.max(sampled.as_ref().map_or(0, |s| s.steps_run)),
             forward_passes,
             adapters: rt.lora.weights.clone(),
+            patch: rt.patch.clone(),
+            skills: vec![],
+            warnings: vec![],
             timings: Timings {
                 tokenize_ms,
                 forward_ms,

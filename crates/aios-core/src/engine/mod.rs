@@ -1,7 +1,10 @@
 //! The one orchestration point: load a model folder (weights + tokenizer),
 //! build the canvas from a prompt, run a sampler, decode.
 
+mod adapters;
 mod canvas;
+
+pub use adapters::SkillMatch;
 
 pub use canvas::{
     save_output, AudioOut, GivenAudio, GivenImage, ImageOut, MediaRequest, DEFAULT_TEXT_LENGTH, GRIFFIN_LIM_ITERS,
@@ -12,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use crate::adapter::{ActiveLora, LoraAdapter};
+use crate::adapter::ActiveLora;
 use crate::error::{Error, Result};
 use crate::format::{DType, WeightFile};
 use crate::memory::store::Query;
@@ -20,7 +23,7 @@ use crate::memory::{MemoryStore, Precision};
 use crate::model::{Dit, ModelConfig};
 use crate::quant::MatmulMode;
 use crate::sampler::uncertainty::{self, Calibration, Uncertainty};
-use crate::sampler::{self, Denoiser, Progress, SamplerOptions};
+use crate::sampler::{self, AdapterSet, Denoiser, Progress, SamplerOptions};
 
 /// How to open a model.
 #[derive(Clone, Debug, Default)]
@@ -45,6 +48,12 @@ pub struct TextRequest {
     pub sampler: SamplerOptions,
     /// Memories that condition the generation.
     pub memory: MemorySource,
+    /// This call's adapter set (loaded names -> weights) instead of the
+    /// engine's active one; None = the engine's.
+    pub adapters: Option<BTreeMap<String, f32>>,
+    /// Activate the engine's stored skills that match the prompt (when it
+    /// has a skills store).
+    pub use_skills: bool,
 }
 
 /// Where a text generation's memories come from.
@@ -140,6 +149,12 @@ pub struct Generation {
     pub forward_passes: usize,
     /// The adapters (name, weight) this generation ran with.
     pub adapters: Vec<(String, f32)>,
+    /// The tensor patch it ran on, if any.
+    pub patch: Option<String>,
+    /// Stored skills activated for it (their adapters or patch are above).
+    pub skills: Vec<String>,
+    /// Skill cards that matched but were skipped, and why.
+    pub warnings: Vec<String>,
     pub timings: Timings,
     /// The generated image (image among the outputs).
     pub image: Option<ImageOut>,
@@ -179,15 +194,8 @@ impl ModelInfo {
 pub struct Runtime {
     pub model: Arc<Dit>,
     pub lora: Arc<ActiveLora>,
-}
-
-/// Loaded adapters and which of them are active (name -> weight).
-#[derive(Default)]
-struct Adapters {
-    loaded: BTreeMap<String, Arc<LoraAdapter>>,
-    active: BTreeMap<String, f32>,
-    /// While fused: the unfused model, restored exactly by `unfuse`.
-    unfused: Option<Arc<Dit>>,
+    /// The tensor patch `model` carries, if any.
+    pub patch: Option<String>,
 }
 
 pub struct Engine {
@@ -196,7 +204,10 @@ pub struct Engine {
     fingerprint: Option<String>,
     current: RwLock<Arc<Runtime>>,
     /// Serialises adapter changes (never held while generating).
-    adapters: Mutex<Adapters>,
+    adapters: Mutex<adapters::Adapters>,
+    /// Skill cards consulted on every text generation.
+    skills: RwLock<Option<adapters::Skills>>,
+    matmul: MatmulMode,
     tokenizer: Option<tokenizers::Tokenizer>,
     tokenizer_path: PathBuf,
     pool: crate::threads::Pool,
@@ -282,12 +293,15 @@ impl Engine {
         let calibration = Calibration::load(&dir.join(uncertainty::CALIBRATION_FILE))?;
         let info = ModelInfo { path: weights, config, file_bytes: file.file_bytes, dtypes, backbone_params, heads };
         let fingerprint = file.metadata.get("aios.fingerprint").cloned();
-        let current = RwLock::new(Arc::new(Runtime { model: Arc::new(model), lora: ActiveLora::empty() }));
+        let model = Arc::new(model);
+        let current = RwLock::new(Arc::new(Runtime { model: model.clone(), lora: ActiveLora::empty(), patch: None }));
         Ok(Engine {
             config: info.config.clone(),
             fingerprint,
             current,
-            adapters: Mutex::new(Adapters::default()),
+            adapters: Mutex::new(adapters::Adapters::new(model)),
+            skills: RwLock::new(None),
+            matmul: opts.matmul,
             tokenizer,
             tokenizer_path,
             pool,
@@ -385,102 +399,6 @@ impl Engine {
         self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn lock_adapters(&self) -> std::sync::MutexGuard<'_, Adapters> {
-        self.adapters.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Loads a LoRA file under `name` (checked against this model; on any
-    /// error nothing changes). With `weight`, it is also activated.
-    pub fn load_adapter(&self, path: impl AsRef<Path>, name: &str, weight: Option<f32>) -> Result<()> {
-        if name.is_empty() {
-            return crate::input_err!("adapter name must not be empty");
-        }
-        check_weight(name, weight.unwrap_or(1.0))?;
-        let adapter = LoraAdapter::load(path, &self.config, self.fingerprint.as_deref())?;
-        let mut a = self.lock_adapters();
-        refuse_if_fused(&a)?;
-        if a.loaded.contains_key(name) {
-            return crate::input_err!("an adapter named {name:?} is already loaded; unload it first");
-        }
-        a.loaded.insert(name.to_string(), Arc::new(adapter));
-        if let Some(w) = weight {
-            a.active.insert(name.to_string(), w);
-        }
-        self.publish(&mut a, None)
-    }
-
-    pub fn unload_adapter(&self, name: &str) -> Result<()> {
-        let mut a = self.lock_adapters();
-        refuse_if_fused(&a)?;
-        if a.loaded.remove(name).is_none() {
-            return crate::input_err!("no adapter named {name:?} is loaded (loaded: {:?})", a.loaded.keys());
-        }
-        a.active.remove(name);
-        self.publish(&mut a, None)
-    }
-
-    /// Replaces the active set: `y = W x + sum_i w_i s_i B_i A_i x`.
-    pub fn set_adapters(&self, weights: &BTreeMap<String, f32>) -> Result<()> {
-        let mut a = self.lock_adapters();
-        refuse_if_fused(&a)?;
-        for (name, &w) in weights {
-            if !a.loaded.contains_key(name) {
-                return crate::input_err!("no adapter named {name:?} is loaded (loaded: {:?})", a.loaded.keys());
-            }
-            check_weight(name, w)?;
-        }
-        a.active = weights.clone();
-        self.publish(&mut a, None)
-    }
-
-    /// `(name, weight)` of the active adapters, and every loaded name.
-    pub fn adapters(&self) -> (Vec<(String, f32)>, Vec<String>) {
-        let a = self.lock_adapters();
-        (a.active.iter().map(|(n, w)| (n.clone(), *w)).collect(), a.loaded.keys().cloned().collect())
-    }
-
-    /// Merges the active adapters into the (f32) weights: no per-layer
-    /// adapter cost until [`Engine::unfuse`], which restores the exact
-    /// original weights. Adapter changes are refused while fused.
-    pub fn fuse(&self) -> Result<()> {
-        let mut a = self.lock_adapters();
-        refuse_if_fused(&a)?;
-        let rt = self.snapshot();
-        if rt.lora.is_empty() {
-            return crate::input_err!("no active adapters to fuse");
-        }
-        let fused = self.pool.install(|| rt.model.fused(&rt.lora))?;
-        a.unfused = Some(rt.model.clone());
-        self.publish(&mut a, Some(Arc::new(fused)))
-    }
-
-    pub fn unfuse(&self) -> Result<()> {
-        let mut a = self.lock_adapters();
-        let Some(original) = a.unfused.take() else {
-            return crate::input_err!("the adapters are not fused");
-        };
-        self.publish(&mut a, Some(original))
-    }
-
-    pub fn is_fused(&self) -> bool {
-        self.lock_adapters().unfused.is_some()
-    }
-
-    /// Builds the runtime for the adapter state `a` (on `model`, or the
-    /// current model) and swaps it in; readers keep their old snapshot.
-    fn publish(&self, a: &mut Adapters, model: Option<Arc<Dit>>) -> Result<()> {
-        let lora = if a.unfused.is_some() {
-            ActiveLora::empty()
-        } else {
-            let set: Vec<_> =
-                a.active.iter().filter(|(_, &w)| w != 0.0).map(|(n, &w)| (n.clone(), a.loaded[n].clone(), w)).collect();
-            Arc::new(ActiveLora::build(&set)?)
-        };
-        let model = model.unwrap_or_else(|| self.snapshot().model.clone());
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Runtime { model, lora });
-        Ok(())
-    }
-
     pub fn threads(&self) -> usize {
         self.pool.threads()
     }
@@ -535,9 +453,13 @@ impl Engine {
         let mut full = self.memory_segment(&mut memories, room)?;
         let mem_len = full.len();
         full.extend(canvas);
+        let mut skills = if req.use_skills { self.match_skills(&req.prompt)? } else { adapters::SkillMatch::default() };
+        let rt = self.runtime_for(req.adapters.as_ref(), &mut skills)?;
         let tokenize_ms = t_start.elapsed().as_secs_f64() * 1e3;
         let opts = SamplerOptions { memory_prefix: mem_len, ..req.sampler.clone() };
-        let mut generation = self.generate_tokens(full, &opts, on_step)?;
+        let mut generation = self.run_tokens(rt, full, &opts, on_step)?;
+        generation.skills = skills.names;
+        generation.warnings = skills.warnings;
         generation.memories = memories;
         generation.memory_tokens = mem_len;
         let prefix = mem_len + prefix_len;
@@ -566,6 +488,18 @@ impl Engine {
         opts: &SamplerOptions,
         on_step: &mut (dyn FnMut(Progress) + Send),
     ) -> Result<Generation> {
+        // One snapshot for the whole generation: adapter swaps meanwhile
+        // apply to the next generation, never halfway through this one.
+        self.run_tokens(self.snapshot(), canvas, opts, on_step)
+    }
+
+    fn run_tokens(
+        &self,
+        rt: Arc<Runtime>,
+        canvas: Vec<u32>,
+        opts: &SamplerOptions,
+        on_step: &mut (dyn FnMut(Progress) + Send),
+    ) -> Result<Generation> {
         let t0 = Instant::now();
         let cfg = &self.config;
         if cfg.causal {
@@ -577,10 +511,15 @@ impl Engine {
             return crate::input_err!("canvas length must be in 1..={}, got {}", cfg.max_length, canvas.len());
         }
         let given: Vec<bool> = canvas.iter().map(|&t| t != cfg.mask_token_id).collect();
-        // One snapshot for the whole generation: adapter swaps meanwhile
-        // apply to the next generation, never halfway through this one.
-        let rt = self.snapshot();
-        let den = ModelDenoiser { rt: &rt };
+        // Composition terms that name an adapter set run on this generation's
+        // model (and patch) with exactly that set.
+        let mut sets: Vec<(AdapterSet, Runtime)> = vec![];
+        for set in opts.compose.iter().filter_map(|t| t.adapters.as_ref()) {
+            if !sets.iter().any(|(s, _)| s == set) {
+                sets.push((set.clone(), self.runtime_with(&rt, set)?));
+            }
+        }
+        let den = ModelDenoiser { rt: &rt, sets };
         let (s, nll) = self
             .pool
             .install(|| -> Result<_> {
@@ -603,6 +542,9 @@ impl Engine {
             steps_run: s.steps_run,
             forward_passes: s.forward_passes,
             adapters: rt.lora.weights.clone(),
+            patch: rt.patch.clone(),
+            skills: vec![],
+            warnings: vec![],
             timings: Timings {
                 forward_ms: s.forward_ms,
                 sampler_ms: s.sampler_ms,
@@ -617,20 +559,6 @@ impl Engine {
             memory_tokens: 0,
         })
     }
-}
-
-fn check_weight(name: &str, w: f32) -> Result<()> {
-    if !w.is_finite() {
-        return crate::input_err!("adapter {name:?}: weight {w} is not finite");
-    }
-    Ok(())
-}
-
-fn refuse_if_fused(a: &Adapters) -> Result<()> {
-    if a.unfused.is_some() {
-        return crate::input_err!("adapters are fused into the weights; call unfuse() before changing them");
-    }
-    Ok(())
 }
 
 fn forward(rt: &Runtime, batch: &[Vec<u32>], sigma: Option<f32>, positions: Option<&[usize]>) -> Result<Vec<f32>> {
@@ -659,6 +587,8 @@ fn forward(rt: &Runtime, batch: &[Vec<u32>], sigma: Option<f32>, positions: Opti
 
 struct ModelDenoiser<'a> {
     rt: &'a Runtime,
+    /// The adapter sets composition terms name, built once per generation.
+    sets: Vec<(AdapterSet, Runtime)>,
 }
 
 /// MDLM's log-linear schedule: sigma(t) = -ln(1 - (1 - eps) t).
@@ -676,6 +606,11 @@ impl Denoiser for ModelDenoiser<'_> {
     }
     fn logits(&self, canvases: &[Vec<u32>], t: f64, positions: &[usize]) -> Result<Vec<f32>> {
         forward(self.rt, canvases, Some(log_linear_sigma(t)), Some(positions))
+    }
+    fn logits_with(&self, set: &AdapterSet, canvases: &[Vec<u32>], t: f64, positions: &[usize]) -> Result<Vec<f32>> {
+        let (_, rt) =
+            self.sets.iter().find(|(s, _)| s == set).ok_or_else(|| Error::Input("unknown adapter set".into()))?;
+        forward(rt, canvases, Some(log_linear_sigma(t)), Some(positions))
     }
     fn time_conditioned(&self) -> bool {
         self.rt.model.cfg.time_conditioning

@@ -18,7 +18,9 @@ use super::{
 };
 use crate::error::{Error, Result};
 
-/// One tensor as stored: its bytes still live in the file mapping.
+/// One tensor as stored: its bytes still live in the file mapping (clones
+/// share them).
+#[derive(Clone)]
 pub struct RawTensor {
     pub name: String,
     pub dtype: DType,
@@ -137,6 +139,16 @@ impl WeightFile {
     /// The tensor, or a format error naming what is missing.
     pub fn require(&self, name: &str) -> Result<&RawTensor> {
         self.get(name).ok_or_else(|| Error::format(self.path.display(), format!("missing tensor {name:?}")))
+    }
+
+    /// Puts `t` in place of the tensor of the same name, which must exist
+    /// (a patch replaces values; it never adds tensors).
+    pub fn replace(&mut self, t: RawTensor) -> Result<()> {
+        let Some(&i) = self.index.get(&t.name) else {
+            return Err(Error::format(self.path.display(), format!("no tensor {:?} to replace", t.name)));
+        };
+        self.tensors[i] = t;
+        Ok(())
     }
 
     /// The `aios.config` JSON, if the file has one.

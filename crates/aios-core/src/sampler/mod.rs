@@ -79,11 +79,46 @@ impl View {
     }
 }
 
-/// One term of a score composition: the logits of `view`, times `weight`.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// An adapter set: loaded adapter names and their weights.
+pub type AdapterSet = std::collections::BTreeMap<String, f32>;
+
+/// One term of a score composition: the logits of `view`, times `weight`,
+/// from the generation's own model (`adapters` None) or with exactly the
+/// adapter set `adapters` (empty = the bare base), e.g. "with the skill"
+/// minus "without it" pushes towards what the adapter adds.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Term {
     pub view: View,
     pub weight: f64,
+    pub adapters: Option<AdapterSet>,
+}
+
+impl Term {
+    pub fn new(view: View, weight: f64) -> Self {
+        Term { view, weight, adapters: None }
+    }
+
+    /// A term from its key and weight: `VIEW` (the generation's model),
+    /// `VIEW@NAME+NAME` (those loaded adapters at weight 1, nothing else) or
+    /// `VIEW@none` (no adapters), e.g. `full@legal`.
+    pub fn parse(key: &str, weight: f64) -> Result<Self> {
+        let (view, set) = match key.split_once('@') {
+            None => (key, None),
+            Some((v, "none")) => (v, Some(AdapterSet::new())),
+            Some((v, names)) => {
+                let mut set = AdapterSet::new();
+                for n in names.split('+').map(str::trim) {
+                    if n.is_empty() || set.insert(n.to_string(), 1.0).is_some() {
+                        return crate::input_err!(
+                            "composition term {key:?}: adapter names must be distinct, non-empty"
+                        );
+                    }
+                }
+                (v, Some(set))
+            }
+        };
+        Ok(Term { view: View::parse(view.trim())?, weight, adapters: set })
+    }
 }
 
 /// Sampler settings; validated by [`SamplerOptions::validate`].
@@ -167,11 +202,13 @@ impl SamplerOptions {
             if let Some(t) = self.compose.iter().find(|t| !t.weight.is_finite()) {
                 return crate::input_err!("composition weight of {:?} is not finite", t.view);
             }
-            let mut views: Vec<View> = self.compose.iter().map(|t| t.view).collect();
-            views.sort();
-            views.dedup();
-            if views.len() != self.compose.len() {
-                return crate::input_err!("each composition term may appear once");
+            for (i, t) in self.compose.iter().enumerate() {
+                if self.compose[..i].iter().any(|u| u.view == t.view && u.adapters == t.adapters) {
+                    return crate::input_err!("each composition term may appear once");
+                }
+                if t.adapters.as_ref().is_some_and(|a| a.values().any(|w| !w.is_finite())) {
+                    return crate::input_err!("an adapter weight of a composition term is not finite");
+                }
             }
             let sum: f64 = self.compose.iter().map(|t| t.weight).sum();
             if (sum - 1.0).abs() > 1e-6 {
@@ -202,6 +239,12 @@ pub trait Denoiser: Sync {
     /// fraction still masked (the diffusion time), used only by
     /// time-conditioned models.
     fn logits(&self, canvases: &[Vec<u32>], t: f64, positions: &[usize]) -> Result<Vec<f32>>;
+    /// Like `logits`, with exactly the adapter set `set` (composition terms
+    /// that name one). Denoisers without adapters refuse.
+    fn logits_with(&self, set: &AdapterSet, canvases: &[Vec<u32>], t: f64, positions: &[usize]) -> Result<Vec<f32>> {
+        let _ = (set, canvases, t, positions);
+        crate::input_err!("this denoiser has no adapters for a composition term to choose")
+    }
     /// Whether `logits` depends on `t` (then logits cannot be cached).
     fn time_conditioned(&self) -> bool;
 }
@@ -382,7 +425,8 @@ fn guided_logits(
     Ok(cond.iter().zip(un).map(|(&c, &u)| u + (w + 1.0) * (c - u)).collect())
 }
 
-/// `sum_i w_i logits(view_i)` for the canvas, all views in one batch.
+/// `sum_i w_i logits(view_i)` for the canvas: the views of one adapter set
+/// (or of the generation's own model) go in one batch.
 fn composed_logits(
     den: &dyn Denoiser,
     tokens: &[u32],
@@ -404,12 +448,27 @@ fn composed_logits(
             tokens.iter().enumerate().map(|(i, &tok)| if hide(i) { mask } else { tok }).collect()
         })
         .collect();
-    let all = den.logits(&canvases, t, positions)?;
-    let n = all.len() / canvases.len();
-    let mut out = vec![0f32; n];
-    for (term, logits) in opts.compose.iter().zip(all.chunks_exact(n)) {
-        let w = term.weight as f32;
-        out.iter_mut().zip(logits).for_each(|(o, &l)| *o += w * l);
+    let mut out: Vec<f32> = vec![];
+    let mut done = vec![false; opts.compose.len()];
+    for i in 0..opts.compose.len() {
+        if done[i] {
+            continue;
+        }
+        let set = &opts.compose[i].adapters;
+        let group: Vec<usize> =
+            (i..opts.compose.len()).filter(|&j| !done[j] && &opts.compose[j].adapters == set).collect();
+        let batch: Vec<Vec<u32>> = group.iter().map(|&j| canvases[j].clone()).collect();
+        let all = match set {
+            None => den.logits(&batch, t, positions)?,
+            Some(s) => den.logits_with(s, &batch, t, positions)?,
+        };
+        let n = all.len() / batch.len();
+        out.resize(n, 0.0);
+        for (&j, logits) in group.iter().zip(all.chunks_exact(n)) {
+            done[j] = true;
+            let w = opts.compose[j].weight as f32;
+            out.iter_mut().zip(logits).for_each(|(o, &l)| *o += w * l);
+        }
     }
     Ok(out)
 }

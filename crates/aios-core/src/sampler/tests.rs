@@ -327,7 +327,7 @@ fn composition_generalises_guidance_and_masks_the_right_views() {
     let w = 1.5;
     let guided = guided_logits(&den, &c, &given, 0, 0.5, w, &pos).unwrap();
     let o = SamplerOptions {
-        compose: vec![Term { view: View::Full, weight: 1.0 + w }, Term { view: View::Unconditional, weight: -w }],
+        compose: vec![Term::new(View::Full, 1.0 + w), Term::new(View::Unconditional, -w)],
         ..opts(Strategy::Confidence)
     };
     let composed = composed_logits(&den, &c, &given, &o, 0.5, &pos).unwrap();
@@ -335,7 +335,7 @@ fn composition_generalises_guidance_and_masks_the_right_views() {
         assert!((a - b).abs() < 1e-4, "{a} vs {b}");
     }
     // [full: 1] is the plain model.
-    let plain = SamplerOptions { compose: vec![Term { view: View::Full, weight: 1.0 }], ..opts(Strategy::Confidence) };
+    let plain = SamplerOptions { compose: vec![Term::new(View::Full, 1.0)], ..opts(Strategy::Confidence) };
     assert_eq!(
         sample(&den, c.clone(), &plain, &mut |_| {}).unwrap().tokens,
         sample(&den, c.clone(), &opts(Strategy::Confidence), &mut |_| {}).unwrap().tokens
@@ -343,7 +343,7 @@ fn composition_generalises_guidance_and_masks_the_right_views() {
     // no_memory masks the given tokens of the memory prefix only (positions 0 and 1 here).
     let rec = Recorder { inner: Stub::new(11, 3.0), seen: Default::default() };
     let mem = SamplerOptions {
-        compose: vec![Term { view: View::Full, weight: 2.0 }, Term { view: View::NoMemory, weight: -1.0 }],
+        compose: vec![Term::new(View::Full, 2.0), Term::new(View::NoMemory, -1.0)],
         memory_prefix: 2,
         ..opts(Strategy::Confidence)
     };
@@ -356,7 +356,7 @@ fn composition_generalises_guidance_and_masks_the_right_views() {
     assert_ne!(out.tokens, sample(&den, c.clone(), &opts(Strategy::Confidence), &mut |_| {}).unwrap().tokens);
     // Bad compositions.
     let bad = |compose: Vec<Term>, guidance: f64| SamplerOptions { compose, guidance, ..opts(Strategy::Confidence) };
-    let t = |view, weight| Term { view, weight };
+    let t = |view, weight| Term::new(view, weight);
     for o in [
         bad(vec![t(View::Full, 1.5)], 0.0),
         bad(vec![t(View::Full, 0.5), t(View::Full, 0.5)], 0.0),
