@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import aios_rt  # noqa: E402
-from aios_train.evaluate import evaluate_file  # noqa: E402
+from aios_train.eval_file import evaluate_file  # noqa: E402
 from aios_train.tokenizer import load_tokenizer  # noqa: E402
 from aios_train.windows import windows_from_jsonl  # noqa: E402
 from common import emit, machine  # noqa: E402

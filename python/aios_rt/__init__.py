@@ -23,7 +23,9 @@ from . import _native
 from ._errors import AiosError, AiosIOError, ConfigError, FormatError, InputError, NumericError, TokenizerError
 from ._native import (
     SAMPLERS,
+    Banned,
     Generation,
+    Required,
     UsedMemory,
     __version__,
     dequantize as _dequantize,
@@ -38,6 +40,8 @@ __all__ = [
     "Engine",
     "Generation",
     "UsedMemory",
+    "Banned",
+    "Required",
     "MemoryStore",
     "Hit",
     "Embedder",

@@ -20,6 +20,16 @@ class UsedMemory:
     text: str
     tokens: int
 
+class Banned:
+    words: List[str]
+    weight: float
+    def __init__(self, words: Sequence[str], weight: float = 8.0) -> None: ...
+
+class Required:
+    words: List[str]
+    weight: float
+    def __init__(self, words: Sequence[str], weight: float = 8.0) -> None: ...
+
 class Generation:
     text: str
     tokens: List[int]
@@ -40,6 +50,8 @@ class Generation:
     patch: Optional[str]
     skills: List[str]
     warnings: List[str]
+    @property
+    def constraints(self) -> List[Dict[str, object]]: ...
     @property
     def image(self) -> Optional[np.ndarray]: ...
     @property
@@ -94,6 +106,7 @@ class Engine:
         compose: Optional[Dict[str, float]] = None,
         adapters: Optional[Dict[str, float]] = None,
         skills: bool = True,
+        constraints: Optional[Sequence[Union[Banned, Required]]] = None,
     ) -> Generation: ...
     def forward_canvas(
         self,

@@ -169,7 +169,7 @@ def cmd_export(a) -> None:
 
 
 def cmd_eval(a) -> None:
-    from .evaluate import evaluate_file
+    from .eval_file import evaluate_file
     import torch
     torch.set_num_threads(a.threads)
     r = evaluate_file(a.model, a.data, a.tokenizer, n_t=a.n_t, seed=a.seed, batch_size=a.batch_size, max_windows=a.max_windows,

@@ -211,6 +211,8 @@ struct Generation {
     /// Skill cards that matched but were skipped, and why.
     #[pyo3(get)]
     warnings: Vec<String>,
+    /// Per constraint passed: {"kind": "banned" | "required", "words": [...], "met": bool}.
+    constraints: Vec<aios_core::sampler::constraints::Outcome>,
     #[pyo3(get)]
     timings: HashMap<String, f64>,
     /// The generated modalities, e.g. ["text", "image"].
@@ -236,6 +238,80 @@ struct Generation {
     memory_tokens: usize,
     image: Option<aios_core::engine::ImageOut>,
     audio: Option<aios_core::engine::AudioOut>,
+}
+
+/// Text constraint: none of `words` may appear in the generated text. An
+/// energy on each step's logits (`weight` = eta, the logit penalty of a token
+/// that would complete a banned word); `g.constraints` says whether it held.
+#[pyclass(frozen, module = "aios_rt", get_all)]
+#[derive(Clone)]
+struct Banned {
+    words: Vec<String>,
+    weight: f64,
+}
+
+#[pymethods]
+impl Banned {
+    #[new]
+    #[pyo3(signature = (words, weight=aios_core::sampler::constraints::DEFAULT_WEIGHT))]
+    fn new(words: Vec<String>, weight: f64) -> Self {
+        Banned { words, weight }
+    }
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!("Banned({}, weight={:?})", self.words.clone().into_pyobject(py)?.repr()?, self.weight))
+    }
+}
+
+/// Text constraint: one of `words` should appear (best effort: favours the
+/// words' tokens while none is on the canvas); `g.constraints` says whether it did.
+#[pyclass(frozen, module = "aios_rt", get_all)]
+#[derive(Clone)]
+struct Required {
+    words: Vec<String>,
+    weight: f64,
+}
+
+#[pymethods]
+impl Required {
+    #[new]
+    #[pyo3(signature = (words, weight=aios_core::sampler::constraints::DEFAULT_WEIGHT))]
+    fn new(words: Vec<String>, weight: f64) -> Self {
+        Required { words, weight }
+    }
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!("Required({}, weight={:?})", self.words.clone().into_pyobject(py)?.repr()?, self.weight))
+    }
+}
+
+/// `constraints=`: a list of Banned / Required, parsed once.
+struct Constraints(Vec<aios_core::sampler::constraints::Constraint>);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Constraints {
+    type Error = PyErr;
+
+    fn extract(ob: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        use aios_core::sampler::constraints::{Constraint, Kind};
+        let items: Vec<Bound<'py, PyAny>> =
+            ob.extract().map_err(|_| input_error("constraints must be a list of aios_rt.Banned / aios_rt.Required"))?;
+        items
+            .iter()
+            .map(|it| {
+                if let Ok(b) = it.cast::<Banned>() {
+                    let b = b.get();
+                    Ok(Constraint::new(Kind::Banned, b.words.clone(), b.weight))
+                } else if let Ok(r) = it.cast::<Required>() {
+                    let r = r.get();
+                    Ok(Constraint::new(Kind::Required, r.words.clone(), r.weight))
+                } else {
+                    Err(input_error(format!(
+                        "unknown constraint {}; use aios_rt.Banned or aios_rt.Required",
+                        it.get_type()
+                    )))
+                }
+            })
+            .collect::<PyResult<Vec<_>>>()
+            .map(Constraints)
+    }
 }
 
 /// A memory that conditioned a generation.
@@ -304,6 +380,21 @@ impl Generation {
         numpy_array(py, &bytes, "<f4", vec![a.log_mel.len() / a.mels, a.mels]).map(Some)
     }
 
+    /// Per constraint passed: {"kind": "banned" | "required", "words": [...], "met": bool}.
+    #[getter]
+    fn constraints<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        self.constraints
+            .iter()
+            .map(|c| {
+                let d = PyDict::new(py);
+                d.set_item("kind", c.kind.name())?;
+                d.set_item("words", c.words.clone())?;
+                d.set_item("met", c.met)?;
+                Ok(d)
+            })
+            .collect()
+    }
+
     /// Sample rate of `audio` in Hz (None without audio).
     #[getter]
     fn sample_rate(&self) -> Option<usize> {
@@ -360,6 +451,7 @@ impl From<aios_core::Generation> for Generation {
             patch: g.patch,
             skills: g.skills,
             warnings: g.warnings,
+            constraints: g.constraints,
             timings,
             modalities: g.modalities.iter().map(|m| m.name()).collect(),
             image: g.image,
@@ -532,6 +624,7 @@ fn sampler_options(
         )?,
         compose: compose.map(|c| c.0).unwrap_or_default(),
         memory_prefix: 0,
+        constraints: vec![],
     };
     o.validate().map_err(to_py)?;
     Ok(o)
@@ -640,11 +733,13 @@ impl Engine {
     /// `{"full": 1 + w, "unconditional": -w}` (= `guidance=w`); weights sum to 1.
     /// `adapters` ({name: weight} of loaded adapters) replaces the engine's
     /// active set for this call only; `skills=False` skips the skills store.
+    /// `constraints` ([aios_rt.Banned([...]), aios_rt.Required([...])]) are
+    /// energies on each step's logits; `g.constraints` says which held.
     #[pyo3(signature = (prompt="", modality=Modalities(vec![Modality::Text]), length=None, steps=None,
                         sampler=SamplerChoice::Text(Strategy::Confidence), seed=None, block_length=None,
                         guidance=0.0, temperature=1.0, top_p=1.0, threshold=0.9, suffix=None, image=None, image_mask=None, audio=None,
                         audio_mask=None, text_length=None, eta=0.0, likelihood_samples=None, memory_k=None,
-                        memories=None, compose=None, adapters=None, skills=true))]
+                        memories=None, compose=None, adapters=None, skills=true, constraints=None))]
     #[allow(clippy::too_many_arguments)]
     fn diffuse(
         &self,
@@ -673,12 +768,13 @@ impl Engine {
         compose: Option<Compose>,
         adapters: Option<std::collections::BTreeMap<String, f32>>,
         skills: bool,
+        constraints: Option<Constraints>,
     ) -> PyResult<Generation> {
         let (strategy, continuous) = match sampler {
             SamplerChoice::Text(s) => (s, ContinuousSampler::Ddim),
             SamplerChoice::Continuous(c) => (Strategy::Confidence, c),
         };
-        let sampler = sampler_options(
+        let mut sampler = sampler_options(
             strategy,
             steps,
             seed,
@@ -690,6 +786,7 @@ impl Engine {
             likelihood_samples,
             compose,
         )?;
+        sampler.constraints = constraints.map(|c| c.0).unwrap_or_default();
         let image = image.filter(|v| !v.is_none());
         let audio = audio.filter(|v| !v.is_none());
         if modality.0 == [Modality::Text] && image.is_none() && audio.is_none() {
@@ -1101,6 +1198,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Engine>()?;
     m.add_class::<Generation>()?;
     m.add_class::<UsedMemory>()?;
+    m.add_class::<Banned>()?;
+    m.add_class::<Required>()?;
     m.add_class::<memory::MemoryStore>()?;
     m.add_class::<memory::Embedder>()?;
     m.add_function(wrap_pyfunction!(quantize, m)?)?;

@@ -15,6 +15,7 @@ use aios_core::media::read_png_gray;
 use aios_core::memory::{MemoryStore, StoreOptions};
 use aios_core::model::Modality;
 use aios_core::quant::{quantize_file, MatmulMode};
+use aios_core::sampler::constraints::{Constraint, Kind};
 use aios_core::sampler::continuous::ContinuousSampler;
 use aios_core::sampler::{SamplerOptions, Strategy, Term};
 use aios_core::{Engine, EngineOptions, Error, MemorySource, TextRequest};
@@ -117,6 +118,15 @@ struct GenerateArgs {
     /// `full=2,full@none=-1` pushes towards what the active adapters add.
     #[arg(long, value_delimiter = ',')]
     compose: Vec<String>,
+    /// A word the text must not contain (an energy on the logits; repeat for several).
+    #[arg(long, value_name = "WORD")]
+    ban: Vec<String>,
+    /// A word the text should contain (best effort; repeat for several).
+    #[arg(long, value_name = "WORD")]
+    require: Vec<String>,
+    /// Weight (eta) of the word constraints: logits move by this per unit of energy.
+    #[arg(long, default_value_t = aios_core::sampler::constraints::DEFAULT_WEIGHT)]
+    constraint_weight: f64,
     /// Extra forward passes estimating the output's likelihood for the uncertainty report (0 = skip).
     #[arg(long, default_value_t = aios_core::sampler::uncertainty::DEFAULT_LIKELIHOOD_SAMPLES)]
     likelihood_samples: usize,
@@ -365,6 +375,11 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
         likelihood_samples: a.likelihood_samples,
         compose: a.compose.iter().map(|t| parse_term(t)).collect::<Result<_, _>>()?,
         memory_prefix: 0,
+        constraints: [(Kind::Banned, &a.ban), (Kind::Required, &a.require)]
+            .into_iter()
+            .filter(|(_, words)| !words.is_empty())
+            .map(|(kind, words)| Constraint::new(kind, words.clone(), a.constraint_weight))
+            .collect(),
     };
     sampler.validate()?;
     let adapters = a.adapters.iter().map(|s| parse_adapter(s)).collect::<Result<Vec<_>, _>>()?;
@@ -433,6 +448,9 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
         }
         if !g.skills.is_empty() {
             eprintln!("skills activated: {}", g.skills.join(", "));
+        }
+        for c in &g.constraints {
+            eprintln!("constraint {} {:?}: {}", c.kind.name(), c.words, if c.met { "met" } else { "NOT met" });
         }
         for w in &g.warnings {
             eprintln!("warning: {w}");

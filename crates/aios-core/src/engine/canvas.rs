@@ -106,6 +106,9 @@ impl MediaRequest {
                 return Err(Error::Config(format!("this model has no {} head (it has: {})", m.name(), has.join(", "))));
             }
         }
+        if !self.sampler.constraints.is_empty() {
+            return crate::input_err!("word constraints apply to text-only generation");
+        }
         self.sampler.validate()?;
         if !self.sampler.compose.is_empty() {
             return crate::input_err!("score composition applies to text-only generation; use guidance for media");
@@ -468,6 +471,7 @@ impl Engine {
             patch: rt.patch.clone(),
             skills: vec![],
             warnings: vec![],
+            constraints: vec![],
             timings: Timings {
                 tokenize_ms,
                 forward_ms,

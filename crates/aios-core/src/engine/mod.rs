@@ -101,7 +101,6 @@ impl TextRequest {
                 self.length
             );
         }
-        self.sampler.validate()?;
         let mut prefix = vec![cfg.bos_token_id];
         prefix.extend(engine.encode(&self.prompt)?);
         let suffix = match &self.suffix {
@@ -155,6 +154,8 @@ pub struct Generation {
     pub skills: Vec<String>,
     /// Skill cards that matched but were skipped, and why.
     pub warnings: Vec<String>,
+    /// Whether each text constraint held.
+    pub constraints: Vec<sampler::constraints::Outcome>,
     pub timings: Timings,
     /// The generated image (image among the outputs).
     pub image: Option<ImageOut>,
@@ -440,6 +441,11 @@ impl Engine {
     pub fn generate_text(&self, req: &TextRequest, on_step: &mut (dyn FnMut(Progress) + Send)) -> Result<Generation> {
         let t_start = Instant::now();
         let cfg = &self.config;
+        let mut sampler = req.sampler.clone();
+        for c in &mut sampler.constraints {
+            c.spellings = self.spellings(&c.words, c.kind)?;
+        }
+        sampler.validate()?;
         let TextPlan { canvas, prefix_len, suffix } = req.plan(self)?;
         let mut memories = self.recall(&req.prompt, &req.memory)?;
         let room = cfg.max_length - req.length;
@@ -456,7 +462,7 @@ impl Engine {
         let mut skills = if req.use_skills { self.match_skills(&req.prompt)? } else { adapters::SkillMatch::default() };
         let rt = self.runtime_for(req.adapters.as_ref(), &mut skills)?;
         let tokenize_ms = t_start.elapsed().as_secs_f64() * 1e3;
-        let opts = SamplerOptions { memory_prefix: mem_len, ..req.sampler.clone() };
+        let opts = SamplerOptions { memory_prefix: mem_len, ..sampler };
         let mut generation = self.run_tokens(rt, full, &opts, on_step)?;
         generation.skills = skills.names;
         generation.warnings = skills.warnings;
@@ -478,6 +484,30 @@ impl Engine {
         generation.timings.decode_ms = t_dec.elapsed().as_secs_f64() * 1e3;
         generation.timings.total_ms = t_start.elapsed().as_secs_f64() * 1e3;
         Ok(generation)
+    }
+
+    /// The token sequences that spell `words` on a canvas: after a space
+    /// (how a word appears mid-sentence) and, for banned words, also alone
+    /// (glued to what precedes it). A required word is not satisfied by its
+    /// bare spelling, which mostly matches inside other words ("elegarden").
+    fn spellings(&self, words: &[String], kind: sampler::constraints::Kind) -> Result<Vec<Vec<u32>>> {
+        let mut out: Vec<Vec<u32>> = vec![];
+        for w in words {
+            let forms = match kind {
+                sampler::constraints::Kind::Banned => vec![format!(" {w}"), w.clone()],
+                sampler::constraints::Kind::Required => vec![format!(" {w}")],
+            };
+            for text in forms {
+                let ids = self.encode(&text)?;
+                if ids.contains(&self.config.mask_token_id) {
+                    return crate::input_err!("constraint word {w:?} contains the mask token");
+                }
+                if !ids.is_empty() && !out.contains(&ids) {
+                    out.push(ids);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Generates on a token canvas: every `mask_token_id` is filled, every
@@ -545,6 +575,12 @@ impl Engine {
             patch: rt.patch.clone(),
             skills: vec![],
             warnings: vec![],
+            constraints: opts
+                .constraints
+                .iter()
+                .zip(&s.constraints_met)
+                .map(|(c, &met)| sampler::constraints::Outcome { kind: c.kind, words: c.words.clone(), met })
+                .collect(),
             timings: Timings {
                 forward_ms: s.forward_ms,
                 sampler_ms: s.sampler_ms,

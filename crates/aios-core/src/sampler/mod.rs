@@ -5,6 +5,7 @@
 //! position of the current block, and a strategy decides which to commit.
 //! Given tokens (prompt, suffix, infill context) are never changed.
 
+pub mod constraints;
 pub mod continuous;
 pub mod rng;
 mod scores;
@@ -151,6 +152,9 @@ pub struct SamplerOptions {
     /// How many leading canvas positions are the memory segment (set by the
     /// engine; `View::NoMemory` masks their given tokens).
     pub memory_prefix: usize,
+    /// Energy-based constraints on the text (banned / required words),
+    /// applied to every step's logits.
+    pub constraints: Vec<constraints::Constraint>,
 }
 
 impl Default for SamplerOptions {
@@ -167,6 +171,7 @@ impl Default for SamplerOptions {
             likelihood_samples: uncertainty::DEFAULT_LIKELIHOOD_SAMPLES,
             compose: Vec::new(),
             memory_prefix: 0,
+            constraints: Vec::new(),
         }
     }
 }
@@ -217,6 +222,7 @@ impl SamplerOptions {
                 );
             }
         }
+        constraints::validate(&self.constraints)?;
         if self.likelihood_samples > uncertainty::MAX_LIKELIHOOD_SAMPLES {
             return crate::input_err!(
                 "likelihood_samples must be in 0..={}, got {}",
@@ -276,6 +282,8 @@ pub struct Sampled {
     pub steps_run: usize,
     /// Forward passes actually run (fewer than steps with the ancestral cache).
     pub forward_passes: usize,
+    /// Whether each of `SamplerOptions::constraints` held on the result.
+    pub constraints_met: Vec<bool>,
     pub forward_ms: f64,
     pub sampler_ms: f64,
 }
@@ -294,6 +302,7 @@ pub fn sample(
     on_step: &mut dyn FnMut(Progress),
 ) -> Result<Sampled> {
     opts.validate()?;
+    constraints::check_spelled(&opts.constraints)?;
     let len = canvas.len();
     let vocab = den.vocab_size();
     let mask = den.mask_id();
@@ -359,12 +368,23 @@ pub fn sample(
                 }
             };
             let t0 = Instant::now();
+            // Constraints move a copy: the cache keeps the model's logits (the
+            // energies depend on the canvas, unchanged when it is reused).
+            let adjusted;
+            let step_logits = if opts.constraints.is_empty() {
+                &logits
+            } else {
+                let mut l = logits.clone();
+                constraints::apply(&opts.constraints, &out.tokens, mask, &eligible, &mut l, vocab);
+                adjusted = l;
+                &adjusted
+            };
             // Row j of `logits` is position eligible[j]; with the cache this
             // holds because a step that commits nothing leaves `eligible` as is.
             let scored: Vec<(usize, PositionScore)> = crate::threads::parallel_map(eligible.len(), |j| {
                 let i = eligible[j];
                 let mut rng = Stream::new(opts.seed, global_step as u64, i as u64);
-                score_row(&logits[j * vocab..(j + 1) * vocab], mask, opts.temperature, opts.top_p, &mut rng)
+                score_row(&step_logits[j * vocab..(j + 1) * vocab], mask, opts.temperature, opts.top_p, &mut rng)
                     .map(|sc| (i, sc))
                     .ok_or_else(|| Error::Numeric(format!("the model produced non-finite logits at position {i}")))
             })
@@ -400,6 +420,7 @@ pub fn sample(
         }
     }
     debug_assert!(out.tokens.iter().all(|&t| t != mask));
+    out.constraints_met = constraints::met(&opts.constraints, &out.tokens, &given);
     Ok(out)
 }
 

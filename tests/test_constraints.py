@@ -1,0 +1,90 @@
+"""Word constraints (energies on the logits): a banned word never appears in what is generated, a required word
+appears, several combine, the outcome is reported, and bad constraints are clear errors. On a tiny random model,
+where nothing but the energies steers the text; numbers on the shipped model are in bench/RESULTS.md."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import _train_path  # noqa: F401
+import aios_rt
+from _tiny_tokenizer import train_tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = [f"the cat sat on the mat and the dog ran to the park number {i} with a red ball" for i in range(60)]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("constraints")
+    tok = train_tiny_tokenizer(d / "tokenizer.json", TEXTS, vocab_size=320)
+    cfg = dict(vocab_size=tok.get_vocab_size(), hidden_size=64, n_layers=2, n_heads=4, cond_dim=32, max_length=48,
+               mask_token_id=3)
+    aios_rt.write_random_model(d / "model.f32.parquet", json.dumps(cfg), 1, "f32")
+    return d, tok
+
+
+def tokens_of(tok, word):
+    return tok.encode(" " + word).ids
+
+
+def test_banned_and_required_words(model):
+    d, tok = model
+    eng = aios_rt.Engine(d, threads=1)
+    cat, dog = tokens_of(tok, "cat"), tokens_of(tok, "dog")
+    assert len(cat) == 1 and len(dog) == 1  # one token each in this vocabulary
+    seen_cat = required_hits = 0
+    for seed in range(8):
+        plain = eng.diffuse("the", length=40, steps=20, seed=seed, sampler="ancestral")
+        seen_cat += cat[0] in plain.tokens[2:]
+        g = eng.diffuse("the", length=40, steps=20, seed=seed, sampler="ancestral",
+                        constraints=[aios_rt.Banned(["cat"], weight=50.0), aios_rt.Required(["dog"], weight=50.0)])
+        assert cat[0] not in g.tokens[2:]
+        assert [(c["kind"], c["words"], c["met"]) for c in g.constraints] == [("banned", ["cat"], True),
+                                                                               ("required", ["dog"], True)]
+        required_hits += dog[0] in g.tokens
+        again = eng.diffuse("the", length=40, steps=20, seed=seed, sampler="ancestral",
+                            constraints=[aios_rt.Banned(["cat"], weight=50.0), aios_rt.Required(["dog"], weight=50.0)])
+        assert again.tokens == g.tokens  # deterministic
+    assert required_hits == 8
+    # Weight 0 is no constraint at all.
+    g0 = eng.diffuse("the", length=40, steps=20, seed=0, sampler="ancestral",
+                     constraints=[aios_rt.Banned(["cat"], weight=0.0)])
+    assert g0.tokens == eng.diffuse("the", length=40, steps=20, seed=0, sampler="ancestral").tokens
+
+
+def test_a_banned_word_in_the_prompt_is_not_a_violation(model):
+    d, tok = model
+    eng = aios_rt.Engine(d, threads=1)
+    g = eng.diffuse("the cat", length=24, steps=8, constraints=[aios_rt.Banned(["cat"])])
+    assert g.constraints[0]["met"] is True
+
+
+def test_bad_constraints_are_clear_errors(model):
+    d, tok = model
+    eng = aios_rt.Engine(d, threads=1)
+    for cons, msg in [([aios_rt.Banned(["cat"]), aios_rt.Required(["cat"])], "unsatisfiable"),
+                      ([aios_rt.Banned(["cat"], weight=float("nan"))], "finite"),
+                      ([aios_rt.Required(["dog"], weight=float("inf"))], "finite"),
+                      ([aios_rt.Banned(["cat"], weight=-1.0)], ">= 0"),
+                      ([aios_rt.Banned([])], "non-empty"),
+                      ([aios_rt.Required(["  "])], "non-empty"),
+                      (["cat"], "unknown constraint"),
+                      ("cat", "list")]:
+        with pytest.raises(aios_rt.InputError, match=msg):
+            eng.diffuse("the", length=24, steps=4, constraints=cons)
+    assert repr(aios_rt.Banned(["x"])) == "Banned(['x'], weight=8.0)"
+
+
+def test_cli_ban_and_require(model):
+    d, tok = model
+    r = subprocess.run([str(ROOT / "target" / "release" / "aios-run"), "generate", "--model", str(d), "--length",
+                        "32", "--steps", "8", "--ban", "cat", "--require", "dog", "--constraint-weight", "50", "the"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert 'constraint banned ["cat"]: met' in r.stderr and 'constraint required ["dog"]: met' in r.stderr
+    r = subprocess.run([str(ROOT / "target" / "release" / "aios-run"), "generate", "--model", str(d), "--ban", "cat",
+                        "--require", "cat", "the"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "unsatisfiable" in r.stderr and "panicked" not in r.stderr
