@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -155,9 +156,10 @@ def cmd_train(a) -> None:
                      ar=a.ar, steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup,
                      min_lr_ratio=a.min_lr_ratio, grad_clip=a.grad_clip, ema=a.ema, seed=a.seed, threads=a.threads,
                      eval_every=a.eval_every, eval_windows=a.eval_windows, ckpt_every=a.ckpt_every,
-                     time_limit_min=a.time_limit_min)
+                     time_limit_min=a.time_limit_min, stop_after=a.stop_after, device=a.device)
     r = train(args, resume=not a.no_resume)
-    print(json.dumps({k: r[k] for k in ("steps", "tokens", "elapsed_s", "stopped_early")}))
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary from a torchrun job
+        print(json.dumps({k: r[k] for k in ("steps", "tokens", "elapsed_s", "stopped_early")}))
 
 
 def cmd_export(a) -> None:
@@ -359,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--time-limit-min", type=float, default=None,
                    help="safety stop with a checkpoint after this many minutes of this invocation")
     s.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
+    s.add_argument("--stop-after", type=int, default=None,
+                   help="checkpoint and stop after this global step (an interruption; resume with the same command)")
+    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="under torchrun: one process per device, gloo on cpu, NCCL on cuda; --batch-size is global")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("export", help="training checkpoint -> aios Parquet (EMA weights by default)")

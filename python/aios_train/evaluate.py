@@ -18,6 +18,12 @@ from tqdm import tqdm
 from .schedule import EPS, ar_loss, diffusion_loss
 
 
+def _device_of(model) -> torch.device:
+    """Where the model's weights are (the windows go there; noise is drawn on the CPU generator)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def diffusion_nelbo(model, windows, mask_id: int, n_t: int = 16, seed: int = 0, batch_size: int = 32,
                     progress: bool = True) -> dict:
@@ -35,7 +41,8 @@ def diffusion_nelbo(model, windows, mask_id: int, n_t: int = 16, seed: int = 0, 
     bar = tqdm(range(0, rows.numel(), batch_size), desc="nelbo", unit="batch", disable=not progress, leave=False)
     for i in bar:
         xb = x[rows[i : i + batch_size]]
-        nll, _ = diffusion_loss(model, xb, mask_id, gen, t=ts[i : i + batch_size], keep=keep.expand_as(xb))
+        nll, _ = diffusion_loss(model, xb, mask_id, gen, t=ts[i : i + batch_size], keep=keep.expand_as(xb),
+                                device=_device_of(model))
         total += nll.double().sum().item()
         count += xb.shape[0] * (xb.shape[1] - 1)
     nats = total / count
@@ -47,7 +54,7 @@ def ar_nll(model, windows, batch_size: int = 32, progress: bool = True) -> dict:
     x = torch.as_tensor(np.asarray(windows), dtype=torch.int64)
     total, count = 0.0, 0
     for i in tqdm(range(0, x.shape[0], batch_size), desc="ar-nll", unit="batch", disable=not progress, leave=False):
-        nll = ar_loss(model, x[i : i + batch_size])
+        nll = ar_loss(model, x[i : i + batch_size].to(_device_of(model)))
         total += nll.double().sum().item()
         count += nll.numel()
     nats = total / count

@@ -49,13 +49,21 @@ def subs_masked_nll(logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, ma
 
 
 def diffusion_loss(model, x0: torch.Tensor, mask_id: int, gen: torch.Generator, t: torch.Tensor | None = None,
-                   keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """MDLM continuous-time NELBO terms: returns (weighted nll [B, L], t [B]). Loss = mean over tokens."""
+                   keep: torch.Tensor | None = None, shard: slice | None = None,
+                   device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MDLM continuous-time NELBO terms: returns (weighted nll [B, L], t [B]). Loss = mean over tokens.
+
+    With `shard`, the noise is drawn for the whole batch `x0` (so the generator advances as in a one-process run)
+    and only the rows of `shard` go through the model (data-parallel training); `device` is where they run."""
     if t is None:
         t = sample_t(x0.shape[0], gen)
     sigma, dsigma = noise(t)
     move_chance = 1 - torch.exp(-sigma)  # = (1-eps) t
     xt = q_xt(x0, move_chance, mask_id, gen, keep)
+    if shard is not None:
+        x0, xt, sigma, dsigma, t = x0[shard], xt[shard], sigma[shard], dsigma[shard], t[shard]
+    if device is not None:
+        x0, xt, sigma, dsigma = x0.to(device), xt.to(device), sigma.to(device), dsigma.to(device)
     logits = model(xt, sigma)
     nll = subs_masked_nll(logits, x0, xt, mask_id)
     weight = (dsigma / torch.expm1(sigma))[:, None]  # = 1/t for the log-linear schedule

@@ -59,6 +59,7 @@ class TrainArgs:
     # full limit again. Use fixed steps for fair budgets.
     time_limit_min: float | None = None
     stop_after: int | None = None        # stop (with a checkpoint) after this global step; simulates interruption
+    device: str = "cpu"                  # cpu or cuda; under torchrun one process per device (aios_train.distributed)
     progress: bool = True
 
     def model_config(self) -> ModelConfig:
@@ -68,7 +69,7 @@ class TrainArgs:
 
     def hparams(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-             if f.name not in ("train_windows", "valid_windows", "train_keep", "progress", "stop_after")}
+             if f.name not in ("train_windows", "valid_windows", "train_keep", "progress", "stop_after", "device")}
         d["betas"] = list(self.betas)
         return d
 
@@ -114,14 +115,15 @@ class EMA:
 
 def save_checkpoint(ckpt: Path, model, ema: EMA, opt: torch.optim.Optimizer, gen: torch.Generator, counters: dict) -> None:
     ckpt.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model/{k}": v.contiguous() for k, v in model.state_dict().items()}
-    tensors.update({f"ema/{k}": v.contiguous() for k, v in ema.shadow.items()})
+    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"ema/{k}": v.cpu().contiguous() for k, v in ema.shadow.items()})
     names = [n for n, _ in model.named_parameters()]
     for name, p in zip(names, (p for g in opt.param_groups for p in g["params"])):
         st = opt.state.get(p, {})
         for key in ("exp_avg", "exp_avg_sq", "step"):
             if key in st:
-                tensors[f"optim/{name}/{key}"] = torch.as_tensor(st[key]).reshape(-1).contiguous() if key == "step" else st[key].contiguous()
+                tensors[f"optim/{name}/{key}"] = (torch.as_tensor(st[key]).reshape(-1).cpu().contiguous() if key == "step"
+                                                  else st[key].cpu().contiguous())
     tensors["rng/noise"] = gen.get_state()
     tmp = ckpt / "state.safetensors.tmp"
     save_file(tensors, str(tmp))
@@ -131,16 +133,17 @@ def save_checkpoint(ckpt: Path, model, ema: EMA, opt: torch.optim.Optimizer, gen
     (ckpt / "state.json.tmp").replace(ckpt / "state.json")
 
 
-def load_checkpoint(ckpt: Path, model, ema: EMA, opt: torch.optim.Optimizer, gen: torch.Generator) -> dict:
+def load_checkpoint(ckpt: Path, model, ema: EMA, opt: torch.optim.Optimizer, gen: torch.Generator,
+                    device: torch.device | str = "cpu") -> dict:
     counters = json.loads((ckpt / "state.json").read_text())
-    t = load_file(str(ckpt / "state.safetensors"))
+    t = {k: (v if k == "rng/noise" else v.to(device)) for k, v in load_file(str(ckpt / "state.safetensors")).items()}
     model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model/")}, strict=True)
     ema.shadow = {k[4:]: v for k, v in t.items() if k.startswith("ema/")}
     ema.num_updates = counters["ema_num_updates"]
     names = [n for n, _ in model.named_parameters()]
     for name, p in zip(names, (p for g in opt.param_groups for p in g["params"])):
         if f"optim/{name}/exp_avg" in t:
-            opt.state[p] = {"step": t[f"optim/{name}/step"].reshape(()).clone(),
+            opt.state[p] = {"step": t[f"optim/{name}/step"].reshape(()).cpu().clone(),
                             "exp_avg": t[f"optim/{name}/exp_avg"], "exp_avg_sq": t[f"optim/{name}/exp_avg_sq"]}
     gen.set_state(t["rng/noise"])
     return counters
@@ -178,8 +181,19 @@ def quick_eval(model, windows: torch.Tensor, a: TrainArgs) -> float:
 
 
 def train(a: TrainArgs, resume: bool = True) -> dict:
+    """Runs (or resumes) a training run; under torchrun, data-parallel across the processes
+    (`aios_train.distributed`: same global batch and noise on every rank, rank 0 logs and checkpoints)."""
+    from . import distributed
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
+    dist = distributed.setup(a.device)
+    try:
+        return _train(a, resume, dist)
+    finally:
+        dist.close()
+
+
+def _train(a: TrainArgs, resume: bool, dist) -> dict:
     out = Path(a.out)
     ckpt = out / "ckpt"
     out.mkdir(parents=True, exist_ok=True)
@@ -195,8 +209,10 @@ def train(a: TrainArgs, resume: bool = True) -> dict:
             raise ValueError(f"train: keep mask {a.train_keep.shape} {a.train_keep.dtype} does not match the windows "
                              f"{tuple(data.shape)} (bool)")
         keep_all = torch.from_numpy(np.ascontiguousarray(a.train_keep))
+    if a.batch_size % dist.world:
+        raise ValueError(f"train: batch size {a.batch_size} does not split over {dist.world} processes")
     valid = None
-    if a.valid_windows is not None and a.eval_every > 0:
+    if a.valid_windows is not None and a.eval_every > 0 and dist.main:
         valid = torch.from_numpy(np.ascontiguousarray(a.valid_windows[: a.eval_windows], dtype=np.int64))
 
     model = DiT(cfg)
@@ -206,7 +222,9 @@ def train(a: TrainArgs, resume: bool = True) -> dict:
         if base_cfg.to_dict() != cfg.to_dict():
             raise ValueError(f"train: {a.warm_start} has config {base_cfg.to_dict()}, this run {cfg.to_dict()}")
         model.load_state_dict(base.state_dict())
+    model.to(dist.device)
     model.train()
+    runner = dist.wrap(model)  # forward/backward; gradients averaged over ranks
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=a.betas, eps=1e-8, weight_decay=a.weight_decay)
     ema = EMA(model, a.ema)
     gen = torch.Generator().manual_seed(a.seed)
@@ -215,21 +233,25 @@ def train(a: TrainArgs, resume: bool = True) -> dict:
         prev = json.loads((ckpt / "state.json").read_text())
         if prev.get("config") != cfg.to_dict():
             raise ValueError(f"train: checkpoint in {ckpt} has a different model config; use a new --out")
-        counters = load_checkpoint(ckpt, model, ema, opt, gen)
-        tqdm.write(f"resumed from {ckpt} at step {counters['step']}")
+        counters = load_checkpoint(ckpt, model, ema, opt, gen, dist.device)
+        if dist.main:
+            tqdm.write(f"resumed from {ckpt} at step {counters['step']}")
 
-    log = open(out / "log.jsonl", "a")
+    log = open(out / "log.jsonl", "a") if dist.main else None
     start_step = counters["step"]
     t0 = time.time() - counters["elapsed_s"]  # elapsed_s in logs and checkpoints is cumulative over resumes
     invocation_start = time.time()
     bar = tqdm(total=a.steps, initial=start_step, desc="train-ar" if a.ar else "train-mdlm", unit="step",
-               disable=not a.progress, dynamic_ncols=True)
+               disable=not (a.progress and dist.main), dynamic_ncols=True)
+    shard = dist.shard(a.batch_size) if dist.world > 1 else None
     losses: list[float] = []
     stopped_early = False
 
     def checkpoint() -> None:
         counters.update(elapsed_s=time.time() - t0, config=cfg.to_dict(), hparams=a.hparams())
-        save_checkpoint(ckpt, model, ema, opt, gen, counters)
+        if dist.main:
+            save_checkpoint(ckpt, model, ema, opt, gen, counters)
+        dist.barrier()  # nobody runs ahead of a checkpoint it might resume from
 
     for step in range(start_step, a.steps):
         idx = batch_indices(step, data.shape[0], a.batch_size, a.seed)
@@ -238,9 +260,9 @@ def train(a: TrainArgs, resume: bool = True) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a)
         if a.ar:
-            loss = ar_loss(model, x0).mean()
+            loss = ar_loss(runner, (x0 if shard is None else x0[shard]).to(dist.device)).mean()
         else:
-            nll, _ = diffusion_loss(model, x0, a.mask_token_id, gen, keep=keep)
+            nll, _ = diffusion_loss(runner, x0, a.mask_token_id, gen, keep=keep, shard=shard, device=dist.device)
             loss = nll.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -249,31 +271,36 @@ def train(a: TrainArgs, resume: bool = True) -> dict:
         ema.update(model)
         counters["step"] = step + 1
         counters["tokens"] += x0.numel()
-        losses.append(loss.item())
+        loss_value = dist.mean(loss.item())  # the global batch's loss
+        losses.append(loss_value)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_at(step, a):.1e}")
-        rec = {"step": step + 1, "loss": loss.item(), "grad_norm": float(gnorm), "lr": lr_at(step, a),
+        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr_at(step, a):.1e}")
+        rec = {"step": step + 1, "loss": loss_value, "grad_norm": float(gnorm), "lr": lr_at(step, a),
                "tokens": counters["tokens"], "elapsed_s": round(time.time() - t0, 2)}
         last = step + 1 == a.steps
         if valid is not None and ((step + 1) % a.eval_every == 0 or last):
             rec["val_nats_per_token"] = quick_eval(model, valid, a)
             tqdm.write(f"step {step + 1}: train loss {np.mean(losses[-a.eval_every:]):.4f} "
                        f"val nats/token {rec['val_nats_per_token']:.4f} (ppl {math.exp(rec['val_nats_per_token']):.1f})")
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
+        if log is not None:
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
         if a.stop_after is not None and step + 1 >= a.stop_after and not last:
             stopped_early = True
             checkpoint()
             break
-        if a.time_limit_min is not None and time.time() - invocation_start > 60 * a.time_limit_min and not last:
-            tqdm.write(f"time limit {a.time_limit_min} min reached at step {step + 1}; checkpointing and stopping")
+        out_of_time = a.time_limit_min is not None and time.time() - invocation_start > 60 * a.time_limit_min
+        if a.time_limit_min is not None and dist.any(out_of_time) and not last:
+            if dist.main:
+                tqdm.write(f"time limit {a.time_limit_min} min reached at step {step + 1}; checkpointing and stopping")
             stopped_early = True
             checkpoint()
             break
         if (step + 1) % a.ckpt_every == 0 or last:
             checkpoint()
     bar.close()
-    log.close()
+    if log is not None:
+        log.close()
     if start_step >= a.steps:
         checkpoint()
     return {"steps": counters["step"], "tokens": counters["tokens"], "elapsed_s": time.time() - t0,

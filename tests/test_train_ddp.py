@@ -1,0 +1,78 @@
+"""Data-parallel training under torchrun: 2 processes with gloo on CPU give the weights of a 1-process run with
+the same global batch (float tolerance), checkpoint once (rank 0), and resume exactly after an interruption."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.numpy import load_file
+
+import _train_path  # noqa: F401
+from _tiny_tokenizer import train_tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+TEXTS = [f"the cat sat on the mat and the dog ran to the park number {i} with a red ball" for i in range(80)]
+
+pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun (part of PyTorch) is not installed")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ddp")
+    train_tiny_tokenizer(d / "tokenizer.json", TEXTS, vocab_size=300)
+    (d / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    return d
+
+
+def run(corpus, out, procs, *extra):
+    args = ["-m", "aios_train", "train", "--train", str(corpus / "train.jsonl"), "--valid", "", "--tokenizer",
+            str(corpus / "tokenizer.json"), "--out", str(out), "--hidden-size", "32", "--n-layers", "2", "--n-heads",
+            "2", "--cond-dim", "16", "--max-length", "16", "--steps", "6", "--batch-size", "8", "--warmup", "2",
+            "--ckpt-every", "100", "--eval-every", "0", "--threads", "1", *extra]
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", str(procs), *args] if procs > 1 else [sys.executable, *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "python"), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r
+
+
+def weights(out):
+    t = load_file(str(out / "ckpt" / "state.safetensors"))
+    return {k: v for k, v in t.items() if k.startswith(("model/", "ema/"))}
+
+
+def test_two_processes_match_one(corpus, tmp_path):
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    run(corpus, one, 1)
+    r = run(corpus, two, 2)
+    assert r.stdout.count('"steps": 6') == 1  # rank 0 alone reports
+    a, b = weights(one), weights(two)
+    assert a.keys() == b.keys()
+    worst = max(float(abs(a[k] - b[k]).max()) for k in a)
+    assert worst < 1e-5, worst
+    logs = (two / "log.jsonl").read_text().splitlines()
+    assert len(logs) == 6  # rank 0 alone logs
+    one_losses = [json.loads(x)["loss"] for x in (one / "log.jsonl").read_text().splitlines()]
+    assert [json.loads(x)["loss"] for x in logs] == pytest.approx(one_losses, rel=1e-4)
+    # Resume: stop after 3 steps, run the same command again: the same weights as the uninterrupted run.
+    cut = tmp_path / "cut"
+    run(corpus, cut, 2, "--stop-after", "3")
+    run(corpus, cut, 2)
+    c = weights(cut)
+    assert max(float(abs(b[k] - c[k]).max()) for k in b) < 1e-6
+
+
+def test_batch_must_split_over_processes(corpus, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "python"), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "aios_train", "train", "--train",
+                        str(corpus / "train.jsonl"), "--valid", "", "--tokenizer", str(corpus / "tokenizer.json"),
+                        "--out", str(tmp_path / "x"), "--hidden-size", "32", "--n-layers", "1", "--n-heads", "2",
+                        "--cond-dim", "16", "--max-length", "16", "--steps", "2", "--batch-size", "7"],
+                       capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert r.returncode != 0 and "does not split over 2 processes" in r.stderr
