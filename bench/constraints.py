@@ -7,6 +7,10 @@ cost against the unconstrained generations of the same prompts and seeds: known-
 bench/text_quality.py), the model's own per-token NLL estimate of its output (`g.uncertainty_parts["nll"]`), and
 milliseconds per generation.
 
+Images (`--unified`): aios_rt.Brightness on the left half of aios-unified-tiny's 28x28 images, per target over the
+10 class prompts x seeds at 20 DDIM steps: the share within 0.1 of the target, the mean absolute error, and how much
+the right half (outside the energy) moved against the unconstrained image of the same prompt and seed.
+
     python bench/constraints.py --seeds 10 --threads 2
 """
 
@@ -51,6 +55,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=64)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--unified", default=str(ROOT / "models" / "aios-unified-tiny"))
     a = ap.parse_args()
     if not Path(a.train).exists():
         sys.exit(f"{a.train} not found: build the corpus first with `just data`")
@@ -88,7 +93,46 @@ def main() -> None:
         req_s = f"{r['required_word_in_text']:11.2f}" if r["required_word_in_text"] is not None else f"{'-':>11}"
         print(f"{name:<26} {r['all_met']:7.2f} {r['banned_word_in_text']:9.2f} {req_s} {r['known_words']:6.3f} "
               f"{r['distinct_2']:6.3f} {r['nll_per_token']:6.3f} {r['ms_median']:6.1f}")
+    out["image"] = image_energies(a)
     emit("constraints", out)
+
+
+def image_energies(a) -> dict:
+    import numpy as np
+    from aios_train.mmdata import FASHION_CAPTIONS
+    eng = aios_rt.Engine(a.unified, threads=a.threads)
+    prompts = [c[0] if isinstance(c, (list, tuple)) else c for c in FASHION_CAPTIONS][:10]
+    left = (0, 0, 14, 28)
+    print(f"images: {len(prompts)} prompts x {a.seeds} seeds, 20 DDIM steps, Brightness on the left half")
+    print(f"{'target':>6} {'within 0.1':>10} {'mean |err|':>10} {'right half moved':>16} {'ms':>6}")
+    plain = {}
+    res = {}
+    for target in (None, 0.05, 0.5, 0.9):
+        errs, moved, ms = [], [], []
+        for p in prompts:
+            for seed in range(a.seeds):
+                cons = [] if target is None else [aios_rt.Brightness(left, target)]
+                g = eng.diffuse(p, modality="image", steps=20, seed=seed, constraints=cons)
+                img = g.image.astype(float) / 255
+                ms.append(g.timings["total_ms"])
+                if target is None:
+                    plain[(p, seed)] = img
+                    errs.append(img[:, :14].mean())
+                    continue
+                errs.append(abs(img[:, :14].mean() - target))
+                moved.append(np.abs(img[:, 14:] - plain[(p, seed)][:, 14:]).mean())
+        key = "none" if target is None else f"{target}"
+        if target is None:
+            res[key] = {"left_mean": float(np.mean(errs)), "ms_median": statistics.median(ms)}
+            print(f"{'none':>6} {'-':>10} {'left mean ' + format(np.mean(errs), '.3f'):>10} {'-':>16} "
+                  f"{statistics.median(ms):6.1f}")
+            continue
+        res[key] = {"within_0.1": float(np.mean(np.array(errs) < 0.1)), "mean_abs_err": float(np.mean(errs)),
+                    "right_half_moved": float(np.mean(moved)), "ms_median": statistics.median(ms)}
+        r = res[key]
+        print(f"{target:6.2f} {r['within_0.1']:10.2f} {r['mean_abs_err']:10.3f} {r['right_half_moved']:16.3f} "
+              f"{r['ms_median']:6.1f}")
+    return res
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from ._errors import AiosError, AiosIOError, ConfigError, FormatError, InputErro
 from ._native import (
     SAMPLERS,
     Banned,
+    Brightness,
     Generation,
     Required,
     UsedMemory,
@@ -41,6 +42,7 @@ __all__ = [
     "Generation",
     "UsedMemory",
     "Banned",
+    "Brightness",
     "Required",
     "MemoryStore",
     "Hit",

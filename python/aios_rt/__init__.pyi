@@ -30,6 +30,12 @@ class Required:
     weight: float
     def __init__(self, words: Sequence[str], weight: float = 8.0) -> None: ...
 
+class Brightness:
+    region: Tuple[int, int, int, int]
+    target: float
+    weight: float
+    def __init__(self, region: Tuple[int, int, int, int], target: float, weight: float = 1.0) -> None: ...
+
 class Generation:
     text: str
     tokens: List[int]
@@ -106,7 +112,7 @@ class Engine:
         compose: Optional[Dict[str, float]] = None,
         adapters: Optional[Dict[str, float]] = None,
         skills: bool = True,
-        constraints: Optional[Sequence[Union[Banned, Required]]] = None,
+        constraints: Optional[Sequence[Union[Banned, Required, Brightness]]] = None,
     ) -> Generation: ...
     def forward_canvas(
         self,

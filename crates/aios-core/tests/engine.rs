@@ -217,6 +217,7 @@ fn media_generation_is_identical_on_one_and_two_threads() {
                 sampler: SamplerOptions { steps: 5, seed: 4, ..Default::default() },
                 continuous: sampler,
                 eta: 0.3,
+                energies: vec![],
             };
             let run = |threads| {
                 let e = Engine::open(&p, &EngineOptions { threads: Some(threads), ..Default::default() }).unwrap();

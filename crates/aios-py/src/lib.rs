@@ -283,34 +283,69 @@ impl Required {
     }
 }
 
-/// `constraints=`: a list of Banned / Required, parsed once.
-struct Constraints(Vec<aios_core::sampler::constraints::Constraint>);
+/// Image energy: the mean brightness of `region` = (x0, y0, x1, y1), in
+/// pixels, end exclusive, should be `target` (0 black .. 1 white). Each
+/// denoising step moves the image estimate by `-weight * grad E` (weight 1
+/// puts the estimate's mean on the target every step).
+#[pyclass(frozen, module = "aios_rt", get_all)]
+#[derive(Clone)]
+struct Brightness {
+    region: (usize, usize, usize, usize),
+    target: f32,
+    weight: f64,
+}
+
+#[pymethods]
+impl Brightness {
+    #[new]
+    #[pyo3(signature = (region, target, weight=1.0))]
+    fn new(region: (usize, usize, usize, usize), target: f32, weight: f64) -> Self {
+        Brightness { region, target, weight }
+    }
+    fn __repr__(&self) -> String {
+        format!("Brightness(region={:?}, target={:?}, weight={:?})", self.region, self.target, self.weight)
+    }
+}
+
+/// `constraints=`: a list of Banned / Required (text) and Brightness (image), parsed once.
+#[derive(Default)]
+struct Constraints {
+    text: Vec<aios_core::sampler::constraints::Constraint>,
+    image: Vec<aios_core::sampler::continuous::Brightness>,
+}
 
 impl<'a, 'py> FromPyObject<'a, 'py> for Constraints {
     type Error = PyErr;
 
     fn extract(ob: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
         use aios_core::sampler::constraints::{Constraint, Kind};
-        let items: Vec<Bound<'py, PyAny>> =
-            ob.extract().map_err(|_| input_error("constraints must be a list of aios_rt.Banned / aios_rt.Required"))?;
-        items
-            .iter()
-            .map(|it| {
-                if let Ok(b) = it.cast::<Banned>() {
-                    let b = b.get();
-                    Ok(Constraint::new(Kind::Banned, b.words.clone(), b.weight))
-                } else if let Ok(r) = it.cast::<Required>() {
-                    let r = r.get();
-                    Ok(Constraint::new(Kind::Required, r.words.clone(), r.weight))
-                } else {
-                    Err(input_error(format!(
-                        "unknown constraint {}; use aios_rt.Banned or aios_rt.Required",
-                        it.get_type()
-                    )))
-                }
-            })
-            .collect::<PyResult<Vec<_>>>()
-            .map(Constraints)
+        let items: Vec<Bound<'py, PyAny>> = ob.extract().map_err(|_| {
+            input_error("constraints must be a list of aios_rt.Banned / aios_rt.Required / aios_rt.Brightness")
+        })?;
+        let mut out = Constraints::default();
+        for it in &items {
+            if let Ok(b) = it.cast::<Banned>() {
+                let b = b.get();
+                out.text.push(Constraint::new(Kind::Banned, b.words.clone(), b.weight));
+            } else if let Ok(r) = it.cast::<Required>() {
+                let r = r.get();
+                out.text.push(Constraint::new(Kind::Required, r.words.clone(), r.weight));
+            } else if let Ok(b) = it.cast::<Brightness>() {
+                let b = b.get();
+                let (x0, y0, x1, y1) = b.region;
+                out.image.push(aios_core::sampler::continuous::Brightness {
+                    rect: [x0, y0, x1, y1],
+                    target: b.target,
+                    weight: b.weight,
+                });
+            } else {
+                return Err(input_error(format!(
+                    "unknown constraint {}; use aios_rt.Banned, aios_rt.Required or aios_rt.Brightness",
+                    it.get_type()
+                )));
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -735,6 +770,8 @@ impl Engine {
     /// active set for this call only; `skills=False` skips the skills store.
     /// `constraints` ([aios_rt.Banned([...]), aios_rt.Required([...])]) are
     /// energies on each step's logits; `g.constraints` says which held.
+    /// For images, aios_rt.Brightness(region, target) steers a rectangle's
+    /// mean brightness (`score - eta grad E` on the image estimate).
     #[pyo3(signature = (prompt="", modality=Modalities(vec![Modality::Text]), length=None, steps=None,
                         sampler=SamplerChoice::Text(Strategy::Confidence), seed=None, block_length=None,
                         guidance=0.0, temperature=1.0, top_p=1.0, threshold=0.9, suffix=None, image=None, image_mask=None, audio=None,
@@ -786,10 +823,14 @@ impl Engine {
             likelihood_samples,
             compose,
         )?;
-        sampler.constraints = constraints.map(|c| c.0).unwrap_or_default();
+        let Constraints { text: text_constraints, image: energies } = constraints.unwrap_or_default();
+        sampler.constraints = text_constraints;
         let image = image.filter(|v| !v.is_none());
         let audio = audio.filter(|v| !v.is_none());
         if modality.0 == [Modality::Text] && image.is_none() && audio.is_none() {
+            if !energies.is_empty() {
+                return Err(input_error("aios_rt.Brightness is an energy on generated images (modality=\"image\")"));
+            }
             if image_mask.is_some_and(|m| !m.is_none()) || audio_mask.is_some_and(|m| !m.is_none()) {
                 return Err(input_error("a mask needs the image or audio it belongs to"));
             }
@@ -846,6 +887,7 @@ impl Engine {
             sampler,
             continuous,
             eta,
+            energies,
         };
         Ok(run(py, || self.inner.generate_media(&req, &mut |_| {}))?.into())
     }
@@ -1200,6 +1242,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<UsedMemory>()?;
     m.add_class::<Banned>()?;
     m.add_class::<Required>()?;
+    m.add_class::<Brightness>()?;
     m.add_class::<memory::MemoryStore>()?;
     m.add_class::<memory::Embedder>()?;
     m.add_function(wrap_pyfunction!(quantize, m)?)?;

@@ -16,7 +16,7 @@ use aios_core::memory::{MemoryStore, StoreOptions};
 use aios_core::model::Modality;
 use aios_core::quant::{quantize_file, MatmulMode};
 use aios_core::sampler::constraints::{Constraint, Kind};
-use aios_core::sampler::continuous::ContinuousSampler;
+use aios_core::sampler::continuous::{Brightness, ContinuousSampler};
 use aios_core::sampler::{SamplerOptions, Strategy, Term};
 use aios_core::{Engine, EngineOptions, Error, MemorySource, TextRequest};
 use clap::{Parser, Subcommand};
@@ -124,6 +124,11 @@ struct GenerateArgs {
     /// A word the text should contain (best effort; repeat for several).
     #[arg(long, value_name = "WORD")]
     require: Vec<String>,
+    /// Image energy: the mean brightness of a rectangle, `X0,Y0,X1,Y1:TARGET[:WEIGHT]` in pixels (end
+    /// exclusive), target in [0, 1] (0 black), weight (eta) default 1 = the x0 estimate's mean put on the
+    /// target every step; repeat for several.
+    #[arg(long, value_name = "X0,Y0,X1,Y1:TARGET[:WEIGHT]")]
+    brightness: Vec<String>,
     /// Weight (eta) of the word constraints: logits move by this per unit of energy.
     #[arg(long, default_value_t = aios_core::sampler::constraints::DEFAULT_WEIGHT)]
     constraint_weight: f64,
@@ -174,6 +179,29 @@ fn parse_term(s: &str) -> Result<Term, Error> {
     let weight =
         w.trim().parse::<f64>().map_err(|_| Error::Input(format!("--compose term {s:?}: {w:?} is not a number")))?;
     Term::parse(view.trim(), weight)
+}
+
+/// `X0,Y0,X1,Y1:TARGET[:WEIGHT]`, one `--brightness` energy.
+fn parse_brightness(spec: &str) -> Result<Brightness, Error> {
+    let bad = || Error::Input(format!("--brightness {spec:?}: expected X0,Y0,X1,Y1:TARGET[:WEIGHT]"));
+    let mut parts = spec.split(':');
+    let rect: Vec<usize> = parts
+        .next()
+        .ok_or_else(bad)?
+        .split(',')
+        .map(|v| v.trim().parse())
+        .collect::<Result<_, _>>()
+        .map_err(|_| bad())?;
+    let rect: [usize; 4] = rect.try_into().map_err(|_| bad())?;
+    let target: f32 = parts.next().ok_or_else(bad)?.trim().parse().map_err(|_| bad())?;
+    let weight: f64 = match parts.next() {
+        Some(w) => w.trim().parse().map_err(|_| bad())?,
+        None => 1.0,
+    };
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok(Brightness { rect, target, weight })
 }
 
 /// `PATH[:WEIGHT]`: the part after the last ':' is a weight only if it parses as one.
@@ -296,6 +324,7 @@ fn media_generate(
         sampler,
         continuous,
         eta: a.eta,
+        energies: a.brightness.iter().map(|b| parse_brightness(b)).collect::<Result<_, _>>()?,
     };
     let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(req.sampler.steps as u64) };
     bar.set_style(

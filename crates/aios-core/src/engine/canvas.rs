@@ -56,6 +56,8 @@ pub struct MediaRequest {
     pub continuous: ContinuousSampler,
     /// DDIM's eta (0 = deterministic); ignored by DDPM.
     pub eta: f64,
+    /// Energies on the generated image (needs the image among the outputs).
+    pub energies: Vec<continuous::Brightness>,
 }
 
 /// A generated (or inpainted) image.
@@ -125,6 +127,12 @@ impl MediaRequest {
         let gen_text = self.outputs.contains(&Modality::Text);
         let gen_image = self.outputs.contains(&Modality::Image);
         let gen_audio = self.outputs.contains(&Modality::Audio);
+        if !self.energies.is_empty() && !gen_image {
+            return crate::input_err!("image energies need the image among the outputs");
+        }
+        for e in &self.energies {
+            e.validate(cfg.image_size)?;
+        }
         let tl = self.text_length.unwrap_or(DEFAULT_TEXT_LENGTH);
         let image = match (&self.image, gen_image) {
             (Some(g), _) => Some(image_segment(cfg, g, gen_image)?),
@@ -266,6 +274,7 @@ struct CanvasDenoiser<'a> {
     opts: &'a SamplerOptions,
     sampler: ContinuousSampler,
     eta: f64,
+    energies: &'a [continuous::Brightness],
 }
 
 impl CanvasDenoiser<'_> {
@@ -312,13 +321,19 @@ impl CanvasDenoiser<'_> {
             let w = self.opts.guidance;
             let rule = StepRule { sampler: self.sampler, eta: self.eta, seed: self.opts.seed };
             let st = &mut *st;
-            for (region, v) in [(st.image.as_mut(), &out.image), (st.audio.as_mut(), &out.audio)] {
+            let size = self.rt.model.cfg.image_size;
+            for (k, (region, v)) in
+                [(st.image.as_mut(), &out.image), (st.audio.as_mut(), &out.audio)].into_iter().enumerate()
+            {
                 if let Some(r) = region {
                     if v.iter().any(|x| !x.is_finite()) {
                         return Err(Error::Numeric("the model produced a non-finite continuous output".into()));
                     }
                     let per = v.len() / n;
-                    let v = if n == 2 { continuous::guide(&v[..per], &v[per..], w) } else { v.clone() };
+                    let mut v = if n == 2 { continuous::guide(&v[..per], &v[per..], w) } else { v.clone() };
+                    if k == 0 {
+                        continuous::apply_energies(self.energies, &r.x, &mut v, t, size, r.clip);
+                    }
                     r.advance(rule, &v, t, s, step as u64 + 1);
                 }
             }
@@ -384,6 +399,7 @@ impl Engine {
             opts: &req.sampler,
             sampler: req.continuous,
             eta: req.eta,
+            energies: &req.energies,
         };
         let tokenize_ms = t_start.elapsed().as_secs_f64() * 1e3;
         let mut forward_ms = 0.0;
