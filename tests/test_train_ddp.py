@@ -76,3 +76,35 @@ def test_batch_must_split_over_processes(corpus, tmp_path):
                         "--cond-dim", "16", "--max-length", "16", "--steps", "2", "--batch-size", "7"],
                        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert r.returncode != 0 and "does not split over 2 processes" in r.stderr
+
+
+def test_lora_two_processes_match_one(corpus, tmp_path):
+    from aios_train.config import ModelConfig
+    from aios_train.export import save_model
+    from aios_train.lora import read_lora
+    from aios_train.model import DiT, randomize_
+    from tokenizers import Tokenizer
+
+    base = tmp_path / "base"
+    base.mkdir()
+    shutil.copy(corpus / "tokenizer.json", base / "tokenizer.json")
+    vocab = Tokenizer.from_file(str(base / "tokenizer.json")).get_vocab_size()
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=32, n_layers=2, n_heads=2, cond_dim=16, max_length=16,
+                      mask_token_id=3)
+    save_model(randomize_(DiT(cfg), seed=0), cfg, base / "model.f32.parquet")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "python"), "OMP_NUM_THREADS": "1"}
+    outs = {}
+    for procs in (1, 2):
+        out = tmp_path / f"lora{procs}.lora.parquet"
+        args = ["-m", "aios_train", "lora", "--base", str(base), "--data", str(corpus / "train.jsonl"), "--out",
+                str(out), "--rank", "4", "--steps", "5", "--batch-size", "8", "--warmup", "2", "--eval-n-t", "2",
+                "--valid-fraction", "0.1"]
+        cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", *args] if procs > 1 else [sys.executable, *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-4000:]
+        assert r.stdout.count('"out"') == 1  # rank 0 alone reports
+        outs[procs] = read_lora(out)[0]
+    a, b = outs[1], outs[2]
+    assert a.keys() == b.keys()
+    assert max(float(abs(a[k] - b[k]).max()) for k in a) < 1e-5
+    assert max(float(abs(a[k]).max()) for k in a if k.endswith("lora_B")) > 0  # it trained

@@ -207,7 +207,9 @@ def cmd_lora(a) -> None:
         min_lr_ratio=a.min_lr_ratio, weight_decay=a.weight_decay, grad_clip=a.grad_clip, seed=a.seed,
         threads=a.threads, valid_fraction=a.valid_fraction, valid_data=a.valid_data, source=a.source,
         tokenizer=a.tokenizer, eval_windows=a.eval_windows, eval_n_t=a.eval_n_t, save_peft=a.save_peft,
-        time_limit_min=a.time_limit_min))
+        time_limit_min=a.time_limit_min, device=a.device))
+    if int(os.environ.get("RANK", "0")) != 0:  # one summary from a torchrun job
+        return
     print(json.dumps({"out": a.out, "steps": r["steps"], "train_s": round(r["train_s"], 1),
                       "val_nats_before": r["val_nats_before"], "val_nats_after": r["val_nats_after"],
                       "target_modules": r["config"]["target_modules"]}))
@@ -444,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--eval-n-t", type=int, default=16, help="stratified t per validation window")
     s.add_argument("--save-peft", default=None, metavar="DIR", help="also save the peft adapter folder (save_pretrained)")
     s.add_argument("--time-limit-min", type=float, default=None, help="stop training early after this many minutes")
+    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="under torchrun: one process per device, gloo on cpu, NCCL on cuda; --batch-size is global")
     s.set_defaults(fn=cmd_lora)
 
     s = sub.add_parser("patch", help="selective fine-tuning: train the modules gradient attribution picks -> tensor "

@@ -406,6 +406,7 @@ class LoraTrainArgs:
     eval_seed: int = 0
     save_peft: str | None = None
     time_limit_min: float | None = None
+    device: str = "cpu"             # cpu or cuda; under torchrun one process per device (aios_train.distributed)
     progress: bool = True
 
 
@@ -416,9 +417,20 @@ def _log(msg: str, progress: bool) -> None:
 
 
 def train_lora(a: LoraTrainArgs) -> dict:
-    """Train a LoRA adapter on a frozen base with MDLM's loss; writes the container `a.out`.
+    """Train a LoRA adapter on a frozen base with MDLM's loss; writes the container `a.out`. Under torchrun,
+    data-parallel (`aios_train.distributed`): every rank draws the same global batch and noise, works on its shard,
+    and rank 0 alone evaluates, logs and writes.
 
     Returns {"tensors", "config", "peft_model", "losses", "elapsed_s", "steps", ...}."""
+    from . import distributed
+    dist = distributed.setup(a.device)
+    try:
+        return _train_lora(a, dist)
+    finally:
+        dist.close()
+
+
+def _train_lora(a: LoraTrainArgs, dist) -> dict:
     from tqdm import tqdm
     from .evaluate import diffusion_nelbo
     from .schedule import diffusion_loss
@@ -428,6 +440,9 @@ def train_lora(a: LoraTrainArgs) -> dict:
 
     if a.rank < 1 or a.steps < 0 or a.batch_size < 1 or not 0 <= a.dropout < 1 or not 0 <= a.valid_fraction < 1:
         raise ValueError("lora: need rank >= 1, steps >= 0, batch_size >= 1, 0 <= dropout < 1, 0 <= valid_fraction < 1")
+    if a.batch_size % dist.world:
+        raise ValueError(f"lora: batch size {a.batch_size} does not split over {dist.world} processes")
+    progress = a.progress and dist.main
     torch.set_num_threads(a.threads)
     model_path, tok_path = resolve_base(a.base, a.tokenizer)
     model, mcfg = load_model(model_path)
@@ -448,7 +463,7 @@ def train_lora(a: LoraTrainArgs) -> dict:
     if vw is not None and a.eval_windows:
         vw = vw[: a.eval_windows]
     _log(f"base {model_path} (fingerprint {fp}); train: {len(train_docs)} docs, {tw.shape[0]} windows; "
-         f"valid: {len(valid_docs)} docs, {0 if vw is None else vw.shape[0]} windows", a.progress)
+         f"valid: {len(valid_docs)} docs, {0 if vw is None else vw.shape[0]} windows", progress)
 
     targets = resolve_targets(a.target_modules, mcfg)
     cfg: dict[str, Any] = {"rank": int(a.rank), "alpha": float(a.alpha), "use_rslora": bool(a.use_rslora),
@@ -456,6 +471,8 @@ def train_lora(a: LoraTrainArgs) -> dict:
                            "base_config": mcfg.to_dict()}
     torch.manual_seed(a.seed)  # LoRA A init and dropout masks
     pm = _wrap(model, cfg)
+    pm.to(dist.device)
+    runner = dist.wrap(pm)  # forward/backward; gradients averaged over ranks
     params = [p for p in pm.parameters() if p.requires_grad]
     names = [n for n, p in pm.named_parameters() if p.requires_grad]
     if not params or not all(".lora_A." in n or ".lora_B." in n for n in names):
@@ -463,17 +480,17 @@ def train_lora(a: LoraTrainArgs) -> dict:
     mask_id = mcfg.mask_token_id
 
     def val() -> float | None:
-        if vw is None:
+        if vw is None or not dist.main:
             return None
         was = pm.training
         pm.eval()
-        r = diffusion_nelbo(pm, vw, mask_id, n_t=a.eval_n_t, seed=a.eval_seed, batch_size=32, progress=a.progress)
+        r = diffusion_nelbo(pm, vw, mask_id, n_t=a.eval_n_t, seed=a.eval_seed, batch_size=32, progress=progress)
         pm.train(was)
         return r["nats_per_token"]
 
     before = val()
     if before is not None:
-        _log(f"validation before: {before:.4f} nats/token (ppl bound {math.exp(before):.1f})", a.progress)
+        _log(f"validation before: {before:.4f} nats/token (ppl bound {math.exp(before):.1f})", progress)
 
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=a.weight_decay)
     gen = torch.Generator().manual_seed(a.seed)
@@ -481,27 +498,29 @@ def train_lora(a: LoraTrainArgs) -> dict:
     pm.train()
     losses: list[float] = []
     t0 = time.time()
-    bar = tqdm(total=a.steps, desc="lora", unit="step", disable=not a.progress, dynamic_ncols=True)
+    bar = tqdm(total=a.steps, desc="lora", unit="step", disable=not progress, dynamic_ncols=True)
     stopped_early = False
+    shard = dist.shard(a.batch_size) if dist.world > 1 else None
     for step in range(a.steps):
         x0 = data[batch_indices(step, data.shape[0], a.batch_size, a.seed)]
         lr = lr_at(step, a)
         for g in opt.param_groups:
             g["lr"] = lr
-        nll, _ = diffusion_loss(pm, x0, mask_id, gen)
+        nll, _ = diffusion_loss(runner, x0, mask_id, gen, shard=shard, device=dist.device)
         loss = nll.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if a.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
         opt.step()
-        losses.append(loss.item())
+        losses.append(dist.mean(loss.item()))
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.1e}")
         if (step + 1) % 100 == 0:
-            _log(f"step {step + 1}: mean train loss (last 100) {np.mean(losses[-100:]):.4f}", a.progress)
-        if a.time_limit_min is not None and time.time() - t0 > 60 * a.time_limit_min and step + 1 < a.steps:
-            _log(f"time limit {a.time_limit_min} min reached at step {step + 1}; stopping", a.progress)
+            _log(f"step {step + 1}: mean train loss (last 100) {np.mean(losses[-100:]):.4f}", progress)
+        out_of_time = a.time_limit_min is not None and time.time() - t0 > 60 * a.time_limit_min
+        if a.time_limit_min is not None and dist.any(out_of_time) and step + 1 < a.steps:
+            _log(f"time limit {a.time_limit_min} min reached at step {step + 1}; stopping", progress)
             stopped_early = True
             break
     bar.close()
@@ -509,7 +528,7 @@ def train_lora(a: LoraTrainArgs) -> dict:
     pm.eval()
     after = val()
     if after is not None:
-        _log(f"validation after:  {after:.4f} nats/token (ppl bound {math.exp(after):.1f})", a.progress)
+        _log(f"validation after:  {after:.4f} nats/token (ppl bound {math.exp(after):.1f})", progress)
 
     tensors = lora_tensors_from_peft(pm.state_dict(), "default")
     cfg.update({
@@ -523,10 +542,12 @@ def train_lora(a: LoraTrainArgs) -> dict:
                   "train_s": round(train_s, 1), "loss_first": float(np.mean(losses[:20])) if losses else None,
                   "loss_last": float(np.mean(losses[-20:])) if losses else None, "stopped_early": stopped_early},
     })
-    save_lora(a.out, tensors, cfg)
-    if a.save_peft:
-        pm.save_pretrained(a.save_peft)
-    _log(f"wrote {a.out} ({sum(v.size for v in tensors.values()):,} LoRA parameters, {len(targets)} modules)", a.progress)
+    if dist.main:
+        save_lora(a.out, tensors, cfg)
+        if a.save_peft:
+            pm.save_pretrained(a.save_peft)
+    dist.barrier()
+    _log(f"wrote {a.out} ({sum(v.size for v in tensors.values()):,} LoRA parameters, {len(targets)} modules)", progress)
     return {"tensors": tensors, "config": cfg, "peft_model": pm, "losses": losses, "elapsed_s": time.time() - t0,
             "train_s": train_s, "steps": len(losses), "stopped_early": stopped_early,
             "val_nats_before": before, "val_nats_after": after}
