@@ -236,7 +236,7 @@ mod tests {
         let r = c(Kind::Required, vec![vec![7]]);
         assert_eq!(met(&[b.clone(), r.clone()], &[5, 6, 7], &[false; 3]), vec![false, true]);
         // A banned word inside the given prompt is not the generation's doing.
-        assert_eq!(met(&[b.clone()], &[5, 6, 1], &[true, true, false]), vec![true]);
+        assert_eq!(met(std::slice::from_ref(&b), &[5, 6, 1], &[true, true, false]), vec![true]);
         assert!(validate(&[b.clone(), r.clone()]).is_ok());
         let clash = c(Kind::Required, vec![vec![5, 6]]);
         assert!(validate(&[b.clone(), clash]).unwrap_err().to_string().contains("unsatisfiable"));
