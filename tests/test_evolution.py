@@ -132,13 +132,16 @@ def test_confident_engine_does_nothing_and_bad_cards_are_skipped(setup):
     (tmp / "skills" / "broken.lora.parquet").write_bytes(b"PAR1 not really")
     ev.skills.add("quartz zebra kettle sings", meta={"level": "L2", "file": "broken.lora.parquet",
                                                      "base_fingerprint": calm.fingerprint})
+    ev.skills.add("quartz zebra kettle whistles", meta={"level": "L2", "file": "../model/model.f32.parquet",
+                                                        "base_fingerprint": calm.fingerprint})
     m = calm.skills_for("quartz zebra kettle")
     assert m["skills"] == [] and m["adapters"] == {} and m["patch"] is None
     text = " | ".join(m["warnings"])
     assert "gone.lora.parquet" in text and "made for base 0000000000000000" in text and "broken.lora.parquet" in text
-    assert len(m["warnings"]) == 3
+    assert "not a name in the skills folder" in text
+    assert len(m["warnings"]) == 4
     g = calm.diffuse("quartz zebra kettle", length=48, steps=4)  # a bad card never stops a generation
-    assert g.skills == [] and len(g.warnings) == 3
+    assert g.skills == [] and len(g.warnings) == 4
     with pytest.raises(ValueError, match="unknown evolution levels"):
         Evolver(engine=calm, memory=mem, skills=tmp / "skills2", general_data=general,
                 config=EvolveConfig(levels=("L0", "L9")))

@@ -329,6 +329,11 @@ impl Engine {
                 ));
                 continue;
             }
+            // A card names a file in the skills folder, never a path elsewhere.
+            if Path::new(&card.file).file_name().and_then(|f| f.to_str()) != Some(card.file.as_str()) {
+                out.warnings.push(format!("skill {skill}: file {:?} is not a name in the skills folder", card.file));
+                continue;
+            }
             let path = dir.join(&card.file);
             let loaded = match card.level.as_str() {
                 "L2" => self.ensure_adapter(&path, &skill),
