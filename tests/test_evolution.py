@@ -69,6 +69,15 @@ def test_trigger_adapt_validate_store_reuse(setup):
     c = eng.diffuse("the quartz zebra kettle sings", length=48, steps=4, seed=1, skills=False,
                     adapters={rep.skill: 1.0})
     assert b.adapters == {} and c.adapters == {rep.skill: 1.0} and a.tokens == c.tokens
+    # One engine serves concurrent callers: skill activation is per generation, so threads with and without a
+    # matching skill get what they get alone.
+    from concurrent.futures import ThreadPoolExecutor
+    prompts = ["the quartz zebra kettle sings", "Grandma's lemon cake needs three eggs"] * 3
+    alone = [eng.diffuse(p, length=48, steps=4, seed=i).tokens for i, p in enumerate(prompts)]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda ip: eng.diffuse(ip[1], length=48, steps=4, seed=ip[0]).tokens,
+                                 enumerate(prompts)))
+    assert together == alone
     # A later session: a new engine over the same skills folder finds it too.
     ev.close()
     assert not eng.has_skills
