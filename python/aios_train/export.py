@@ -200,6 +200,21 @@ def read_tensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str
     return out, meta
 
 
+def read_container(path: str | Path, kind: str, what: str) -> tuple[dict[str, np.ndarray], dict]:
+    """Tensors and the parsed `aios.config` of an adapter-like container whose `aios.kind` must be `kind`
+    (`what` names it in the error: "a LoRA adapter", "a tensor patch")."""
+    tensors, meta = read_tensors(path)
+    if meta.get("aios.kind") != kind:
+        raise FormatError(f"{path}: aios.kind is {meta.get('aios.kind')!r}, expected {kind!r} (not {what})")
+    if "aios.config" not in meta:
+        raise FormatError(f"{path}: no aios.config metadata")
+    try:
+        cfg = json.loads(meta["aios.config"])
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: aios.config is not valid JSON: {e}") from e
+    return tensors, cfg
+
+
 def _read_quantized(path: Path) -> dict[str, np.ndarray]:
     try:
         import aios_rt  # the Rust runtime owns the GGML block formats

@@ -32,7 +32,7 @@ import torch
 
 from .config import ModelConfig
 from .data import _chunk_paragraphs
-from .export import (FormatError, FINGERPRINT_KEY, load_model, model_fingerprint, model_tensors, read_metadata,
+from .export import (FormatError, FINGERPRINT_KEY, load_model, model_fingerprint, model_tensors, read_container, read_metadata,
                      read_tensors, write_tensors)
 from .model import DiT, expected_shapes
 
@@ -174,15 +174,7 @@ def save_lora(path: str | Path, tensors: dict[str, Any], cfg: dict) -> None:
 
 def read_lora(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     """Read and fully validate an adapter container; returns (tensors, config dict)."""
-    tensors, meta = read_tensors(path)
-    if meta.get("aios.kind") != KIND:
-        raise FormatError(f"{path}: aios.kind is {meta.get('aios.kind')!r}, expected {KIND!r} (not a LoRA adapter)")
-    if "aios.config" not in meta:
-        raise FormatError(f"{path}: no aios.config metadata")
-    try:
-        cfg = json.loads(meta["aios.config"])
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: aios.config is not valid JSON: {e}") from e
+    tensors, cfg = read_container(path, KIND, "a LoRA adapter")
     check_lora(tensors, cfg, str(path))
     return tensors, cfg
 

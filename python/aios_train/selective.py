@@ -15,8 +15,6 @@ The container (contract with the Rust runtime, `crates/aios-core/src/adapter/pat
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
-from .export import FormatError, load_model, read_tensors, write_tensors
+from .export import FormatError, load_model, read_container, write_tensors
 from .model import expected_shapes
 
 KIND = "patch"
@@ -107,13 +105,8 @@ def save_patch(path: str | Path, tensors: dict[str, Any], cfg: dict) -> None:
 
 
 def read_patch(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
-    tensors, meta = read_tensors(path)
-    if meta.get("aios.kind") != KIND:
-        raise FormatError(f"{path}: aios.kind is {meta.get('aios.kind')!r}, expected {KIND!r} (not a tensor patch)")
-    try:
-        cfg = json.loads(meta.get("aios.config", ""))
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: aios.config is not valid JSON: {e}") from e
+    """Read and fully validate a patch container; returns (tensors, config dict)."""
+    tensors, cfg = read_container(path, KIND, "a tensor patch")
     check_patch(tensors, cfg, str(path))
     return tensors, cfg
 
