@@ -10,6 +10,10 @@ milliseconds per generation.
 Images (`--unified`): aios_rt.Brightness on the left half of aios-unified-tiny's 28x28 images, per target over the
 10 class prompts x seeds at 20 DDIM steps: the share within 0.1 of the target, the mean absolute error, and how much
 the right half (outside the energy) moved against the unconstrained image of the same prompt and seed.
+aios_rt.ClassEnergy (models/aios-unified-tiny/fashion.classifier.parquet, a linear classifier) on unconditional
+images (empty prompt), per weight over the 10 classes x seeds: the held-out CNN judge of bench/unified_quality.py
+agrees with the energy's class (10% by chance), the linear classifier itself agrees, and the Frechet distance of the
+judge's features against the test set (quality cost; small-sample FD, compare rows).
 
     python bench/constraints.py --seeds 10 --threads 2
 """
@@ -56,7 +60,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--unified", default=str(ROOT / "models" / "aios-unified-tiny"))
+    ap.add_argument("--only", choices=["text", "brightness", "class"], default=None)
     a = ap.parse_args()
+    if a.only == "class":
+        emit("constraints", {"class": class_energy(a)})
+        return
+    if a.only == "brightness":
+        emit("constraints", {"image": image_energies(a)})
+        return
     if not Path(a.train).exists():
         sys.exit(f"{a.train} not found: build the corpus first with `just data`")
     vocab: set[str] = set()
@@ -93,8 +104,50 @@ def main() -> None:
         req_s = f"{r['required_word_in_text']:11.2f}" if r["required_word_in_text"] is not None else f"{'-':>11}"
         print(f"{name:<26} {r['all_met']:7.2f} {r['banned_word_in_text']:9.2f} {req_s} {r['known_words']:6.3f} "
               f"{r['distinct_2']:6.3f} {r['nll_per_token']:6.3f} {r['ms_median']:6.1f}")
-    out["image"] = image_energies(a)
+    if a.only is None:
+        out["image"] = image_energies(a)
+        out["class"] = class_energy(a)
     emit("constraints", out)
+
+
+def class_energy(a) -> dict:
+    import numpy as np
+    from aios_train.classifier import load_classifier
+    from aios_train.mmdata import FASHION_CLASSES
+    from unified_quality import frechet, pixels_unit, predict, train_judge
+    import torch
+
+    data = ROOT / "data" / "mm"
+    imgs = dict(np.load(data / "images.npz"))
+    judge, judge_acc = train_judge("image", pixels_unit(imgs["train_x"]), imgs["train_y"],
+                                   pixels_unit(imgs["test_x"]), imgs["test_y"], 3, ROOT / "runs" / "bench-judges")
+    _, test_feats = predict(judge, pixels_unit(imgs["test_x"][:2000]))
+    path = Path(a.unified) / "fashion.classifier.parquet"
+    lin, lcfg = load_classifier(path)
+    eng = aios_rt.Engine(a.unified, threads=a.threads)
+    print(f"class energy: 10 classes x {a.seeds} seeds, unconditional, 20 DDIM steps; judge test accuracy "
+          f"{judge_acc:.3f}, linear classifier {lcfg['test_accuracy']:.3f}")
+    print(f"{'weight':>6} {'judge agrees':>12} {'linear agrees':>13} {'FD':>8} {'ms':>6}")
+    res = {"judge_test_accuracy": judge_acc, "linear_test_accuracy": lcfg["test_accuracy"]}
+    for w in (0.0, 0.3, 1.0, 3.0):
+        gens, want, ms = [], [], []
+        for k, name in enumerate(FASHION_CLASSES):
+            for seed in range(a.seeds):
+                g = eng.diffuse("", modality="image", steps=20, seed=seed,
+                                constraints=[aios_rt.ClassEnergy(path, name, weight=w)] if w else [])
+                gens.append(np.asarray(g.image, dtype=np.uint8).reshape(28, 28))
+                want.append(k)
+                ms.append(g.timings["total_ms"])
+        x = pixels_unit(np.stack(gens))
+        pred, feats = predict(judge, x)
+        with torch.no_grad():
+            lin_pred = lin(torch.from_numpy(x).reshape(len(x), -1) * 2 - 1).argmax(1).numpy()
+        r = {"judge_agrees": float((pred == np.array(want)).mean()),
+             "linear_agrees": float((lin_pred == np.array(want)).mean()),
+             "frechet": frechet(feats, test_feats), "ms_median": statistics.median(ms)}
+        res[f"{w:g}"] = r
+        print(f"{w:6.1f} {r['judge_agrees']:12.3f} {r['linear_agrees']:13.3f} {r['frechet']:8.1f} {r['ms_median']:6.1f}")
+    return res
 
 
 def image_energies(a) -> dict:

@@ -129,3 +129,70 @@ def test_cli_brightness(tmp_path):
     r = subprocess.run([bin_, "generate", "--model", str(UNIFIED), "--modality", "image", "--brightness", "0,0,14:0.9",
                         "--out", str(out), "a sneaker"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "--brightness" in r.stderr and "panicked" not in r.stderr
+
+
+CLASSIFIER = UNIFIED / "fashion.classifier.parquet"
+
+
+def test_class_energy_moves_images_to_the_class(tmp_path):
+    import numpy as np
+    from aios_train.classifier import load_classifier
+    import torch
+
+    eng = aios_rt.Engine(UNIFIED, threads=2)
+    lin, cfg = load_classifier(CLASSIFIER)
+    hits = {0.0: 0, 1.0: 0}
+    for w in hits:
+        for k, name in ((7, "sneaker"), (1, "trousers")):
+            for seed in range(3):
+                cons = [aios_rt.ClassEnergy(CLASSIFIER, name if seed else k, weight=w)] if w else []
+                img = eng.diffuse("", modality="image", steps=12, seed=seed, constraints=cons).image
+                x = torch.from_numpy(np.asarray(img, dtype=np.float32).reshape(1, -1)) / 127.5 - 1
+                hits[w] += int(lin(x).argmax()) == k
+    assert hits[1.0] == 6 and hits[0.0] < 6, hits
+    for c, msg in [(aios_rt.ClassEnergy(CLASSIFIER, "spaceship"), "not one of"),
+                   (aios_rt.ClassEnergy(CLASSIFIER, 10), "not one of"),
+                   (aios_rt.ClassEnergy(CLASSIFIER, "bag", weight=float("inf")), "finite"),
+                   (aios_rt.ClassEnergy(UNIFIED / "model.f32.parquet", "bag"), "not an image classifier"),
+                   (aios_rt.ClassEnergy(tmp_path / "missing.parquet", "bag"), "missing.parquet")]:
+        with pytest.raises((aios_rt.InputError, aios_rt.FormatError, OSError), match=msg):
+            eng.diffuse("", modality="image", steps=2, constraints=[c])
+    with pytest.raises(aios_rt.InputError, match="generated images"):
+        eng.diffuse("x", steps=2, constraints=[aios_rt.ClassEnergy(CLASSIFIER, "bag")])
+
+
+def test_valid_json_keeps_the_text_a_json_prefix(model):
+    d, tok = model
+    eng = aios_rt.Engine(d, threads=1)
+    for seed in range(3):
+        g = eng.diffuse('{"a": ', length=24, steps=23, seed=seed, block_length=1, sampler="ancestral",
+                        constraints=[aios_rt.ValidJson()])
+        text = g.text
+        assert g.constraints[0]["kind"] == "valid_json"
+        # Left to right (block_length 1), every committed token kept the text a JSON prefix.
+        from json import JSONDecodeError, loads
+        try:
+            loads(text)
+            whole = True
+        except JSONDecodeError as e:
+            whole = False
+            assert e.msg.startswith(("Expecting", "Unterminated")), (text, e.msg)  # ran out, never broke
+        assert g.constraints[0]["met"] == whole
+        plain = eng.diffuse('{"a": ', length=24, steps=23, seed=seed, block_length=1, sampler="ancestral")
+        assert plain.text != text
+    with pytest.raises(aios_rt.InputError, match="finite"):
+        eng.diffuse("{", length=12, steps=2, constraints=[aios_rt.ValidJson(weight=float("nan"))])
+    r = subprocess.run([str(ROOT / "target" / "release" / "aios-run"), "generate", "--model", str(d), "--valid-json",
+                        "--block-length", "1", "--length", "16", "--steps", "15", "{"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "constraint valid_json" in r.stderr, r.stderr
+    assert ("NOT met" in r.stderr) != _whole_json(r.stdout), (r.stdout, r.stderr)
+
+
+def _whole_json(text):
+    from json import JSONDecodeError, loads
+    try:
+        loads(text)
+        return True
+    except JSONDecodeError:
+        return False

@@ -108,3 +108,60 @@ def test_lora_two_processes_match_one(corpus, tmp_path):
     assert a.keys() == b.keys()
     assert max(float(abs(a[k] - b[k]).max()) for k in a) < 1e-5
     assert max(float(abs(a[k]).max()) for k in a if k.endswith("lora_B")) > 0  # it trained
+
+
+def _tiny_base(corpus, tmp_path, **extra):
+    from aios_train.config import ModelConfig
+    from aios_train.export import save_model
+    from aios_train.model import DiT, randomize_
+    from tokenizers import Tokenizer
+
+    base = tmp_path / "base"
+    base.mkdir(exist_ok=True)
+    shutil.copy(corpus / "tokenizer.json", base / "tokenizer.json")
+    vocab = Tokenizer.from_file(str(base / "tokenizer.json")).get_vocab_size()
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=32, n_layers=2, n_heads=2, cond_dim=16, max_length=48,
+                      mask_token_id=3, **extra)
+    save_model(randomize_(DiT(cfg), seed=0), cfg, base / "model.f32.parquet")
+    return base
+
+
+def _run_both(tmp_path, make_args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "python"), "OMP_NUM_THREADS": "1"}
+    outs = {}
+    for procs in (1, 2):
+        out = tmp_path / f"out{procs}.parquet"
+        args = make_args(out, tmp_path / f"run{procs}")
+        cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", *args] if procs > 1 else [sys.executable, *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-4000:]
+        assert r.stdout.count('"out"') == 1  # rank 0 alone reports
+        outs[procs] = out
+    return outs
+
+
+def test_distill_two_processes_match_one(corpus, tmp_path):
+    from aios_train.export import read_tensors
+
+    base = _tiny_base(corpus, tmp_path)
+    outs = _run_both(tmp_path, lambda out, run: [
+        "-m", "aios_train", "distill", "--teacher", str(base), "--train", str(corpus / "train.jsonl"), "--out",
+        str(out), "--run-dir", str(run), "--teacher-steps", "8", "--student-steps", "2", "--round-steps", "2",
+        "--batch-size", "8", "--warmup", "1", "--lr", "1e-3"])
+    a, b = (read_tensors(outs[p])[0] for p in (1, 2))
+    assert max(float(abs(a[k] - b[k]).max()) for k in a) < 1e-5
+    start = read_tensors(base / "model.f32.parquet")[0]
+    assert max(float(abs(a[k] - start[k]).max()) for k in a) > 1e-4  # it trained
+
+
+def test_controlnet_two_processes_match_one(corpus, tmp_path):
+    from aios_train.export import read_tensors
+
+    base = _tiny_base(corpus, tmp_path)
+    outs = _run_both(tmp_path, lambda out, run: [
+        "-m", "aios_train", "controlnet", "--base", str(base), "--control", "json", "--out", str(out), "--run-dir",
+        str(run), "--n-blocks", "1", "--rank", "2", "--steps", "4", "--batch-size", "8", "--warmup", "1",
+        "--text-length", "48"])
+    a, b = (read_tensors(outs[p])[0] for p in (1, 2))
+    assert max(float(abs(a[k] - b[k]).max()) for k in a) < 1e-5
+    assert max(float(abs(a[k]).max()) for k in a if k.startswith("zero.")) > 0  # it trained

@@ -25,9 +25,11 @@ from ._native import (
     SAMPLERS,
     Banned,
     Brightness,
+    ClassEnergy,
     Generation,
     Required,
     UsedMemory,
+    ValidJson,
     __version__,
     dequantize as _dequantize,
     quantize as _quantize,
@@ -43,7 +45,9 @@ __all__ = [
     "UsedMemory",
     "Banned",
     "Brightness",
+    "ClassEnergy",
     "Required",
+    "ValidJson",
     "MemoryStore",
     "Hit",
     "Embedder",
@@ -73,13 +77,14 @@ class Engine(_native.Engine):
     ``dtype`` picks ``model.<dtype>.parquet`` in a folder (f32, int8, int4, int2).
     """
 
-    def logits(self, batch, sigma: float | None = None) -> np.ndarray:
-        """Raw logits ``[n, L, V]`` (float32) for equal-length token sequences."""
+    def logits(self, batch, sigma: float | None = None, control: dict | None = None) -> np.ndarray:
+        """Raw logits ``[n, L, V]`` (float32) for equal-length token sequences; ``control`` ({name: text})
+        feeds the active token ControlNets."""
         if len(batch) and isinstance(batch[0], (int, np.integer)):
             batch = [batch]
         # operator.index semantics: 1.5 is an error, not silently 1.
         batch = [[operator.index(t) if not isinstance(t, float) else t for t in seq] for seq in batch]
-        raw, shape = self.logits_raw(batch, sigma)
+        raw, shape = self.logits_raw(batch, sigma, control)
         return np.frombuffer(raw, dtype="<f4").reshape(shape)
 
 

@@ -1,4 +1,5 @@
-"""aios_train command line: data, tokenizer, train, export, eval, convert-mdlm, sample, lora, import-peft.
+"""aios_train command line: data, tokenizer, train, export, eval, convert-mdlm, sample, lora, patch, distill,
+import-peft and more.
 
 Run `python -m aios_train <command> --help` for the options of each command.
 """
@@ -224,6 +225,50 @@ def cmd_patch(a) -> None:
         time_limit_min=a.time_limit_min))
     print(json.dumps({"out": a.out, "modules": r["modules"], "steps": r["steps"], "train_s": round(r["train_s"], 1),
                       "val_nats_before": r["val_nats_before"], "val_nats_after": r["val_nats_after"]}))
+
+
+def cmd_distill(a) -> None:
+    import torch
+    from .distill import DistillArgs, distill, teacher_path
+    from .tokenizer import load_tokenizer
+    from .windows import windows_from_jsonl
+
+    if a.modality != "text":
+        raise ValueError(f"distill --modality {a.modality}: only text students are implemented so far")
+    torch.set_num_threads(a.threads)
+    tpath = teacher_path(a.teacher)
+    tok = load_tokenizer(a.tokenizer or str(tpath.parent / "tokenizer.json"))
+    from .export import read_metadata
+    max_length = json.loads(read_metadata(tpath)["aios.config"])["max_length"]
+    tw = windows_from_jsonl(a.train, tok, max_length)
+    r = distill(DistillArgs(
+        teacher=a.teacher, out=a.out, run=a.run_dir, train_windows=tw, teacher_steps=a.teacher_steps,
+        student_steps=a.student_steps, distill_steps=a.distill_steps, round_steps=a.round_steps, loss=a.loss,
+        batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, grad_clip=a.grad_clip, ema=a.ema, seed=a.seed,
+        threads=a.threads, ckpt_every=a.ckpt_every, time_limit_min=a.time_limit_min, stop_after=a.stop_after,
+        device=a.device), resume=not a.no_resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"out": a.out if r["done"] else None, "steps": r["steps"], "rounds": r["rounds"],
+                          "tokens": r["tokens"], "elapsed_s": round(r["elapsed_s"], 1),
+                          "stopped_early": r["stopped_early"]}))
+
+
+def cmd_controlnet(a) -> None:
+    from .controlnet import ControlNetArgs, train_controlnet
+    r = train_controlnet(ControlNetArgs(
+        base=a.base, control=a.control, out=a.out, run=a.run_dir, data=a.data, n_blocks=a.n_blocks, rank=a.rank,
+        alpha=a.alpha, steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, seed=a.seed,
+        threads=a.threads, text_length=a.text_length, ckpt_every=a.ckpt_every, time_limit_min=a.time_limit_min,
+        device=a.device), resume=not a.no_resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"out": a.out if r["done"] else None, "steps": r["steps"], "params": r["params"],
+                          "base_params": r["base_params"], "stopped_early": r["stopped_early"]}))
+
+
+def cmd_classifier(a) -> None:
+    from .classifier import train_classifier
+    cfg = train_classifier(a.data, a.out, epochs=a.epochs, seed=a.seed, threads=a.threads)
+    print(json.dumps({"out": a.out, "test_accuracy": cfg["test_accuracy"], "train_s": cfg["train_s"]}))
 
 
 def cmd_import_peft(a) -> None:
@@ -471,6 +516,75 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--eval-n-t", type=int, default=16)
     s.add_argument("--time-limit-min", type=float, default=None)
     s.set_defaults(fn=cmd_patch)
+
+    s = sub.add_parser("distill", help="few-step student by Self-Distillation Through Time (SDTT) -> aios model",
+                       description="Distil a masked-diffusion teacher into a student that samples in fewer steps "
+                                   "(SDTT, arXiv:2410.21035): in rounds, the student learns to do in one ancestral "
+                                   "step what the teacher does in --distill-steps, then becomes the teacher. Writes "
+                                   "a full model (aios.kind = model) with aios.distill metadata; per-round students "
+                                   "go to the run folder. Resumable: rerun the same command.")
+    s.add_argument("--teacher", required=True, help="teacher model folder (model.f32.parquet + tokenizer.json) or file")
+    s.add_argument("--modality", choices=["text", "image", "audio"], default="text")
+    s.add_argument("--out", required=True, help="student .parquet to write")
+    s.add_argument("--run-dir", default=None, help="run folder (checkpoints, log.jsonl, per-round students); default OUT.run")
+    s.add_argument("--train", default="data/corpus/train.jsonl")
+    s.add_argument("--tokenizer", default=None, help="default: the teacher's tokenizer.json")
+    s.add_argument("--teacher-steps", type=int, default=64)
+    s.add_argument("--student-steps", type=int, default=4)
+    s.add_argument("--distill-steps", type=int, default=2, help="teacher steps one student step learns per round")
+    s.add_argument("--round-steps", type=int, default=300, help="training steps per round")
+    s.add_argument("--loss", choices=["kl-bwd", "kl-fwd", "mse", "tvd"], default="kl-bwd")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--lr", type=float, default=1e-4)
+    s.add_argument("--warmup", type=int, default=20)
+    s.add_argument("--grad-clip", type=float, default=1.0)
+    s.add_argument("--ema", type=float, default=0.0, help="EMA decay of the exported weights (0: raw weights)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--ckpt-every", type=int, default=50)
+    s.add_argument("--time-limit-min", type=float, default=None)
+    s.add_argument("--stop-after", type=int, default=None, help="checkpoint and stop after this global step")
+    s.add_argument("--no-resume", action="store_true")
+    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="under torchrun: one process per device, gloo on cpu, NCCL on cuda; --batch-size is global")
+    s.set_defaults(fn=cmd_distill)
+
+    s = sub.add_parser("controlnet", help="train a ControlNet on a frozen base -> aios.kind = controlnet",
+                       description="Train a ControlNet (a low-rank trainable copy of the first --n-blocks blocks, "
+                                   "zero-initialised projections into the base's residual stream) on a frozen base. "
+                                   "--control edges: Fashion-MNIST edge maps -> images (needs data-mm); --control "
+                                   "json: a list of keys -> a JSON object with exactly those keys. Resumable.")
+    s.add_argument("--base", required=True, help="base model folder or .parquet")
+    s.add_argument("--control", required=True, choices=["edges", "json"])
+    s.add_argument("--out", required=True, help="ControlNet file to write, e.g. edges.controlnet.parquet")
+    s.add_argument("--run-dir", default=None, help="run folder (checkpoint, log.jsonl); default OUT.run")
+    s.add_argument("--data", default="data/mm", help="edges: the data-mm folder")
+    s.add_argument("--n-blocks", type=int, default=2)
+    s.add_argument("--rank", type=int, default=16)
+    s.add_argument("--alpha", type=float, default=16.0)
+    s.add_argument("--steps", type=int, default=600)
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--warmup", type=int, default=20)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--text-length", type=int, default=48, help="json: canvas length")
+    s.add_argument("--ckpt-every", type=int, default=50)
+    s.add_argument("--time-limit-min", type=float, default=None)
+    s.add_argument("--no-resume", action="store_true")
+    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="under torchrun: one process per device, gloo on cpu, NCCL on cuda; --batch-size is global")
+    s.set_defaults(fn=cmd_controlnet)
+
+    s = sub.add_parser("classifier", help="linear Fashion-MNIST classifier for the image class energy",
+                       description="Fit a linear softmax classifier on data-mm's Fashion-MNIST images and write it "
+                                   "(aios.kind = classifier) for aios_rt.ClassEnergy / aios-run --classifier.")
+    s.add_argument("--data", default="data/mm")
+    s.add_argument("--out", required=True)
+    s.add_argument("--epochs", type=int, default=5)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=1)
+    s.set_defaults(fn=cmd_classifier)
 
     s = sub.add_parser("import-peft", help="PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) -> aios adapter",
                        description="Convert a PEFT LoRA adapter folder trained on an aios DiT into the aios adapter "

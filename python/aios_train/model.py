@@ -168,7 +168,7 @@ class DiT(nn.Module):
             self.image_head = ImageHead(cfg) if cfg.has_image else None
             self.audio_head = AudioHead(cfg) if cfg.has_audio else None
 
-    def forward(self, tokens: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, sigma: torch.Tensor | None = None, control=None) -> torch.Tensor:
         if tokens.dim() != 2:
             raise ValueError(f"DiT.forward: tokens must be [B, L], got shape {tuple(tokens.shape)}")
         b, s = tokens.shape
@@ -185,14 +185,23 @@ class DiT(nn.Module):
             x = x + self.modality_embed(MODALITY_TEXT)
         c = F.silu(self.sigma_map(sigma))
         cos, sin = rotary_cos_sin(s, self.config.head_dim, self.config.rope_base, tokens.device)
-        for blk in self.blocks:
-            x = blk(x, cos, sin, c)
+        x = self._blocks(x, cos, sin, c, control, (s, 0, 0))
         return self.output_layer(x, c)
+
+    def _blocks(self, x, cos, sin, c, control, sizes) -> torch.Tensor:
+        """The blocks; `control` (an `aios_train.controlnet` callable: (x, cos, sin, c, sizes) -> residuals) adds
+        residual i to the output of block i, as ControlNet adds its zero-projected copies' outputs."""
+        residuals = control(x, cos, sin, c, sizes) if control is not None else []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, cos, sin, c)
+            if i < len(residuals):
+                x = x + residuals[i]
+        return x
 
     def forward_canvas(self, tokens: torch.Tensor | None, image: torch.Tensor | None = None,
                        audio: torch.Tensor | None = None, t_image: torch.Tensor | None = None,
                        t_audio: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
-                       text_logits: bool = True) -> dict[str, torch.Tensor]:
+                       text_logits: bool = True, control=None) -> dict[str, torch.Tensor]:
         """One forward pass over a canvas [text tokens | image patches | audio frame groups].
 
         tokens [B, Lt] (Lt may be 0 or None), image [B, C, H, W] (noisy, in [-1, 1] units), audio
@@ -236,8 +245,7 @@ class DiT(nn.Module):
             raise ValueError(f"forward_canvas: canvas length {s} > max_length {cfg.max_length}")
         c = torch.cat([cv[:, None].expand(b, n, cv.shape[-1]) for cv, n in zip(conds, (n for n in sizes if n))], dim=1)
         cos, sin = rotary_cos_sin(s, cfg.head_dim, cfg.rope_base, dev)
-        for blk in self.blocks:
-            x = blk(x, cos, sin, c)
+        x = self._blocks(x, cos, sin, c, control, tuple(sizes))
         h = self.output_layer.hidden(x, c)
         out: dict[str, torch.Tensor] = {}
         lt, li, la = sizes

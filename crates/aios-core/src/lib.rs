@@ -21,6 +21,6 @@ pub mod quant;
 pub mod sampler;
 pub mod threads;
 
-pub use engine::{Engine, EngineOptions, Generation, MemorySource, TextRequest, UsedMemory};
+pub use engine::{ControlInput, Engine, EngineOptions, Generation, MemorySource, TextRequest, UsedMemory};
 
 pub use error::{Error, Result};

@@ -96,6 +96,7 @@ fn bad_requests_are_clear_errors() {
         memory: Default::default(),
         adapters: None,
         use_skills: false,
+        control: Default::default(),
     };
     assert!(matches!(e.generate_text(&req, &mut |_| {}), Err(Error::Tokenizer(_))));
     assert!(matches!(Engine::open(dir.path().join("nope"), &EngineOptions::default()), Err(Error::Io { .. })));
@@ -155,9 +156,9 @@ fn batch_items_do_not_influence_each_other() {
         let a: Vec<u32> = (0..24).map(|i| (i * 7 % 64) as u32).collect();
         let b: Vec<u32> = (0..24).map(|i| (i * 11 % 64) as u32).collect();
         let none = Default::default();
-        let one_a = m.logits(&a, 1, Some(&[0.2]), None, &none).unwrap();
-        let one_b = m.logits(&b, 1, Some(&[1.5]), None, &none).unwrap();
-        let both = m.logits(&[a.clone(), b.clone()].concat(), 2, Some(&[0.2, 1.5]), None, &none).unwrap();
+        let one_a = m.logits(&a, 1, Some(&[0.2]), None, &none, &[]).unwrap();
+        let one_b = m.logits(&b, 1, Some(&[1.5]), None, &none, &[]).unwrap();
+        let both = m.logits(&[a.clone(), b.clone()].concat(), 2, Some(&[0.2, 1.5]), None, &none, &[]).unwrap();
         assert_eq!(both, [one_a, one_b].concat(), "time conditioning {tc}");
     }
 }
@@ -172,14 +173,14 @@ fn dit_logits_rejects_bad_input_without_panicking() {
     let none = Default::default();
     let toks = vec![5u32; 10];
     let bad = |r: aios_core::Result<Vec<f32>>| matches!(r, Err(Error::Input(_)));
-    assert!(bad(m.logits(&toks, 3, None, None, &none)), "10 tokens do not split into 3 sequences");
-    assert!(bad(m.logits(&toks, 0, None, None, &none)));
-    assert!(bad(m.logits(&[], 1, None, None, &none)));
-    assert!(bad(m.logits(&[64], 1, None, None, &none)), "token outside the vocabulary");
-    assert!(bad(m.logits(&[5u32; 49], 1, None, None, &none)), "longer than max_length");
-    assert!(bad(m.logits(&toks, 1, None, Some(&[10]), &none)), "position outside the sequence");
-    assert!(bad(m.logits(&toks, 2, Some(&[0.1]), None, &none)), "one sigma for two sequences");
-    assert_eq!(m.logits(&toks, 2, Some(&[0.1, 0.2]), Some(&[4]), &none).unwrap().len(), 2 * 64);
+    assert!(bad(m.logits(&toks, 3, None, None, &none, &[])), "10 tokens do not split into 3 sequences");
+    assert!(bad(m.logits(&toks, 0, None, None, &none, &[])));
+    assert!(bad(m.logits(&[], 1, None, None, &none, &[])));
+    assert!(bad(m.logits(&[64], 1, None, None, &none, &[])), "token outside the vocabulary");
+    assert!(bad(m.logits(&[5u32; 49], 1, None, None, &none, &[])), "longer than max_length");
+    assert!(bad(m.logits(&toks, 1, None, Some(&[10]), &none, &[])), "position outside the sequence");
+    assert!(bad(m.logits(&toks, 2, Some(&[0.1]), None, &none, &[])), "one sigma for two sequences");
+    assert_eq!(m.logits(&toks, 2, Some(&[0.1, 0.2]), Some(&[4]), &none, &[]).unwrap().len(), 2 * 64);
 }
 
 /// A random multimodal model (no tokenizer: requests without a prompt).
@@ -218,6 +219,7 @@ fn media_generation_is_identical_on_one_and_two_threads() {
                 continuous: sampler,
                 eta: 0.3,
                 energies: vec![],
+                control: Default::default(),
             };
             let run = |threads| {
                 let e = Engine::open(&p, &EngineOptions { threads: Some(threads), ..Default::default() }).unwrap();

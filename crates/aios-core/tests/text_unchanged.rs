@@ -39,6 +39,7 @@ fn observe(dtype: &str) -> (u32, Vec<u32>) {
         memory: Default::default(),
         adapters: None,
         use_skills: false,
+        control: Default::default(),
     };
     let g = e.generate_text(&req, &mut |_| {}).unwrap();
     (fingerprint(&logits), g.tokens)

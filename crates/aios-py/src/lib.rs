@@ -11,9 +11,9 @@ use aios_core::engine::{GivenAudio, GivenImage, MediaRequest};
 use aios_core::format::{DType, WeightFile};
 use aios_core::model::Modality;
 use aios_core::quant::{self, MatmulMode};
-use aios_core::sampler::continuous::ContinuousSampler;
+use aios_core::sampler::continuous::{ContinuousSampler, ImageEnergy, LinearClassifier};
 use aios_core::sampler::{SamplerOptions, Strategy, Term};
-use aios_core::{Engine as CoreEngine, EngineOptions, Error, MemorySource, TextRequest};
+use aios_core::{ControlInput, Engine as CoreEngine, EngineOptions, Error, MemorySource, TextRequest};
 mod memory;
 
 use pyo3::prelude::*;
@@ -283,6 +283,30 @@ impl Required {
     }
 }
 
+/// Text constraint: "valid JSON so far". The text after [BOS] (the prompt
+/// included) must stay a prefix of a JSON value: at the first masked position
+/// tokens that cannot continue it, and an end before the value is whole, get
+/// energy 1. Tokens committed further right are not checked, so small
+/// `block_length` makes it stronger; `g.constraints` says whether the text is
+/// one whole JSON value.
+#[pyclass(frozen, module = "aios_rt", get_all)]
+#[derive(Clone)]
+struct ValidJson {
+    weight: f64,
+}
+
+#[pymethods]
+impl ValidJson {
+    #[new]
+    #[pyo3(signature = (weight=aios_core::sampler::constraints::DEFAULT_WEIGHT))]
+    fn new(weight: f64) -> Self {
+        ValidJson { weight }
+    }
+    fn __repr__(&self) -> String {
+        format!("ValidJson(weight={:?})", self.weight)
+    }
+}
+
 /// Image energy: the mean brightness of `region` = (x0, y0, x1, y1), in
 /// pixels, end exclusive, should be `target` (0 black .. 1 white). Each
 /// denoising step moves the image estimate by `-weight * grad E` (weight 1
@@ -307,11 +331,39 @@ impl Brightness {
     }
 }
 
-/// `constraints=`: a list of Banned / Required (text) and Brightness (image), parsed once.
+/// Image energy: `E = -log p(label | image)` under a linear image classifier
+/// (`aios.kind = classifier`, e.g. `models/aios-unified-tiny/fashion.classifier.parquet`
+/// from `python -m aios_train classifier`); `label` is a class name or index.
+/// Each denoising step moves the image estimate by `-weight * grad E`.
+#[pyclass(frozen, module = "aios_rt", get_all)]
+#[derive(Clone)]
+struct ClassEnergy {
+    classifier: PathBuf,
+    label: String,
+    weight: f64,
+}
+
+#[pymethods]
+impl ClassEnergy {
+    #[new]
+    #[pyo3(signature = (classifier, label, weight=1.0))]
+    fn new(classifier: PyPath, label: &Bound<'_, PyAny>, weight: f64) -> PyResult<Self> {
+        let label = match label.extract::<usize>() {
+            Ok(i) => i.to_string(),
+            Err(_) => label.extract::<String>().map_err(|_| input_error("label must be a class name or index"))?,
+        };
+        Ok(ClassEnergy { classifier: classifier.to_path_buf(), label, weight })
+    }
+    fn __repr__(&self) -> String {
+        format!("ClassEnergy(classifier={:?}, label={:?}, weight={:?})", self.classifier, self.label, self.weight)
+    }
+}
+
+/// `constraints=`: a list of Banned / Required (text) and Brightness / ClassEnergy (image), parsed once.
 #[derive(Default)]
 struct Constraints {
     text: Vec<aios_core::sampler::constraints::Constraint>,
-    image: Vec<aios_core::sampler::continuous::Brightness>,
+    image: Vec<aios_core::sampler::continuous::ImageEnergy>,
 }
 
 impl<'a, 'py> FromPyObject<'a, 'py> for Constraints {
@@ -320,7 +372,10 @@ impl<'a, 'py> FromPyObject<'a, 'py> for Constraints {
     fn extract(ob: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
         use aios_core::sampler::constraints::{Constraint, Kind};
         let items: Vec<Bound<'py, PyAny>> = ob.extract().map_err(|_| {
-            input_error("constraints must be a list of aios_rt.Banned / aios_rt.Required / aios_rt.Brightness")
+            input_error(
+                "constraints must be a list of aios_rt.Banned / aios_rt.Required / aios_rt.ValidJson / \
+                 aios_rt.Brightness / aios_rt.ClassEnergy",
+            )
         })?;
         let mut out = Constraints::default();
         for it in &items {
@@ -330,17 +385,29 @@ impl<'a, 'py> FromPyObject<'a, 'py> for Constraints {
             } else if let Ok(r) = it.cast::<Required>() {
                 let r = r.get();
                 out.text.push(Constraint::new(Kind::Required, r.words.clone(), r.weight));
+            } else if let Ok(j) = it.cast::<ValidJson>() {
+                out.text.push(Constraint::new(Kind::ValidJson, vec![], j.get().weight));
             } else if let Ok(b) = it.cast::<Brightness>() {
                 let b = b.get();
                 let (x0, y0, x1, y1) = b.region;
-                out.image.push(aios_core::sampler::continuous::Brightness {
+                out.image.push(ImageEnergy::Brightness(aios_core::sampler::continuous::Brightness {
                     rect: [x0, y0, x1, y1],
                     target: b.target,
                     weight: b.weight,
-                });
+                }));
+            } else if let Ok(c) = it.cast::<ClassEnergy>() {
+                let c = c.get();
+                let classifier = LinearClassifier::load(&c.classifier).map_err(to_py)?;
+                let class = classifier.class_index(&c.label).map_err(to_py)?;
+                out.image.push(ImageEnergy::Class(aios_core::sampler::continuous::ClassEnergy {
+                    classifier: std::sync::Arc::new(classifier),
+                    class,
+                    weight: c.weight,
+                }));
             } else {
                 return Err(input_error(format!(
-                    "unknown constraint {}; use aios_rt.Banned, aios_rt.Required or aios_rt.Brightness",
+                    "unknown constraint {}; use aios_rt.Banned, aios_rt.Required, aios_rt.ValidJson, \
+                     aios_rt.Brightness or aios_rt.ClassEnergy",
                     it.get_type()
                 )));
             }
@@ -625,6 +692,29 @@ impl<'a, 'py> FromPyObject<'a, 'py> for Compose {
     }
 }
 
+/// `control={name: input}`: a str for a token ControlNet, an image
+/// (uint8 pixels or floats in [0, 1], `[H, W]` or `[C, H, W]`) for an image one.
+#[derive(Default)]
+struct Controls(std::collections::BTreeMap<String, ControlInput>);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Controls {
+    type Error = PyErr;
+
+    fn extract(ob: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let d: std::collections::BTreeMap<String, Bound<'py, PyAny>> =
+            ob.extract().map_err(|_| input_error("control must be a dict of ControlNet name -> text or image"))?;
+        let mut out = std::collections::BTreeMap::new();
+        for (name, v) in d {
+            let input = match v.extract::<String>() {
+                Ok(text) => ControlInput::Text(text),
+                Err(_) => ControlInput::Image(image_pixels(&v)?),
+            };
+            out.insert(name, input);
+        }
+        Ok(Controls(out))
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn sampler_options(
     strategy: Strategy,
@@ -772,11 +862,14 @@ impl Engine {
     /// energies on each step's logits; `g.constraints` says which held.
     /// For images, aios_rt.Brightness(region, target) steers a rectangle's
     /// mean brightness (`score - eta grad E` on the image estimate).
+    /// `control` ({name: input}) feeds the engine's active ControlNets: text
+    /// for a token ControlNet (e.g. the keys a JSON object must have), an
+    /// image for an image one (e.g. an edge map, white edges on black).
     #[pyo3(signature = (prompt="", modality=Modalities(vec![Modality::Text]), length=None, steps=None,
                         sampler=SamplerChoice::Text(Strategy::Confidence), seed=None, block_length=None,
                         guidance=0.0, temperature=1.0, top_p=1.0, threshold=0.9, suffix=None, image=None, image_mask=None, audio=None,
                         audio_mask=None, text_length=None, eta=0.0, likelihood_samples=None, memory_k=None,
-                        memories=None, compose=None, adapters=None, skills=true, constraints=None))]
+                        memories=None, compose=None, adapters=None, skills=true, constraints=None, control=None))]
     #[allow(clippy::too_many_arguments)]
     fn diffuse(
         &self,
@@ -806,7 +899,9 @@ impl Engine {
         adapters: Option<std::collections::BTreeMap<String, f32>>,
         skills: bool,
         constraints: Option<Constraints>,
+        control: Option<Controls>,
     ) -> PyResult<Generation> {
+        let control = control.unwrap_or_default().0;
         let (strategy, continuous) = match sampler {
             SamplerChoice::Text(s) => (s, ContinuousSampler::Ddim),
             SamplerChoice::Continuous(c) => (Strategy::Confidence, c),
@@ -829,7 +924,7 @@ impl Engine {
         let audio = audio.filter(|v| !v.is_none());
         if modality.0 == [Modality::Text] && image.is_none() && audio.is_none() {
             if !energies.is_empty() {
-                return Err(input_error("aios_rt.Brightness is an energy on generated images (modality=\"image\")"));
+                return Err(input_error("image energies (aios_rt.Brightness, aios_rt.ClassEnergy) are for generated images (modality=\"image\")"));
             }
             if image_mask.is_some_and(|m| !m.is_none()) || audio_mask.is_some_and(|m| !m.is_none()) {
                 return Err(input_error("a mask needs the image or audio it belongs to"));
@@ -850,6 +945,7 @@ impl Engine {
                 memory,
                 adapters,
                 use_skills: skills,
+                control,
             };
             return Ok(run(py, || self.inner.generate_text(&req, &mut |_| {}))?.into());
         }
@@ -888,6 +984,7 @@ impl Engine {
             continuous,
             eta,
             energies,
+            control,
         };
         Ok(run(py, || self.inner.generate_media(&req, &mut |_| {}))?.into())
     }
@@ -938,7 +1035,9 @@ impl Engine {
     /// ([-1, 1]) with times `t_image` `[B]` in [0, 1], `audio` `[B, frames,
     /// mels]` normalised log-mel with `t_audio`. Returns a dict of numpy
     /// arrays: "text" raw logits `[B, Lt, V]`, "image" / "audio" v-predictions.
-    #[pyo3(signature = (tokens, image=None, t_image=None, audio=None, t_audio=None))]
+    /// `control` ({name: input}) feeds the active ControlNets.
+    #[pyo3(signature = (tokens, image=None, t_image=None, audio=None, t_audio=None, control=None))]
+    #[allow(clippy::too_many_arguments)]
     fn forward_canvas<'py>(
         &self,
         py: Python<'py>,
@@ -947,7 +1046,9 @@ impl Engine {
         t_image: Option<Vec<f32>>,
         audio: Option<&Bound<'py, PyAny>>,
         t_audio: Option<Vec<f32>>,
+        control: Option<Controls>,
     ) -> PyResult<Bound<'py, PyDict>> {
+        let control = control.unwrap_or_default().0;
         let rows: Vec<Bound<'py, PyAny>> =
             tokens.extract().map_err(|_| input_error("tokens must be a sequence of token sequences"))?;
         let rows = rows.iter().map(token_ids).collect::<PyResult<Vec<_>>>()?;
@@ -979,8 +1080,9 @@ impl Engine {
             image: img.as_deref().zip(t_image.as_deref()),
             audio: aud.as_deref().zip(t_audio.as_deref()),
             text_positions: None,
+            controls: &[],
         };
-        let out = run(py, || self.inner.forward_canvas(&input))?;
+        let out = run(py, || self.inner.forward_canvas(&input, &control))?;
         let cfg = self.inner.config();
         let d = PyDict::new(py);
         let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
@@ -1000,18 +1102,21 @@ impl Engine {
 
     /// Raw logits for a batch of equal-length sequences: `(bytes, shape)` of
     /// little-endian f32 `[n, L, V]` (the Python wrapper returns a numpy array).
-    #[pyo3(signature = (batch, sigma=None))]
+    /// `control` ({name: text}) feeds the active token ControlNets.
+    #[pyo3(signature = (batch, sigma=None, control=None))]
     fn logits_raw<'py>(
         &self,
         py: Python<'py>,
         batch: &Bound<'py, PyAny>,
         sigma: Option<f32>,
+        control: Option<Controls>,
     ) -> PyResult<(Bound<'py, PyBytes>, Vec<usize>)> {
+        let control = control.unwrap_or_default().0;
         let rows: Vec<Bound<'py, PyAny>> =
             batch.extract().map_err(|_| input_error("batch must be a sequence of token sequences"))?;
         let batch = rows.iter().map(token_ids).collect::<PyResult<Vec<_>>>()?;
         let shape = vec![batch.len(), batch.first().map_or(0, Vec::len), self.inner.config().vocab_size];
-        let v = run(py, || self.inner.logits(&batch, sigma))?;
+        let v = run(py, || self.inner.logits_controlled(&batch, sigma, &control))?;
         Ok((f32_bytes(py, &v), shape))
     }
 
@@ -1079,6 +1184,47 @@ impl Engine {
         self.inner.adapters().1
     }
 
+    /// Loads a ControlNet (`aios.kind = controlnet`) without reloading the
+    /// model, checked against it (fingerprint and config). With `scale` it is
+    /// also activated; otherwise activate it with `set_controlnets`. Returns
+    /// its name (default: the file name up to its first dot).
+    #[pyo3(signature = (path, name=None, scale=None))]
+    fn load_controlnet(
+        &self,
+        py: Python<'_>,
+        path: PyPath,
+        name: Option<String>,
+        scale: Option<f32>,
+    ) -> PyResult<String> {
+        let name = name.unwrap_or_else(|| {
+            let stem = path.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
+            stem.split('.').next().unwrap_or("controlnet").to_string()
+        });
+        run(py, || self.inner.load_controlnet(&path, &name, scale))?;
+        Ok(name)
+    }
+
+    /// Replaces the active ControlNets ({name: scale}; scale 0 = loaded but
+    /// not applied). Running generations keep the set they started with.
+    fn set_controlnets(&self, py: Python<'_>, scales: std::collections::BTreeMap<String, f32>) -> PyResult<()> {
+        run(py, || self.inner.set_controlnets(&scales))
+    }
+
+    /// Drops a loaded ControlNet.
+    fn unload_controlnet(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        run(py, || self.inner.unload_controlnet(name))
+    }
+
+    /// {"active": {name: scale}, "loaded": {name: "tokens" or "image"}}.
+    #[getter]
+    fn controlnets<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (active, loaded) = self.inner.controlnets();
+        let d = PyDict::new(py);
+        d.set_item("active", active.into_iter().collect::<HashMap<_, _>>())?;
+        d.set_item("loaded", loaded.into_iter().collect::<HashMap<_, _>>())?;
+        Ok(d)
+    }
+
     /// Loads a tensor patch (`aios.kind = patch`, from selective fine-tuning)
     /// without reloading the model; `activate` makes later generations run
     /// on it. Each loaded patch holds one more copy of the model in memory.
@@ -1135,7 +1281,8 @@ impl Engine {
         self.inner.fingerprint().map(str::to_string)
     }
 
-    /// File, size, stored dtypes and parameter split.
+    /// File, size, stored dtypes, parameter split, and for a distilled student the
+    /// sampling steps it was distilled for (`student_steps`, else None).
     #[getter]
     fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let i = self.inner.info();
@@ -1149,6 +1296,7 @@ impl Engine {
         let dtypes: HashMap<String, (usize, usize)> =
             i.dtypes.iter().map(|(dt, n, p)| (dt.as_str().to_string(), (*n, *p))).collect();
         d.set_item("dtypes", dtypes)?;
+        d.set_item("student_steps", i.student_steps)?;
         Ok(d)
     }
 }
@@ -1243,6 +1391,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Banned>()?;
     m.add_class::<Required>()?;
     m.add_class::<Brightness>()?;
+    m.add_class::<ClassEnergy>()?;
+    m.add_class::<ValidJson>()?;
     m.add_class::<memory::MemoryStore>()?;
     m.add_class::<memory::Embedder>()?;
     m.add_function(wrap_pyfunction!(quantize, m)?)?;

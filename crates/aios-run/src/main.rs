@@ -16,9 +16,9 @@ use aios_core::memory::{MemoryStore, StoreOptions};
 use aios_core::model::Modality;
 use aios_core::quant::{quantize_file, MatmulMode};
 use aios_core::sampler::constraints::{Constraint, Kind};
-use aios_core::sampler::continuous::{Brightness, ContinuousSampler};
+use aios_core::sampler::continuous::{Brightness, ClassEnergy, ContinuousSampler, ImageEnergy, LinearClassifier};
 use aios_core::sampler::{SamplerOptions, Strategy, Term};
-use aios_core::{Engine, EngineOptions, Error, MemorySource, TextRequest};
+use aios_core::{ControlInput, Engine, EngineOptions, Error, MemorySource, TextRequest};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -124,11 +124,19 @@ struct GenerateArgs {
     /// A word the text should contain (best effort; repeat for several).
     #[arg(long, value_name = "WORD")]
     require: Vec<String>,
+    /// "Valid JSON so far": the text after [BOS] must stay a prefix of a JSON value (an energy on the
+    /// logits; pair it with a small --block-length).
+    #[arg(long)]
+    valid_json: bool,
     /// Image energy: the mean brightness of a rectangle, `X0,Y0,X1,Y1:TARGET[:WEIGHT]` in pixels (end
     /// exclusive), target in [0, 1] (0 black), weight (eta) default 1 = the x0 estimate's mean put on the
     /// target every step; repeat for several.
     #[arg(long, value_name = "X0,Y0,X1,Y1:TARGET[:WEIGHT]")]
     brightness: Vec<String>,
+    /// Image energy: `-log p(CLASS | image)` under a linear image classifier file
+    /// (`aios.kind = classifier`), `PATH:CLASS[:WEIGHT]`, CLASS a name or index; repeatable.
+    #[arg(long = "classifier", value_name = "PATH:CLASS[:WEIGHT]")]
+    classifier: Vec<String>,
     /// Weight (eta) of the word constraints: logits move by this per unit of energy.
     #[arg(long, default_value_t = aios_core::sampler::constraints::DEFAULT_WEIGHT)]
     constraint_weight: f64,
@@ -150,6 +158,15 @@ struct GenerateArgs {
     /// Tensor patch to run on (`aios.kind = patch`, from selective fine-tuning).
     #[arg(long)]
     patch: Option<PathBuf>,
+    /// ControlNet to apply (`aios.kind = controlnet`), `PATH` or `PATH:SCALE` (default scale 1.0);
+    /// repeatable, each paired in order with a `--control-input`.
+    #[arg(long = "control", value_name = "PATH[:SCALE]")]
+    controls: Vec<String>,
+    /// The input of each `--control`, in order: for an image ControlNet a grey PNG of the model's
+    /// image size (an edge map: white edges on black), for a token ControlNet text (e.g. the keys a
+    /// JSON object must have: "name, age").
+    #[arg(long = "control-input", value_name = "PNG|TEXT")]
+    control_inputs: Vec<String>,
     /// A skills folder written by `python -m aios_train evolve` (`<DIR>/cards` is its store): the
     /// skills whose cards match the prompt are activated for this generation.
     #[arg(long)]
@@ -179,6 +196,21 @@ fn parse_term(s: &str) -> Result<Term, Error> {
     let weight =
         w.trim().parse::<f64>().map_err(|_| Error::Input(format!("--compose term {s:?}: {w:?} is not a number")))?;
     Term::parse(view.trim(), weight)
+}
+
+/// `PATH:CLASS[:WEIGHT]`, one `--classifier` energy.
+fn parse_class_energy(spec: &str) -> Result<ImageEnergy, Error> {
+    let parts: Vec<&str> = spec.split(':').collect();
+    let (path, label, weight) = match parts.as_slice() {
+        [.., l, w] if parts.len() >= 3 && w.parse::<f64>().is_ok() => {
+            (parts[..parts.len() - 2].join(":"), *l, w.parse::<f64>().expect("checked"))
+        }
+        [.., l] if parts.len() >= 2 => (parts[..parts.len() - 1].join(":"), *l, 1.0),
+        _ => return Err(Error::Input(format!("--classifier {spec:?}: expected PATH:CLASS[:WEIGHT]"))),
+    };
+    let classifier = LinearClassifier::load(&path)?;
+    let class = classifier.class_index(label)?;
+    Ok(ImageEnergy::Class(ClassEnergy { classifier: std::sync::Arc::new(classifier), class, weight }))
 }
 
 /// `X0,Y0,X1,Y1:TARGET[:WEIGHT]`, one `--brightness` energy.
@@ -215,6 +247,38 @@ fn parse_adapter(spec: &str) -> Result<(PathBuf, f32), Error> {
         }
     }
     Ok((PathBuf::from(spec), 1.0))
+}
+
+/// Loads and activates each `--control PATH[:SCALE]` (as `control0`, `control1`, ...) and reads
+/// its `--control-input`: a PNG for an image ControlNet, text for a token one.
+fn load_controls(
+    engine: &Engine,
+    specs: &[String],
+    inputs: &[String],
+) -> Result<std::collections::BTreeMap<String, ControlInput>, Error> {
+    if specs.len() != inputs.len() {
+        return Err(Error::Input(format!(
+            "{} --control but {} --control-input: give each ControlNet its input, in the same order",
+            specs.len(),
+            inputs.len()
+        )));
+    }
+    let mut out = std::collections::BTreeMap::new();
+    for (i, (spec, input)) in specs.iter().zip(inputs).enumerate() {
+        let (path, scale) = parse_adapter(spec)?;
+        let name = format!("control{i}");
+        engine.load_controlnet(&path, &name, Some(scale))?;
+        let (_, loaded) = engine.controlnets();
+        let value = match loaded.iter().find(|(n, _)| *n == name).map(|(_, k)| *k) {
+            Some("image") => {
+                let (px, _, _) = read_png_gray(std::path::Path::new(input))?;
+                ControlInput::Image(px.iter().map(|&v| v as f32).collect())
+            }
+            _ => ControlInput::Text(input.clone()),
+        };
+        out.insert(name, value);
+    }
+    Ok(out)
 }
 
 fn parse_dtype(s: &str) -> Result<DType, Error> {
@@ -270,6 +334,7 @@ fn media_generate(
     engine: Engine,
     sampler: SamplerOptions,
     continuous: ContinuousSampler,
+    control: std::collections::BTreeMap<String, ControlInput>,
 ) -> Result<(), Error> {
     let mut outputs: Vec<Modality> = a.modality.iter().map(|&m| m.into()).collect();
     outputs.sort();
@@ -324,7 +389,13 @@ fn media_generate(
         sampler,
         continuous,
         eta: a.eta,
-        energies: a.brightness.iter().map(|b| parse_brightness(b)).collect::<Result<_, _>>()?,
+        energies: a
+            .brightness
+            .iter()
+            .map(|b| parse_brightness(b).map(ImageEnergy::Brightness))
+            .chain(a.classifier.iter().map(|c| parse_class_energy(c)))
+            .collect::<Result<_, _>>()?,
+        control,
     };
     let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(req.sampler.steps as u64) };
     bar.set_style(
@@ -334,6 +405,9 @@ fn media_generate(
     );
     let g = engine.generate_media(&req, &mut |p| bar.set_position(p.step as u64))?;
     bar.finish_and_clear();
+    for w in &g.warnings {
+        eprintln!("warning: {w}");
+    }
     let mut written = vec![];
     if let Some(out) = &a.out {
         let ext = out.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
@@ -408,6 +482,7 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
             .into_iter()
             .filter(|(_, words)| !words.is_empty())
             .map(|(kind, words)| Constraint::new(kind, words.clone(), a.constraint_weight))
+            .chain(a.valid_json.then(|| Constraint::new(Kind::ValidJson, vec![], a.constraint_weight)))
             .collect(),
     };
     sampler.validate()?;
@@ -419,11 +494,12 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
     if let Some(p) = &a.patch {
         engine.load_patch(p, "patch", true)?;
     }
+    let control = load_controls(&engine, &a.controls, &a.control_inputs)?;
     if a.modality != [ModalityArg::Text] || a.image.is_some() || a.audio.is_some() || a.image_mask.is_some() {
         if a.memory.is_some() {
             return Err(Error::Input("--memory conditions text-only generation".into()));
         }
-        return media_generate(a, engine, sampler, continuous);
+        return media_generate(a, engine, sampler, continuous, control);
     }
     if a.out.is_some() {
         return Err(Error::Input("--out is for image/audio outputs; text goes to stdout".into()));
@@ -456,6 +532,7 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
         memory,
         adapters: None,
         use_skills: true,
+        control,
     };
     let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(req.sampler.steps as u64) };
     bar.set_style(
@@ -532,6 +609,9 @@ fn info(model: PathBuf, dtype: Option<String>) -> Result<(), Error> {
         pct(i.backbone_params),
         heads.join(", ")
     );
+    if let Some(n) = i.student_steps {
+        println!("distilled student: for {n} sampling steps (aios.distill metadata)");
+    }
     Ok(())
 }
 

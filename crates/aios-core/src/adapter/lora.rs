@@ -139,7 +139,8 @@ impl LoraAdapter {
     }
 }
 
-fn factor(file: &WeightFile, name: &str, shape: [usize; 2]) -> Result<Tensor> {
+/// One f32 factor `name` of exactly `shape` (also read by ControlNet files).
+pub(crate) fn factor(file: &WeightFile, name: &str, shape: [usize; 2]) -> Result<Tensor> {
     let raw = file.require(name)?;
     if raw.shape != shape {
         return Err(Error::format(

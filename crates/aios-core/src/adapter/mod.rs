@@ -5,12 +5,17 @@
 //! - [`patch`]: tensor patches (`aios.kind = patch`): replacement values for
 //!   a few of the base's tensors (selective fine-tuning), overlaid on a
 //!   re-read of the base file and removed by going back to the base.
+//! - [`controlnet`]: ControlNets (`aios.kind = controlnet`): a low-rank copy
+//!   of the first blocks that reads a control input (tokens or an image) and
+//!   steers the base through zero-initialised projections.
 
+pub mod controlnet;
 pub mod lora;
 pub mod patch;
 
 use std::path::Path;
 
+pub use controlnet::{AppliedControl, ControlKind, ControlNet, ControlValue};
 pub use lora::{write_random_lora, ActiveLora, LoraAdapter};
 pub use patch::TensorPatch;
 

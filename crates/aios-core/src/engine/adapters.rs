@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use super::{Engine, Runtime};
-use crate::adapter::{ActiveLora, LoraAdapter, TensorPatch};
+use crate::adapter::{ActiveLora, ControlNet, LoraAdapter, TensorPatch};
 use crate::error::{Error, Result};
 use crate::format::WeightFile;
 use crate::memory::store::Query;
@@ -36,6 +36,9 @@ pub(super) struct Adapters {
     /// While fused: the model with the active adapters merged in
     /// (`unfuse` drops it, which restores the exact weights).
     fused: Option<Arc<Dit>>,
+    /// Loaded ControlNets and the scales of the active ones.
+    controlnets: BTreeMap<String, Arc<ControlNet>>,
+    active_controls: BTreeMap<String, f32>,
 }
 
 impl Adapters {
@@ -47,7 +50,17 @@ impl Adapters {
             patches: BTreeMap::new(),
             active_patch: None,
             fused: None,
+            controlnets: BTreeMap::new(),
+            active_controls: BTreeMap::new(),
         }
+    }
+
+    /// The active ControlNets with their scales (0 = accepts an input, applies nothing).
+    fn controls(&self) -> Vec<(String, Arc<ControlNet>, f32)> {
+        self.active_controls
+            .iter()
+            .filter_map(|(n, &s)| self.controlnets.get(n).map(|c| (n.clone(), c.clone(), s)))
+            .collect()
     }
 
     fn refuse_if_fused(&self) -> Result<()> {
@@ -83,7 +96,12 @@ impl Adapters {
             },
             None => self.base.clone(),
         };
-        Ok(Runtime { model, lora: Arc::new(ActiveLora::build(&set)?), patch: patch.map(str::to_string) })
+        Ok(Runtime {
+            model,
+            lora: Arc::new(ActiveLora::build(&set)?),
+            patch: patch.map(str::to_string),
+            controls: self.controls(),
+        })
     }
 }
 
@@ -233,6 +251,61 @@ impl Engine {
         (a.active_patch.clone(), a.patches.keys().cloned().collect())
     }
 
+    /// Loads a ControlNet file under `name` (checked against this model; on
+    /// any error nothing changes). With `scale`, it is also activated.
+    pub fn load_controlnet(&self, path: impl AsRef<Path>, name: &str, scale: Option<f32>) -> Result<()> {
+        if name.is_empty() {
+            return crate::input_err!("ControlNet name must not be empty");
+        }
+        check_scale(name, scale.unwrap_or(1.0))?;
+        let net = ControlNet::load(path, &self.config, self.fingerprint.as_deref())?;
+        let mut a = self.lock_adapters();
+        if a.controlnets.contains_key(name) {
+            return crate::input_err!("a ControlNet named {name:?} is already loaded; unload it first");
+        }
+        a.controlnets.insert(name.to_string(), Arc::new(net));
+        if let Some(s) = scale {
+            a.active_controls.insert(name.to_string(), s);
+        }
+        self.publish(&a)
+    }
+
+    pub fn unload_controlnet(&self, name: &str) -> Result<()> {
+        let mut a = self.lock_adapters();
+        if a.controlnets.remove(name).is_none() {
+            return crate::input_err!("no ControlNet named {name:?} is loaded (loaded: {:?})", a.controlnets.keys());
+        }
+        a.active_controls.remove(name);
+        self.publish(&a)
+    }
+
+    /// Replaces the active ControlNets: name -> scale (0 = loaded, not applied).
+    /// Generations already running keep the set they started with.
+    pub fn set_controlnets(&self, scales: &BTreeMap<String, f32>) -> Result<()> {
+        let mut a = self.lock_adapters();
+        for (name, &s) in scales {
+            if !a.controlnets.contains_key(name) {
+                return crate::input_err!(
+                    "no ControlNet named {name:?} is loaded (loaded: {:?})",
+                    a.controlnets.keys()
+                );
+            }
+            check_scale(name, s)?;
+        }
+        a.active_controls = scales.clone();
+        self.publish(&a)
+    }
+
+    /// `(name, scale)` of the active ControlNets, and every loaded one with
+    /// its kind ("tokens" or "image").
+    pub fn controlnets(&self) -> (Vec<(String, f32)>, Vec<(String, &'static str)>) {
+        let a = self.lock_adapters();
+        (
+            a.active_controls.iter().map(|(n, s)| (n.clone(), *s)).collect(),
+            a.controlnets.iter().map(|(n, c)| (n.clone(), c.kind.name())).collect(),
+        )
+    }
+
     /// Merges the active adapters into the (f32) weights: no per-layer
     /// adapter cost until [`Engine::unfuse`], which restores the exact
     /// original weights. Adapter and patch changes are refused while fused.
@@ -264,7 +337,12 @@ impl Engine {
     /// their old snapshot.
     fn publish(&self, a: &Adapters) -> Result<()> {
         let rt = match &a.fused {
-            Some(model) => Runtime { model: model.clone(), lora: ActiveLora::empty(), patch: a.active_patch.clone() },
+            Some(model) => Runtime {
+                model: model.clone(),
+                lora: ActiveLora::empty(),
+                patch: a.active_patch.clone(),
+                controls: a.controls(),
+            },
             None => a.runtime(&a.active, a.active_patch.as_deref())?,
         };
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(rt);
@@ -389,6 +467,7 @@ impl Engine {
         let mut r = a.runtime(set, None)?;
         r.model = rt.model.clone();
         r.patch = rt.patch.clone();
+        r.controls = rt.controls.clone();
         Ok(r)
     }
 
@@ -429,6 +508,13 @@ impl Engine {
         let patch = skills.patch.clone().or_else(|| a.active_patch.clone());
         Ok(Arc::new(a.runtime(&weights, patch.as_deref())?))
     }
+}
+
+fn check_scale(name: &str, s: f32) -> Result<()> {
+    if !s.is_finite() {
+        return crate::input_err!("ControlNet {name:?}: scale {s} is not finite");
+    }
+    Ok(())
 }
 
 fn check_weight(name: &str, w: f32) -> Result<()> {

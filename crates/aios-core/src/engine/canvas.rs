@@ -7,7 +7,9 @@
 use std::sync::Mutex;
 use std::time::Instant;
 
-use super::{log_linear_sigma, Engine, Generation, Runtime, Timings};
+use std::collections::BTreeMap;
+
+use super::{applied, log_linear_sigma, ControlInput, Controls, Engine, Generation, Runtime, Timings};
 use crate::error::{Error, Result};
 use crate::media::{u8_to_unit, unit_to_u8, MelSpec};
 use crate::model::{CanvasInput, Modality, ModelConfig};
@@ -57,7 +59,9 @@ pub struct MediaRequest {
     /// DDIM's eta (0 = deterministic); ignored by DDPM.
     pub eta: f64,
     /// Energies on the generated image (needs the image among the outputs).
-    pub energies: Vec<continuous::Brightness>,
+    pub energies: Vec<continuous::ImageEnergy>,
+    /// Inputs of the engine's active ControlNets, by name.
+    pub control: BTreeMap<String, ControlInput>,
 }
 
 /// A generated (or inpainted) image.
@@ -131,7 +135,7 @@ impl MediaRequest {
             return crate::input_err!("image energies need the image among the outputs");
         }
         for e in &self.energies {
-            e.validate(cfg.image_size)?;
+            e.validate(cfg.image_size, cfg.image_values())?;
         }
         let tl = self.text_length.unwrap_or(DEFAULT_TEXT_LENGTH);
         let image = match (&self.image, gen_image) {
@@ -274,7 +278,8 @@ struct CanvasDenoiser<'a> {
     opts: &'a SamplerOptions,
     sampler: ContinuousSampler,
     eta: f64,
-    energies: &'a [continuous::Brightness],
+    energies: &'a [continuous::ImageEnergy],
+    controls: Controls,
 }
 
 impl CanvasDenoiser<'_> {
@@ -315,6 +320,7 @@ impl CanvasDenoiser<'_> {
             image: img.as_deref().map(|x| (x, img_t.as_slice())),
             audio: aud.as_deref().map(|x| (x, aud_t.as_slice())),
             text_positions: Some(positions),
+            controls: &applied(&self.controls),
         };
         let out = self.rt.model.forward_canvas(&input, &self.rt.lora)?;
         if active {
@@ -391,6 +397,9 @@ impl Engine {
         fn given(seg: &Option<Segment>) -> Option<&[f32]> {
             seg.as_ref().filter(|s| !s.generate).map(|s| s.values.as_slice())
         }
+        let mut warnings = vec![];
+        let controls =
+            self.resolve_controls(&rt, &req.control, plan.tokens.len(), plan.image.is_some(), &mut warnings)?;
         let den = CanvasDenoiser {
             rt: &rt,
             given_image: given(&plan.image),
@@ -400,6 +409,7 @@ impl Engine {
             sampler: req.continuous,
             eta: req.eta,
             energies: &req.energies,
+            controls,
         };
         let tokenize_ms = t_start.elapsed().as_secs_f64() * 1e3;
         let mut forward_ms = 0.0;
@@ -486,7 +496,7 @@ impl Engine {
             adapters: rt.lora.weights.clone(),
             patch: rt.patch.clone(),
             skills: vec![],
-            warnings: vec![],
+            warnings,
             constraints: vec![],
             timings: Timings {
                 tokenize_ms,

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use crate::adapter::ActiveLora;
+use crate::adapter::{ActiveLora, AppliedControl, ControlKind, ControlNet, ControlValue};
 use crate::error::{Error, Result};
 use crate::format::{DType, WeightFile};
 use crate::memory::store::Query;
@@ -54,6 +54,19 @@ pub struct TextRequest {
     /// Activate the engine's stored skills that match the prompt (when it
     /// has a skills store).
     pub use_skills: bool,
+    /// Inputs of the engine's active ControlNets, by name (a token control's
+    /// text is laid over the canvas from its first position).
+    pub control: BTreeMap<String, ControlInput>,
+}
+
+/// A generation's input for one ControlNet.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ControlInput {
+    /// For a token ControlNet: text, tokenised and `[PAD]`-filled to the canvas.
+    Text(String),
+    /// For an image ControlNet: `[C, H, W]` (or `[H, W]`) pixels in [0, 255],
+    /// the image head's size (an edge map: white edges on black).
+    Image(Vec<f32>),
 }
 
 /// Where a text generation's memories come from.
@@ -182,6 +195,9 @@ pub struct ModelInfo {
     pub backbone_params: usize,
     /// Parameters of each head (text: token embedding + output projection).
     pub heads: Vec<(crate::model::Modality, usize)>,
+    /// For a distilled student (`aios.distill` metadata, `aios_train.distill`):
+    /// the sampling steps it was distilled for.
+    pub student_steps: Option<usize>,
 }
 
 impl ModelInfo {
@@ -197,6 +213,16 @@ pub struct Runtime {
     pub lora: Arc<ActiveLora>,
     /// The tensor patch `model` carries, if any.
     pub patch: Option<String>,
+    /// Active ControlNets: (name, net, scale); scale 0 takes an input and applies nothing.
+    pub controls: Vec<(String, Arc<ControlNet>, f32)>,
+}
+
+/// The ControlNets one generation runs with, inputs resolved.
+pub(crate) type Controls = Vec<(Arc<ControlNet>, f32, ControlValue)>;
+
+/// Borrowed views of `controls` for one forward pass.
+pub(crate) fn applied(controls: &Controls) -> Vec<AppliedControl<'_>> {
+    controls.iter().map(|(net, scale, value)| AppliedControl { net, scale: *scale, value }).collect()
 }
 
 pub struct Engine {
@@ -217,6 +243,19 @@ pub struct Engine {
     calibration: Option<Calibration>,
     /// The memory store `MemorySource::Search` reads.
     memory: RwLock<Option<Arc<MemoryStore>>>,
+    /// Each token's text, for the ValidJson constraint (decoded on first use).
+    token_bytes: std::sync::OnceLock<Vec<Vec<u8>>>,
+}
+
+/// The `student_steps` of a distilled student's `aios.distill` metadata.
+fn distilled_steps(file: &WeightFile) -> Result<Option<usize>> {
+    let Some(raw) = file.metadata.get("aios.distill") else { return Ok(None) };
+    let bad = |why: &str| Error::format(file.path.display(), format!("aios.distill metadata: {why}"));
+    let v: serde_json::Value = serde_json::from_str(raw).map_err(|e| bad(&e.to_string()))?;
+    match v.get("student_steps").and_then(serde_json::Value::as_u64) {
+        Some(n) if n >= 1 => Ok(Some(n as usize)),
+        _ => Err(bad("student_steps must be a positive integer")),
+    }
 }
 
 /// Resolves a model folder or file to the weight file to load.
@@ -292,10 +331,24 @@ impl Engine {
             }
         }
         let calibration = Calibration::load(&dir.join(uncertainty::CALIBRATION_FILE))?;
-        let info = ModelInfo { path: weights, config, file_bytes: file.file_bytes, dtypes, backbone_params, heads };
+        let student_steps = distilled_steps(&file)?;
+        let info = ModelInfo {
+            path: weights,
+            config,
+            file_bytes: file.file_bytes,
+            dtypes,
+            backbone_params,
+            heads,
+            student_steps,
+        };
         let fingerprint = file.metadata.get("aios.fingerprint").cloned();
         let model = Arc::new(model);
-        let current = RwLock::new(Arc::new(Runtime { model: model.clone(), lora: ActiveLora::empty(), patch: None }));
+        let current = RwLock::new(Arc::new(Runtime {
+            model: model.clone(),
+            lora: ActiveLora::empty(),
+            patch: None,
+            controls: vec![],
+        }));
         Ok(Engine {
             config: info.config.clone(),
             fingerprint,
@@ -309,6 +362,7 @@ impl Engine {
             info,
             calibration,
             memory: RwLock::new(None),
+            token_bytes: std::sync::OnceLock::new(),
         })
     }
 
@@ -427,14 +481,37 @@ impl Engine {
 
     /// Raw logits `[n, L, V]` for a batch of equal-length token sequences.
     pub fn logits(&self, batch: &[Vec<u32>], sigma: Option<f32>) -> Result<Vec<f32>> {
+        self.logits_controlled(batch, sigma, &BTreeMap::new())
+    }
+
+    /// [`Engine::logits`] steered by the active ControlNets with these inputs
+    /// (parity tests); an active net without an input is not applied.
+    pub fn logits_controlled(
+        &self,
+        batch: &[Vec<u32>],
+        sigma: Option<f32>,
+        control: &BTreeMap<String, ControlInput>,
+    ) -> Result<Vec<f32>> {
         let rt = self.snapshot();
-        self.pool.install(|| forward(&rt, batch, sigma, None))
+        let l = batch.first().map_or(0, Vec::len);
+        let controls = self.resolve_controls(&rt, control, l, false, &mut vec![])?;
+        self.pool.install(|| forward(&rt, batch, sigma, None, &controls))
     }
 
     /// One forward pass over a multimodal canvas (parity tests, benchmarks).
-    pub fn forward_canvas(&self, input: &crate::model::CanvasInput) -> Result<crate::model::CanvasOutput> {
+    /// With `control`, the active ControlNets steer it (inputs by name).
+    pub fn forward_canvas(
+        &self,
+        input: &crate::model::CanvasInput,
+        control: &BTreeMap<String, ControlInput>,
+    ) -> Result<crate::model::CanvasOutput> {
         let rt = self.snapshot();
-        self.pool.install(|| rt.model.forward_canvas(input, &rt.lora))
+        let batch = input.batch.max(1);
+        let controls =
+            self.resolve_controls(&rt, control, input.tokens.len() / batch, input.image.is_some(), &mut vec![])?;
+        let applied = applied(&controls);
+        let input = crate::model::CanvasInput { controls: &applied, ..*input };
+        self.pool.install(|| rt.model.forward_canvas(&input, &rt.lora))
     }
 
     /// Generates text for `req`, reporting each step to `on_step`.
@@ -442,10 +519,9 @@ impl Engine {
         let t_start = Instant::now();
         let cfg = &self.config;
         let mut sampler = req.sampler.clone();
-        for c in &mut sampler.constraints {
+        for c in sampler.constraints.iter_mut().filter(|c| c.kind != sampler::constraints::Kind::ValidJson) {
             c.spellings = self.spellings(&c.words, c.kind)?;
         }
-        sampler.validate()?;
         let TextPlan { canvas, prefix_len, suffix } = req.plan(self)?;
         let mut memories = self.recall(&req.prompt, &req.memory)?;
         let room = cfg.max_length - req.length;
@@ -458,14 +534,29 @@ impl Engine {
         }
         let mut full = self.memory_segment(&mut memories, room)?;
         let mem_len = full.len();
+        if sampler.constraints.iter().any(|c| c.kind == sampler::constraints::Kind::ValidJson) {
+            // The JSON text starts right after [BOS] (the prompt is part of it).
+            let spec = Arc::new(sampler::constraints::JsonTokens {
+                start: mem_len + 1,
+                bytes: self.token_bytes()?.to_vec(),
+                stop: vec![cfg.eos_token_id, cfg.pad_token_id],
+            });
+            for c in sampler.constraints.iter_mut().filter(|c| c.kind == sampler::constraints::Kind::ValidJson) {
+                c.json = Some(spec.clone());
+            }
+        }
+        sampler.validate()?;
         full.extend(canvas);
         let mut skills = if req.use_skills { self.match_skills(&req.prompt)? } else { adapters::SkillMatch::default() };
         let rt = self.runtime_for(req.adapters.as_ref(), &mut skills)?;
+        let mut control_warnings = vec![];
+        let controls = self.resolve_controls(&rt, &req.control, full.len(), false, &mut control_warnings)?;
         let tokenize_ms = t_start.elapsed().as_secs_f64() * 1e3;
         let opts = SamplerOptions { memory_prefix: mem_len, ..sampler };
-        let mut generation = self.run_tokens(rt, full, &opts, on_step)?;
+        let mut generation = self.run_tokens(rt, full, &opts, controls, on_step)?;
+        generation.warnings.extend(control_warnings);
         generation.skills = skills.names;
-        generation.warnings = skills.warnings;
+        generation.warnings.splice(0..0, skills.warnings);
         generation.memories = memories;
         generation.memory_tokens = mem_len;
         let prefix = mem_len + prefix_len;
@@ -486,6 +577,35 @@ impl Engine {
         Ok(generation)
     }
 
+    /// A distilled student learned to sample in `student_steps`: with more
+    /// steps it still runs, but its targets came from a teacher's larger
+    /// steps, so it is outside what it was trained for (the teacher is the
+    /// model for many-step sampling). Documented in the README; a warning,
+    /// not an error.
+    fn steps_warning(&self, steps: usize) -> Option<String> {
+        let n = self.info.student_steps?;
+        (steps > n).then(|| {
+            format!(
+                "this model was distilled for {n} sampling steps; {steps} steps run it outside what it was \
+                 trained for (use its teacher for many-step sampling)"
+            )
+        })
+    }
+
+    /// The text of every token id alone (special tokens: empty), decoded once.
+    fn token_bytes(&self) -> Result<&[Vec<u8>]> {
+        if let Some(b) = self.token_bytes.get() {
+            return Ok(b);
+        }
+        let tok = self.tokenizer.as_ref().ok_or_else(|| {
+            Error::Tokenizer(format!("no tokenizer.json next to the model ({})", self.tokenizer_path.display()))
+        })?;
+        let bytes = (0..self.config.vocab_size as u32)
+            .map(|id| tok.decode(&[id], true).map(String::into_bytes).unwrap_or_default())
+            .collect();
+        Ok(self.token_bytes.get_or_init(|| bytes))
+    }
+
     /// The token sequences that spell `words` on a canvas: after a space
     /// (how a word appears mid-sentence) and, for banned words, also alone
     /// (glued to what precedes it). A required word is not satisfied by its
@@ -496,6 +616,7 @@ impl Engine {
             let forms = match kind {
                 sampler::constraints::Kind::Banned => vec![format!(" {w}"), w.clone()],
                 sampler::constraints::Kind::Required => vec![format!(" {w}")],
+                sampler::constraints::Kind::ValidJson => vec![],
             };
             for text in forms {
                 let ids = self.encode(&text)?;
@@ -520,7 +641,76 @@ impl Engine {
     ) -> Result<Generation> {
         // One snapshot for the whole generation: adapter swaps meanwhile
         // apply to the next generation, never halfway through this one.
-        self.run_tokens(self.snapshot(), canvas, opts, on_step)
+        self.run_tokens(self.snapshot(), canvas, opts, vec![], on_step)
+    }
+
+    /// The active ControlNets of `rt` with this generation's inputs: an input
+    /// for a net that is not active is an error, an active net without an
+    /// input is skipped with a warning. `text_len` is the text canvas length
+    /// a token control is laid over; `image` whether the canvas has an image.
+    pub(crate) fn resolve_controls(
+        &self,
+        rt: &Runtime,
+        inputs: &BTreeMap<String, ControlInput>,
+        text_len: usize,
+        image: bool,
+        warnings: &mut Vec<String>,
+    ) -> Result<Controls> {
+        let cfg = &self.config;
+        if let Some(name) = inputs.keys().find(|n| !rt.controls.iter().any(|(c, _, _)| c == *n)) {
+            let active: Vec<&str> = rt.controls.iter().map(|(n, _, _)| n.as_str()).collect();
+            return crate::input_err!(
+                "no active ControlNet named {name:?} (active: {active:?}); load it and activate it (set_controlnets)"
+            );
+        }
+        let mut out = vec![];
+        for (name, net, scale) in rt.controls.iter().filter(|c| c.2 != 0.0) {
+            let value = match (net.kind, inputs.get(name)) {
+                (_, None) => {
+                    warnings.push(format!("ControlNet {name:?} is active but got no control input; not applied"));
+                    continue;
+                }
+                (ControlKind::Tokens, Some(ControlInput::Text(text))) => {
+                    let mut ids = self.encode(text)?;
+                    if ids.len() > text_len {
+                        return crate::input_err!(
+                            "control {name:?}: {} tokens do not fit the {text_len}-token text canvas",
+                            ids.len()
+                        );
+                    }
+                    if ids.contains(&cfg.mask_token_id) {
+                        return crate::input_err!("control {name:?} contains the mask token");
+                    }
+                    ids.resize(text_len, cfg.pad_token_id);
+                    ControlValue::Tokens(ids)
+                }
+                (ControlKind::Image, Some(ControlInput::Image(px))) => {
+                    if !image {
+                        return crate::input_err!("control {name:?} is an image control; generate an image with it");
+                    }
+                    if px.len() != cfg.image_values() {
+                        return crate::input_err!(
+                            "control {name:?}: {} pixels, expected {} ({}x{}x{})",
+                            px.len(),
+                            cfg.image_values(),
+                            cfg.image_channels,
+                            cfg.image_size,
+                            cfg.image_size
+                        );
+                    }
+                    if let Some(bad) = px.iter().find(|v| !v.is_finite() || !(0.0..=255.0).contains(*v)) {
+                        return crate::input_err!("control {name:?}: pixel {bad} is not in [0, 255]");
+                    }
+                    ControlValue::Image(px.iter().map(|v| v / 127.5 - 1.0).collect())
+                }
+                (kind, Some(_)) => {
+                    let want = if kind == ControlKind::Tokens { "text" } else { "an image" };
+                    return crate::input_err!("control {name:?} is a {} ControlNet: give it {want}", kind.name());
+                }
+            };
+            out.push((net.clone(), *scale, value));
+        }
+        Ok(out)
     }
 
     fn run_tokens(
@@ -528,6 +718,7 @@ impl Engine {
         rt: Arc<Runtime>,
         canvas: Vec<u32>,
         opts: &SamplerOptions,
+        controls: Controls,
         on_step: &mut (dyn FnMut(Progress) + Send),
     ) -> Result<Generation> {
         let t0 = Instant::now();
@@ -549,7 +740,7 @@ impl Engine {
                 sets.push((set.clone(), self.runtime_with(&rt, set)?));
             }
         }
-        let den = ModelDenoiser { rt: &rt, sets };
+        let den = ModelDenoiser { rt: &rt, sets, controls };
         let (s, nll) = self
             .pool
             .install(|| -> Result<_> {
@@ -574,7 +765,7 @@ impl Engine {
             adapters: rt.lora.weights.clone(),
             patch: rt.patch.clone(),
             skills: vec![],
-            warnings: vec![],
+            warnings: self.steps_warning(opts.steps).into_iter().collect(),
             constraints: opts
                 .constraints
                 .iter()
@@ -597,7 +788,13 @@ impl Engine {
     }
 }
 
-fn forward(rt: &Runtime, batch: &[Vec<u32>], sigma: Option<f32>, positions: Option<&[usize]>) -> Result<Vec<f32>> {
+fn forward(
+    rt: &Runtime,
+    batch: &[Vec<u32>],
+    sigma: Option<f32>,
+    positions: Option<&[usize]>,
+    controls: &Controls,
+) -> Result<Vec<f32>> {
     let model = &rt.model;
     let n = batch.len();
     let l = batch.first().map_or(0, Vec::len);
@@ -618,13 +815,15 @@ fn forward(rt: &Runtime, batch: &[Vec<u32>], sigma: Option<f32>, positions: Opti
     }
     let flat: Vec<u32> = batch.iter().flatten().copied().collect();
     let sigma = sigma.map(|s| vec![s; n]);
-    model.logits(&flat, n, sigma.as_deref(), positions, &rt.lora)
+    model.logits(&flat, n, sigma.as_deref(), positions, &rt.lora, &applied(controls))
 }
 
 struct ModelDenoiser<'a> {
     rt: &'a Runtime,
     /// The adapter sets composition terms name, built once per generation.
     sets: Vec<(AdapterSet, Runtime)>,
+    /// ControlNets steering every pass of this generation.
+    controls: Controls,
 }
 
 /// MDLM's log-linear schedule: sigma(t) = -ln(1 - (1 - eps) t).
@@ -641,12 +840,12 @@ impl Denoiser for ModelDenoiser<'_> {
         self.rt.model.cfg.mask_token_id
     }
     fn logits(&self, canvases: &[Vec<u32>], t: f64, positions: &[usize]) -> Result<Vec<f32>> {
-        forward(self.rt, canvases, Some(log_linear_sigma(t)), Some(positions))
+        forward(self.rt, canvases, Some(log_linear_sigma(t)), Some(positions), &self.controls)
     }
     fn logits_with(&self, set: &AdapterSet, canvases: &[Vec<u32>], t: f64, positions: &[usize]) -> Result<Vec<f32>> {
         let (_, rt) =
             self.sets.iter().find(|(s, _)| s == set).ok_or_else(|| Error::Input("unknown adapter set".into()))?;
-        forward(rt, canvases, Some(log_linear_sigma(t)), Some(positions))
+        forward(rt, canvases, Some(log_linear_sigma(t)), Some(positions), &self.controls)
     }
     fn time_conditioned(&self) -> bool {
         self.rt.model.cfg.time_conditioning

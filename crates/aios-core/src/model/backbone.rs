@@ -12,7 +12,7 @@ use super::audio::AudioHead;
 use super::config::{Modality, ModelConfig};
 use super::image::ImageHead;
 use super::text::TextHead;
-use crate::adapter::ActiveLora;
+use crate::adapter::{ActiveLora, AppliedControl, ControlKind, ControlValue};
 use crate::error::{Error, Result};
 use crate::format::WeightFile;
 use crate::kernels::{exp_f32, max_and_nan, mean_var_f64, sum_by_lanes, SendPtr};
@@ -279,6 +279,15 @@ impl Block {
     }
 }
 
+/// `x += residual` (both `[B * L, D]`), or only the rows `kept` of each
+/// sequence when the block kept those alone.
+fn add_residual(x: &mut [f32], residual: &[f32], d: usize, l: usize, kept: Option<&[usize]>) {
+    match kept {
+        None => x.iter_mut().zip(residual).for_each(|(x, r)| *x += r),
+        Some(keep) => x.iter_mut().zip(&gather_rows(residual, d, l, keep)).for_each(|(x, r)| *x += r),
+    }
+}
+
 /// What every block of one forward pass shares.
 #[derive(Clone, Copy)]
 struct Pass<'a> {
@@ -430,6 +439,8 @@ pub struct CanvasInput<'a> {
     pub audio: Option<(&'a [f32], &'a [f32])>,
     /// Text positions that need logits (None = all).
     pub text_positions: Option<&'a [usize]>,
+    /// ControlNets applied in this pass, with their inputs.
+    pub controls: &'a [AppliedControl<'a>],
 }
 
 /// What [`Dit::forward_canvas`] returns: raw text logits `[B, P, V]` and the
@@ -520,7 +531,7 @@ impl Dit {
         let (b, l) = tokens.dims2()?;
         let ids = tokens.to_dtype(candle_core::DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
         let sigma = sigma.map(|s| s.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()).transpose()?;
-        let logits = self.logits(&ids, b, sigma.as_deref(), positions, lora)?;
+        let logits = self.logits(&ids, b, sigma.as_deref(), positions, lora, &[])?;
         let p = positions.map_or(l, <[usize]>::len);
         Ok(Tensor::from_vec(logits, (b, p, self.cfg.vocab_size), &Device::Cpu)?)
     }
@@ -528,6 +539,8 @@ impl Dit {
     /// Raw logits `[B, P, V]` (row-major) for `tokens` (`[B, L]`, row-major)
     /// at `positions` (P of them; all L if None). `sigma` has one value per
     /// batch item (zeros if None) and matters only with time conditioning.
+    /// `controls` are ControlNets steering this pass (token controls only: a
+    /// text-only pass has no image rows).
     pub fn logits(
         &self,
         tokens: &[u32],
@@ -535,6 +548,7 @@ impl Dit {
         sigma: Option<&[f32]>,
         positions: Option<&[usize]>,
         lora: &ActiveLora,
+        controls: &[AppliedControl],
     ) -> Result<Vec<f32>> {
         let (d, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
         if batch == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(batch) {
@@ -572,8 +586,13 @@ impl Dit {
         let pass = Pass { rope: &self.rope, causal: self.cfg.causal, lora };
         // One conditioning row per sequence (or one shared by all).
         let idx = RowIndex::new(batch, l, keep, |b, _| b);
+        let residuals = self.control_residuals(&x, l, (l, 0), block_mods, &idx, self.cfg.causal, controls)?;
         for (i, (block, m)) in self.blocks.iter().zip(block_mods).enumerate() {
-            x = block.forward(x, l, m, &pass, keep.filter(|_| i == last), &idx)?;
+            let kept = keep.filter(|_| i == last);
+            x = block.forward(x, l, m, &pass, kept, &idx)?;
+            if let Some(r) = residuals.get(i) {
+                add_residual(&mut x, r, d, l, kept);
+            }
         }
         // (A config has at least one block: `ModelConfig::validate`.)
         let p = keep.map_or(l, <[usize]>::len);
@@ -684,8 +703,12 @@ impl Dit {
         let seg_of = |pos: usize| bounds.iter().position(|&e| pos < e).expect("position inside the canvas");
         let idx = RowIndex::new(batch, l, None, |b, pos| b * nseg + seg_of(pos));
         let pass = Pass { rope: &self.rope, causal: false, lora };
-        for (block, m) in self.blocks.iter().zip(&block_mods) {
+        let residuals = self.control_residuals(&x, l, (lt, image_rows), &block_mods, &idx, false, input.controls)?;
+        for (i, (block, m)) in self.blocks.iter().zip(&block_mods).enumerate() {
             x = block.forward(x, l, m, &pass, None, &idx)?;
+            if let Some(r) = residuals.get(i) {
+                add_residual(&mut x, r, d, l, None);
+            }
         }
         let h = self.final_norm.forward_modulated(
             &x,
@@ -718,6 +741,83 @@ impl Dit {
         }
         if let Some(head) = self.audio.as_ref().filter(|_| audio_rows > 0) {
             out.audio = head.out(&rows_of(lt + image_rows, &mut (0..audio_rows)), batch)?;
+        }
+        Ok(out)
+    }
+
+    /// What the active ControlNets add after each block (`[B * L, D]` per
+    /// block, scale applied, summed over nets; empty without controls). The
+    /// canvas of each sequence starts with `segments.0` text rows followed by
+    /// `segments.1` image rows; `mods` and `idx` are the base pass's.
+    #[allow(clippy::too_many_arguments)]
+    fn control_residuals(
+        &self,
+        x: &[f32],
+        l: usize,
+        segments: (usize, usize),
+        mods: &[Modulation],
+        idx: &RowIndex,
+        causal: bool,
+        controls: &[AppliedControl],
+    ) -> Result<Vec<Vec<f32>>> {
+        let d = self.cfg.hidden_size;
+        let batch = x.len() / (l * d);
+        let (lt, li) = segments;
+        let active: Vec<&AppliedControl> = controls.iter().filter(|c| c.scale != 0.0).collect();
+        if let Some(c) = controls.iter().find(|c| !c.scale.is_finite()) {
+            return crate::input_err!("ControlNet scale must be finite, got {}", c.scale);
+        }
+        let depth = active.iter().map(|c| c.net.n_blocks).max().unwrap_or(0);
+        let mut out = vec![vec![0f32; x.len()]; depth];
+        for c in active {
+            // The control's input rows (the same for every sequence of the batch) and where they start.
+            let (start, rows) = match (c.net.kind, c.value) {
+                (ControlKind::Tokens, ControlValue::Tokens(ids)) => {
+                    if ids.len() != lt {
+                        return crate::input_err!(
+                            "token control has {} tokens for a text canvas of {lt} (pad it to the canvas)",
+                            ids.len()
+                        );
+                    }
+                    if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+                        return crate::input_err!("control token id {bad} is outside the vocabulary");
+                    }
+                    (0, c.net.input.forward_rows(&self.text.embed(ids, None), lt)?)
+                }
+                (ControlKind::Image, ControlValue::Image(px)) => {
+                    let Some(head) = self.image.as_ref().filter(|_| li > 0) else {
+                        return crate::input_err!("an image ControlNet needs an image on the canvas");
+                    };
+                    if px.len() != self.cfg.image_values() {
+                        return crate::input_err!(
+                            "control image has {} values, expected {} ({}x{}x{})",
+                            px.len(),
+                            self.cfg.image_values(),
+                            self.cfg.image_channels,
+                            self.cfg.image_size,
+                            self.cfg.image_size
+                        );
+                    }
+                    if px.iter().any(|v| !v.is_finite()) {
+                        return crate::input_err!("control image contains NaN or infinity");
+                    }
+                    (lt, c.net.input.forward_rows(&head.patchify(px), li)?)
+                }
+                (kind, _) => {
+                    return crate::input_err!("a {} ControlNet got a control input of the other kind", kind.name())
+                }
+            };
+            let mut h = x.to_vec();
+            for b in 0..batch {
+                let seq = &mut h[(b * l + start) * d..];
+                seq.iter_mut().zip(&rows).for_each(|(h, r)| *h += r);
+            }
+            let pass = Pass { rope: &self.rope, causal, lora: &c.net.copy };
+            for (i, zero) in c.net.zero.iter().enumerate() {
+                h = self.blocks[i].forward(h, l, &mods[i], &pass, None, idx)?;
+                let z = zero.forward_rows(&h, batch * l)?;
+                out[i].iter_mut().zip(&z).for_each(|(o, z)| *o += c.scale * z);
+            }
         }
         Ok(out)
     }

@@ -19,9 +19,21 @@
 //!   committed its continuation is favoured strongly. Best effort, reported
 //!   in `met`.
 //!
+//! - [`Kind::ValidJson`]: "valid JSON so far". The committed tokens from
+//!   the start of the JSON text up to the first masked position must be a
+//!   prefix of a JSON text ([`JsonPrefix`]); at that position every token
+//!   that cannot continue it (and an end token before the value is whole)
+//!   gets energy 1. Tokens committed further right, out of order, are not
+//!   checked (they are not decidable yet), so semi-autoregressive blocks
+//!   (`block_length`) make it stronger. Reported in `met`: the text is one
+//!   whole JSON value.
+//!
 //! Spellings are token sequences (the engine encodes each word with and
 //! without a leading space); several constraints combine by adding energies.
 
+use std::sync::Arc;
+
+use super::json_prefix::JsonPrefix;
 use crate::error::Result;
 
 /// Energy weight when none is given: strong enough that a banned word's
@@ -32,6 +44,7 @@ pub const DEFAULT_WEIGHT: f64 = 8.0;
 pub enum Kind {
     Banned,
     Required,
+    ValidJson,
 }
 
 impl Kind {
@@ -39,6 +52,7 @@ impl Kind {
         match self {
             Kind::Banned => "banned",
             Kind::Required => "required",
+            Kind::ValidJson => "valid_json",
         }
     }
 }
@@ -53,11 +67,40 @@ pub struct Constraint {
     pub spellings: Vec<Vec<u32>>,
     /// `eta`: logits move by `weight` per unit of energy.
     pub weight: f64,
+    /// ValidJson: where the JSON text starts and what each token spells
+    /// (filled by the engine from its tokenizer).
+    pub json: Option<Arc<JsonTokens>>,
+}
+
+/// What a ValidJson constraint needs to read a canvas as text.
+#[derive(Debug, PartialEq)]
+pub struct JsonTokens {
+    /// Canvas position where the JSON text starts.
+    pub start: usize,
+    /// The bytes of each token id (empty for special tokens).
+    pub bytes: Vec<Vec<u8>>,
+    /// Tokens that end the text (EOS, PAD): allowed once the value is whole.
+    pub stop: Vec<u32>,
+}
+
+impl JsonTokens {
+    /// The checker state after the committed tokens `tokens[start..end]`,
+    /// None if they already are not a JSON prefix.
+    fn state(&self, tokens: &[u32], end: usize) -> Option<JsonPrefix> {
+        let mut st = JsonPrefix::default();
+        for &t in &tokens[self.start.min(end)..end] {
+            let b = self.bytes.get(t as usize)?;
+            if b.is_empty() || !st.feed(b) {
+                return None;
+            }
+        }
+        Some(st)
+    }
 }
 
 impl Constraint {
     pub fn new(kind: Kind, words: Vec<String>, weight: f64) -> Self {
-        Constraint { kind, words, spellings: vec![], weight }
+        Constraint { kind, words, spellings: vec![], weight, json: None }
     }
 }
 
@@ -75,6 +118,12 @@ pub fn validate(constraints: &[Constraint]) -> Result<()> {
     for c in constraints {
         if !(c.weight.is_finite() && c.weight >= 0.0) {
             return crate::input_err!("constraint weight (eta) must be finite and >= 0, got {}", c.weight);
+        }
+        if c.kind == Kind::ValidJson {
+            if !c.words.is_empty() {
+                return crate::input_err!("a valid_json constraint takes no words");
+            }
+            continue;
         }
         if c.words.is_empty() || c.words.iter().any(|w| w.trim().is_empty()) {
             return crate::input_err!("a {} constraint needs non-empty words", c.kind.name());
@@ -100,7 +149,11 @@ pub fn validate(constraints: &[Constraint]) -> Result<()> {
 /// Checks that every constraint has token spellings (the sampler works on
 /// tokens; text generation fills them from the words).
 pub fn check_spelled(constraints: &[Constraint]) -> Result<()> {
-    match constraints.iter().find(|c| c.spellings.is_empty() || c.spellings.iter().any(Vec::is_empty)) {
+    if constraints.iter().any(|c| c.kind == Kind::ValidJson && c.json.is_none()) {
+        return crate::input_err!("a valid_json constraint needs the token texts (text generation fills them)");
+    }
+    let words = constraints.iter().filter(|c| c.kind != Kind::ValidJson);
+    match words.into_iter().find(|c| c.spellings.is_empty() || c.spellings.iter().any(Vec::is_empty)) {
         Some(c) => crate::input_err!(
             "the {} words {:?} have no token spelling (text generation fills them from the words)",
             c.kind.name(),
@@ -139,6 +192,10 @@ pub fn apply(
         if c.kind == Kind::Required && c.spellings.iter().any(|s| occurs(tokens, s)) {
             continue; // already met: no energy left to lower
         }
+        if let (Kind::ValidJson, Some(spec)) = (c.kind, &c.json) {
+            apply_json(spec, w, tokens, mask, positions, logits, vocab);
+            continue;
+        }
         for s in &c.spellings {
             let m = s.len();
             for (j, &i) in positions.iter().enumerate() {
@@ -173,6 +230,34 @@ pub fn apply(
     }
 }
 
+/// ValidJson's energy at the first masked position of the JSON text.
+fn apply_json(
+    spec: &JsonTokens,
+    w: f32,
+    tokens: &[u32],
+    mask: u32,
+    positions: &[usize],
+    logits: &mut [f32],
+    vocab: usize,
+) {
+    let Some(p) = (spec.start..tokens.len()).find(|&i| tokens[i] == mask) else { return };
+    let Some(j) = positions.iter().position(|&i| i == p) else { return };
+    let Some(st) = spec.state(tokens, p) else { return }; // already broken: nothing left to steer
+    let whole = st.complete();
+    let row = &mut logits[j * vocab..(j + 1) * vocab];
+    for (v, l) in row.iter_mut().enumerate() {
+        let ok = if spec.stop.contains(&(v as u32)) {
+            whole
+        } else {
+            let b = spec.bytes.get(v).map_or(&[][..], Vec::as_slice);
+            !b.is_empty() && st.clone().feed(b)
+        };
+        if !ok {
+            *l -= w;
+        }
+    }
+}
+
 /// Whether each constraint held on the finished canvas: a banned word
 /// appears in no span that includes a generated position; a required word
 /// appears somewhere.
@@ -183,6 +268,10 @@ pub fn met(constraints: &[Constraint], tokens: &[u32], given: &[bool]) -> Vec<bo
             Kind::Required => c.spellings.iter().any(|s| occurs(tokens, s)),
             Kind::Banned => !c.spellings.iter().any(|s| {
                 (0..tokens.len()).any(|i| occurs_at(tokens, s, i) && given[i..i + s.len()].iter().any(|g| !g))
+            }),
+            Kind::ValidJson => c.json.as_ref().is_some_and(|spec| {
+                let end = (spec.start..tokens.len()).find(|&i| spec.stop.contains(&tokens[i])).unwrap_or(tokens.len());
+                spec.state(tokens, end).is_some_and(|st| st.complete())
             }),
         })
         .collect()
@@ -195,7 +284,43 @@ mod tests {
     const M: u32 = 0;
 
     fn c(kind: Kind, spellings: Vec<Vec<u32>>) -> Constraint {
-        Constraint { kind, words: vec![format!("{spellings:?}")], spellings, weight: 2.0 }
+        Constraint { kind, words: vec![format!("{spellings:?}")], spellings, weight: 2.0, json: None }
+    }
+
+    #[test]
+    fn valid_json_steers_the_first_masked_position_and_reports_the_whole() {
+        // Tokens: 0 mask, 1 "{", 2 "}", 3 "\"a\"", 4 ":", 5 "1", 6 EOS, 7 "x".
+        let bytes: Vec<Vec<u8>> = vec![
+            vec![],
+            b"{".to_vec(),
+            b"}".to_vec(),
+            b"\"a\"".to_vec(),
+            b":".to_vec(),
+            b"1".to_vec(),
+            vec![],
+            b"x".to_vec(),
+        ];
+        let spec = Arc::new(JsonTokens { start: 1, bytes, stop: vec![6] });
+        let j = Constraint { kind: Kind::ValidJson, words: vec![], spellings: vec![], weight: 2.0, json: Some(spec) };
+        // Canvas [BOS=7 (before start), "{", "\"a\"", M, M]: position 3 may only be ":".
+        let tokens = [7, 1, 3, M, M];
+        let mut logits = vec![0f32; 2 * 8];
+        apply(std::slice::from_ref(&j), &tokens, M, &[3, 4], &mut logits, 8);
+        let row: Vec<f32> = logits[..8].to_vec();
+        assert_eq!(row[4], 0.0);
+        assert!(row.iter().enumerate().filter(|&(v, _)| v != 4).all(|(_, &x)| x == -2.0));
+        assert!(logits[8..].iter().all(|&x| x == 0.0), "positions right of the first mask are not checked");
+        // Once the value is whole, only the end token fits; the report checks the whole text.
+        let done = [7, 1, 3, 4, 5, 2, M];
+        let mut logits = vec![0f32; 8];
+        apply(std::slice::from_ref(&j), &done, M, &[6], &mut logits, 8);
+        assert_eq!(logits[6], 0.0);
+        assert_eq!(logits[5], -2.0);
+        assert_eq!(met(std::slice::from_ref(&j), &[7, 1, 3, 4, 5, 2, 6], &[false; 7]), vec![true]);
+        assert_eq!(met(std::slice::from_ref(&j), &[7, 1, 3, 4, 5, 6, 6], &[false; 7]), vec![false]);
+        assert!(validate(std::slice::from_ref(&j)).is_ok());
+        assert!(check_spelled(&[Constraint { json: None, ..j.clone() }]).is_err());
+        assert!(validate(&[Constraint { words: vec!["x".into()], ..j }]).is_err());
     }
 
     #[test]

@@ -233,30 +233,184 @@ impl Brightness {
     }
 }
 
-/// Energy guidance on `v` at time `t` for the image `x_t` (`[C, size, size]`):
-/// the model's `x_0` estimate moves by `-eta * grad E(x_0)` for each energy,
-/// and `v` is rewritten to give that estimate (the score becomes
-/// `score - eta * alpha_t / sigma_t^2 * grad E`). Near `t = 0` (`sigma_t`
-/// below 1e-4) it does nothing: the estimate is the sample.
-pub fn apply_energies(energies: &[Brightness], x: &[f32], v: &mut [f32], t: f64, size: usize, clip: Option<f32>) {
-    let (a, s) = alpha_sigma(t);
-    if energies.is_empty() || s < 1e-4 {
-        return;
-    }
-    let (af, sf) = (a as f32, s as f32);
-    let mut x0: Vec<f32> = x.iter().zip(v.iter()).map(|(&xi, &vi)| x0_of(xi, vi, af, sf, clip)).collect();
-    let plane = size * size;
-    for e in energies {
-        // Mean and gradient in [-1, 1] units: target 0..1 -> -1..1.
-        let g = 2.0 * (e.mean(&x0, size) - e.target);
-        let step = (e.weight as f32) * g;
-        let [x0r, y0, x1, y1] = e.rect;
+impl Brightness {
+    /// `x0 -= weight * grad E` in [-1, 1] units (target 0..1 -> -1..1).
+    fn descend(&self, x0: &mut [f32], size: usize) {
+        let step = (self.weight as f32) * 2.0 * (self.mean(x0, size) - self.target);
+        let [x0r, y0, x1, y1] = self.rect;
+        let plane = size * size;
         for c in 0..x0.len() / plane {
             for y in y0..y1 {
                 for xv in &mut x0[c * plane + y * size + x0r..c * plane + y * size + x1] {
                     *xv -= step;
                 }
             }
+        }
+    }
+}
+
+/// A linear softmax classifier on images (`aios.kind = classifier`, written
+/// by `python -m aios_train classifier`): logits `W x + b` over the
+/// `[C*H*W]` pixels in [-1, 1] units. Small and exactly differentiable, so
+/// its log-probability is an energy the sampler can follow.
+#[derive(Debug)]
+pub struct LinearClassifier {
+    pub path: std::path::PathBuf,
+    pub classes: Vec<String>,
+    /// `[K, values]`, row-major.
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    pub values: usize,
+}
+
+#[derive(serde::Deserialize)]
+struct ClassifierConfig {
+    classes: Vec<String>,
+    image_size: usize,
+    image_channels: usize,
+}
+
+impl LinearClassifier {
+    /// Loads and checks a classifier file (kind, shapes, finite values).
+    pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let file = crate::format::WeightFile::open(path)?;
+        let bad = |m: String| Error::format(path.display(), m);
+        if file.kind != "classifier" {
+            return Err(bad(format!(
+                "this is a {:?} file, not an image classifier (aios.kind = classifier)",
+                file.kind
+            )));
+        }
+        let json = file.config_json().ok_or_else(|| bad("no aios.config metadata".into()))?;
+        let c: ClassifierConfig = serde_json::from_str(json).map_err(|e| bad(format!("invalid config: {e}")))?;
+        let (k, n) = (c.classes.len(), c.image_channels * c.image_size * c.image_size);
+        if k < 2 || n == 0 {
+            return Err(bad(format!("{k} classes over {n} values: need at least 2 classes and an image")));
+        }
+        let read = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            let raw = file.require(name)?;
+            if raw.shape != shape {
+                return Err(bad(format!("{name} has shape {:?}, expected {shape:?}", raw.shape)));
+            }
+            Ok(crate::quant::load_f32(&file, raw)?.flatten_all()?.to_vec1()?)
+        };
+        let weight = read("weight", &[k, n])?;
+        let bias = read("bias", &[k])?;
+        if file.tensors.len() != 2 {
+            return Err(bad("a linear classifier has exactly the tensors weight and bias".into()));
+        }
+        Ok(LinearClassifier { path: path.to_path_buf(), classes: c.classes, weight, bias, values: n })
+    }
+
+    /// The class named `label` (or its index).
+    pub fn class_index(&self, label: &str) -> Result<usize> {
+        if let Some(i) = self.classes.iter().position(|c| c == label) {
+            return Ok(i);
+        }
+        match label.parse::<usize>() {
+            Ok(i) if i < self.classes.len() => Ok(i),
+            _ => crate::input_err!("class {label:?} is not one of the classifier's {:?}", self.classes),
+        }
+    }
+
+    /// Class probabilities of one image (`[values]`, [-1, 1] units).
+    pub fn probs(&self, x: &[f32]) -> Vec<f64> {
+        let logits: Vec<f64> = self
+            .weight
+            .chunks_exact(self.values)
+            .zip(&self.bias)
+            .map(|(w, b)| w.iter().zip(x).map(|(w, x)| (w * x) as f64).sum::<f64>() + *b as f64)
+            .collect();
+        let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = logits.iter().map(|l| (l - m).exp()).collect();
+        let z: f64 = e.iter().sum();
+        e.iter().map(|v| v / z).collect()
+    }
+}
+
+/// An energy on a generated image: `E = -log p(class | x_0)` under a
+/// linear classifier, whose gradient is `sum_k p_k W_k - W_class`
+/// (classifier guidance applied to the `x_0` estimate, as universal
+/// guidance does, so the classifier needs no noisy training images).
+#[derive(Clone, Debug)]
+pub struct ClassEnergy {
+    pub classifier: std::sync::Arc<LinearClassifier>,
+    pub class: usize,
+    /// eta: each step moves the `x_0` estimate by `-eta * grad E`.
+    pub weight: f64,
+}
+
+impl PartialEq for ClassEnergy {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.classifier, &other.classifier)
+            && self.class == other.class
+            && self.weight == other.weight
+    }
+}
+
+impl ClassEnergy {
+    fn descend(&self, x0: &mut [f32]) {
+        let c = &self.classifier;
+        let p = c.probs(x0);
+        let eta = self.weight;
+        for (k, w) in c.weight.chunks_exact(c.values).enumerate() {
+            let coef = eta * (p[k] - if k == self.class { 1.0 } else { 0.0 });
+            if coef != 0.0 {
+                x0.iter_mut().zip(w).for_each(|(x, &w)| *x -= (coef * w as f64) as f32);
+            }
+        }
+    }
+}
+
+/// The energies an image generation can follow.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ImageEnergy {
+    Brightness(Brightness),
+    Class(ClassEnergy),
+}
+
+impl ImageEnergy {
+    /// Checks it against images of `size` x `size` with `values` values.
+    pub fn validate(&self, size: usize, values: usize) -> Result<()> {
+        match self {
+            ImageEnergy::Brightness(b) => b.validate(size),
+            ImageEnergy::Class(c) => {
+                if c.classifier.values != values {
+                    return crate::input_err!(
+                        "classifier {} reads {} values per image, this model's images have {values}",
+                        c.classifier.path.display(),
+                        c.classifier.values
+                    );
+                }
+                if c.class >= c.classifier.classes.len() {
+                    return crate::input_err!("class index {} is outside the classifier's classes", c.class);
+                }
+                if !(c.weight.is_finite() && c.weight >= 0.0) {
+                    return crate::input_err!("energy weight (eta) must be finite and >= 0, got {}", c.weight);
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Energy guidance on `v` at time `t` for the image `x_t` (`[C, size, size]`):
+/// the model's `x_0` estimate moves by `-eta * grad E(x_0)` for each energy,
+/// and `v` is rewritten to give that estimate (the score becomes
+/// `score - eta * alpha_t / sigma_t^2 * grad E`). Near `t = 0` (`sigma_t`
+/// below 1e-4) it does nothing: the estimate is the sample.
+pub fn apply_energies(energies: &[ImageEnergy], x: &[f32], v: &mut [f32], t: f64, size: usize, clip: Option<f32>) {
+    let (a, s) = alpha_sigma(t);
+    if energies.is_empty() || s < 1e-4 {
+        return;
+    }
+    let (af, sf) = (a as f32, s as f32);
+    let mut x0: Vec<f32> = x.iter().zip(v.iter()).map(|(&xi, &vi)| x0_of(xi, vi, af, sf, clip)).collect();
+    for e in energies {
+        match e {
+            ImageEnergy::Brightness(b) => b.descend(&mut x0, size),
+            ImageEnergy::Class(c) => c.descend(&mut x0),
         }
     }
     // v = (a x - x0) / s gives back x0 = a x - s v.
@@ -352,7 +506,7 @@ mod tests {
         let e = Brightness { rect: [0, 0, 2, 4], target: 0.25, weight: 1.0 };
         e.validate(size).unwrap();
         let mut v = v0.clone();
-        apply_energies(std::slice::from_ref(&e), &x, &mut v, t, size, None);
+        apply_energies(&[ImageEnergy::Brightness(e.clone())], &x, &mut v, t, size, None);
         let (a, s) = alpha_sigma(t);
         let x0: Vec<f32> = x.iter().zip(&v).map(|(&x, &v)| x0_of(x, v, a as f32, s as f32, None)).collect();
         assert!((e.mean(&x0, size) - 0.25).abs() < 1e-5, "weight 1 puts the mean on the target");
@@ -364,7 +518,7 @@ mod tests {
             }
         }
         let mut w0 = v0.clone();
-        apply_energies(&[Brightness { weight: 0.0, ..e.clone() }], &x, &mut w0, t, size, None);
+        apply_energies(&[ImageEnergy::Brightness(Brightness { weight: 0.0, ..e.clone() })], &x, &mut w0, t, size, None);
         assert!(w0.iter().zip(&v0).all(|(a, b)| (a - b).abs() < 1e-5));
         for bad in [
             Brightness { rect: [2, 0, 2, 4], ..e.clone() },
@@ -374,5 +528,38 @@ mod tests {
         ] {
             assert!(bad.validate(size).is_err());
         }
+    }
+
+    #[test]
+    fn class_energy_raises_the_target_class_probability() {
+        let n = 16;
+        let weight: Vec<f32> = (0..3 * n).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.05).collect();
+        let c = std::sync::Arc::new(LinearClassifier {
+            path: "mem".into(),
+            classes: vec!["a".into(), "b".into(), "c".into()],
+            weight,
+            bias: vec![0.1, -0.2, 0.0],
+            values: n,
+        });
+        let x: Vec<f32> = (0..n).map(|i| (i as f32 / n as f32) - 0.5).collect();
+        let v0: Vec<f32> = vec![0.0; n];
+        let t = 0.4;
+        let (a, s) = alpha_sigma(t);
+        let x0 =
+            |v: &[f32]| -> Vec<f32> { x.iter().zip(v).map(|(&x, &v)| x0_of(x, v, a as f32, s as f32, None)).collect() };
+        for class in 0..3 {
+            let e = ClassEnergy { classifier: c.clone(), class, weight: 2.0 };
+            ImageEnergy::Class(e.clone()).validate(4, n).unwrap();
+            let mut v = v0.clone();
+            apply_energies(&[ImageEnergy::Class(e)], &x, &mut v, t, 4, None);
+            let (before, after) = (c.probs(&x0(&v0))[class], c.probs(&x0(&v))[class]);
+            assert!(after > before, "class {class}: {before} -> {after}");
+        }
+        assert_eq!(c.class_index("b").unwrap(), 1);
+        assert_eq!(c.class_index("2").unwrap(), 2);
+        assert!(c.class_index("d").is_err() && c.class_index("3").is_err());
+        let bad = ClassEnergy { classifier: c.clone(), class: 0, weight: f64::NAN };
+        assert!(ImageEnergy::Class(bad).validate(4, n).is_err());
+        assert!(ImageEnergy::Class(ClassEnergy { classifier: c, class: 0, weight: 1.0 }).validate(3, 9).is_err());
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod constraints;
 pub mod continuous;
+pub mod json_prefix;
 pub mod rng;
 mod scores;
 pub mod uncertainty;
