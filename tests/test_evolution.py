@@ -213,3 +213,46 @@ def test_sigkill_while_storing_never_activates_a_half_written_skill(setup, where
     Evolver(engine=fresh, memory=MemoryStore(tmp / "memory"), skills=tmp / "skills", general_data=general,
             config=cfg).close()
     assert not [p for p in (tmp / "skills").iterdir() if ".partial" in p.name]
+
+
+RECORDS = [json.dumps({"name": n, "age": 20 + i}) for i, n in enumerate(["Anna", "Ben", "Clara", "David", "Emma",
+                                                                            "Felix", "Grace", "Henry"])]
+
+
+def test_structured_records_take_level_one_and_the_engine_reuses_the_controlnet(setup):
+    eng, mem, tmp, general, cfg = setup
+    cfg.controlnet_steps, cfg.controlnet_rank = 30, 4
+    cfg.structure_margin = -1.0  # the wiring is under test here; bench/evolution_loop.py --records measures learning
+    ev = Evolver(engine=eng, memory=mem, skills=tmp / "skills", general_data=general, config=cfg)
+    rep = ev.step("name, age", RECORDS)
+    assert [(lv.level, lv.outcome) for lv in rep.levels] == [("L0", "refused"), ("L1", "kept")]
+    m = rep.levels[-1].metrics
+    assert set(m) >= {"valid_rate_with", "valid_rate_without", "gain", "steps", "parameters"} and m["steps"] == 30
+    card = ev.skills.get(rep.skill_id)
+    assert card.meta["level"] == "L1" and card.meta["file"].endswith(".controlnet.parquet")
+    assert card.text == "name, age" and len(ev.skills) == 1  # one card per distinct key list
+    assert eng.controlnets == {"active": {}, "loaded": {}}  # validation left the engine as it was
+    # Reuse: a matching prompt activates the ControlNet for that generation, with the prompt as its input.
+    assert eng.skills_for("name, age")["controlnets"] == [rep.skill]
+    assert eng.skills_for("Grandma's lemon cake needs three eggs")["controlnets"] == []
+    a = eng.diffuse("name, age", length=40, steps=8, seed=0)
+    b = eng.diffuse("name, age", length=40, steps=8, seed=0, skills=False)
+    assert a.skills == [rep.skill] and b.skills == [] and a.tokens != b.tokens
+    assert eng.controlnets["active"] == {}  # activated for that call only
+    ev.close()
+
+
+def test_level_one_refused_and_free_text_skips_it(setup):
+    eng, mem, tmp, general, cfg = setup
+    cfg.controlnet_steps, cfg.controlnet_rank, cfg.structure_margin = 5, 2, 2.0  # unreachable
+    cfg.levels = ("L0", "L1")
+    ev = Evolver(engine=eng, memory=mem, skills=tmp / "skills", general_data=general, config=cfg)
+    rep = ev.step("name, age", RECORDS)
+    assert [(lv.level, lv.outcome) for lv in rep.levels] == [("L0", "refused"), ("L1", "refused"),
+                                                             ("L2", "skipped"), ("L3", "skipped")]
+    assert rep.kept is None and len(ev.skills) == 0
+    assert not [p for p in (tmp / "skills").iterdir() if p.name != "cards"]
+    rep = ev.step("Quartz zebra kettle", DOMAIN)
+    l1 = next(lv for lv in rep.levels if lv.level == "L1")
+    assert l1.outcome == "skipped" and "free text" in l1.reason
+    ev.close()

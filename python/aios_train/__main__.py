@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--patch-steps", type=int, default=200)
     s.add_argument("--patch-minutes", type=float, default=5.0)
     s.add_argument("--patch-top-k", type=int, default=4, help="L3: block modules unfrozen")
-    s.add_argument("--levels", default="L0,L2,L3", help="levels to try, cheapest first")
+    s.add_argument("--levels", default="L0,L1,L2,L3", help="levels to try, cheapest first (L1 only for JSON records)")
     s.add_argument("--improve-margin", type=float, default=0.05, help="nats/token the context must improve by")
     s.add_argument("--general-bound", type=float, default=0.02, help="nats/token general text may degrade by")
     s.add_argument("--force", action="store_true", help="adapt even when the engine is confident")

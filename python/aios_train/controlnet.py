@@ -294,7 +294,8 @@ def control_tokens(tok, text: str, length: int, cfg: ModelConfig) -> list[int]:
 @dataclass
 class ControlNetArgs:
     base: str
-    control: str                      # "edges" (image edge maps) or "json" (JSON keys -> JSON object)
+    control: str                      # "edges" (image edge maps), "json" (JSON keys -> JSON object) or "records"
+                                      # (`records`: the prompt is the keys, the continuation the record)
     out: str
     run: str | None = None
     data: str = "data/mm"             # edges: the data-mm folder
@@ -316,6 +317,30 @@ class ControlNetArgs:
     device: str = "cpu"
     progress: bool = True
     extra: dict = field(default_factory=dict)
+    records: list[str] | None = field(default=None, repr=False)   # records: JSON object texts to learn
+    time_limit_exports: bool = False  # records: a run stopped by its time limit still writes its ControlNet
+
+
+def record_keys(text: str) -> list[str] | None:
+    """The keys of a JSON object text, None if it is not one."""
+    try:
+        v = json.loads(text)
+    except ValueError:
+        return None
+    return list(v) if isinstance(v, dict) and v else None
+
+
+def record_canvas(tok, cfg: ModelConfig, record: str, length: int) -> tuple[list[int], list[int]]:
+    """The `records` layout: canvas [BOS] keys " " record [EOS] [PAD]..., control = the keys (= the prompt)."""
+    keys = keys_prompt(record_keys(record) or [])
+    ids = [cfg.bos_token_id] + tok.encode(keys + " " + json.dumps(json.loads(record)), add_special_tokens=False).ids
+    ids = (ids + [cfg.eos_token_id])[:length]
+    return ids + [cfg.pad_token_id] * (length - len(ids)), control_tokens(tok, keys, length, cfg)
+
+
+def _records_batch(tok, cfg: ModelConfig, rng: np.random.Generator, b: int, length: int, records: list[str]):
+    pairs = [record_canvas(tok, cfg, records[int(i)], length) for i in rng.integers(0, len(records), b)]
+    return torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
 
 
 def _json_batch(tok, cfg: ModelConfig, rng: np.random.Generator, b: int, length: int):
@@ -349,8 +374,10 @@ def _train(a: ControlNetArgs, resume: bool, dist) -> dict:
     from .train import EMA, load_checkpoint, lr_at, save_checkpoint
     from .unified import caption_tokens, load_mm
 
-    if a.control not in ("edges", "json"):
-        raise ValueError(f"controlnet: --control must be edges or json, got {a.control!r}")
+    if a.control not in ("edges", "json", "records"):
+        raise ValueError(f"controlnet: --control must be edges, json or records, got {a.control!r}")
+    if a.control == "records" and (not a.records or any(record_keys(r) is None for r in a.records)):
+        raise ValueError("controlnet: records must be a non-empty list of JSON object texts")
     if a.batch_size % dist.world:
         raise ValueError(f"controlnet: batch size {a.batch_size} does not split over {dist.world} processes")
     bpath = base_path(a.base)
@@ -402,9 +429,10 @@ def _train(a: ControlNetArgs, resume: bool, dist) -> dict:
     stopped = False
     for step in range(counters["step"], a.steps):
         b = a.batch_size
-        if a.control == "json":
+        if a.control in ("json", "records"):
             rng = np.random.default_rng([a.seed, step])
-            x0, ctrl = _json_batch(tok, cfg, rng, b, a.text_length)
+            x0, ctrl = (_json_batch(tok, cfg, rng, b, a.text_length) if a.control == "json"
+                        else _records_batch(tok, cfg, rng, b, a.text_length, a.records))
             t = sample_t(b, gen)
             xt = q_xt(x0, (1 - EPS) * t, cfg.mask_token_id, gen)
             x0, xt, ctrl, t = x0[shard], xt[shard], ctrl[shard], t[shard]
@@ -458,7 +486,7 @@ def _train(a: ControlNetArgs, resume: bool, dist) -> dict:
     bar.close()
     if log is not None:
         log.close()
-    done = counters["step"] >= a.steps
+    done = counters["step"] >= a.steps or (stopped and a.time_limit_exports)
     info = {"train_steps": counters["step"], "examples": counters["examples"],
             "elapsed_s": round(time.time() - t0, 1), "task": a.control, **a.extra}
     if done and dist.main:

@@ -8,7 +8,13 @@ the adaptation helped, keep it as a skill, and reuse it for similar prompts late
 Levels, cheapest first:
 - L0, no training: the context goes into the memory store and the prompt is generated again with memory
   conditioning (`memory_k`) and memory guidance. Kept when that generation is no longer uncertain.
-- L1, ControlNet: not available yet (arrives with the ControlNet work); reported as skipped.
+- L1, ControlNet (`aios_train.controlnet`): where the context is structured records (JSON objects), a token
+  ControlNet learns "the keys in the prompt -> a record with exactly those keys" (`control="records"`: the prompt is
+  the key list and also the ControlNet's input, the continuation the record). Kept if, on the held-out records, the
+  share of generations that are a JSON object with exactly the prompt's keys rises by at least `structure_margin`
+  over the engine without it (the base is untouched by construction: a ControlNet applies only to generations it is
+  activated for). Stored as an L1 skill card per record (its key list); the runtime activates it for a matching
+  prompt with the prompt as its control input. Free-text context skips L1.
 - L2, LoRA: `aios_train.lora.train_lora` on the context texts (bounded by `lora_steps` / `lora_minutes`). Kept only
   if the held-out part of the context improves by at least `improve_margin` nats/token and general held-out text
   (the corpus's validation windows) degrades by at most `general_bound` nats/token, both measured on the PyTorch
@@ -60,7 +66,12 @@ class EvolveConfig:
     patch_steps: int = 200
     patch_minutes: float = 5.0
     patch_lr: float = 5e-4
-    levels: tuple[str, ...] = ("L0", "L2", "L3")  # levels tried, cheapest first (L1 arrives with ControlNet)
+    levels: tuple[str, ...] = ("L0", "L1", "L2", "L3")  # levels tried, cheapest first (L1 only for records)
+    controlnet_steps: int = 300       # L1: training steps (bounded by controlnet_minutes too)
+    controlnet_minutes: float = 5.0
+    controlnet_rank: int = 16
+    controlnet_lr: float = 1e-3
+    structure_margin: float = 0.2     # L1: held-out valid-record rate must rise by this much
     activate_threshold: float = 0.45  # skill card cosine needed to activate its adapter
     gen_length: int = 64
     gen_steps: int = 32
@@ -100,7 +111,7 @@ class Evolver:
         self.cfg = config or EvolveConfig()
         unknown = [lv for lv in self.cfg.levels if lv not in ("L0", "L1", "L2", "L3")]
         if unknown:
-            raise ValueError(f"unknown evolution levels {unknown}; choose from L0, L2, L3 (L1 is not available yet)")
+            raise ValueError(f"unknown evolution levels {unknown}; choose from L0, L1, L2, L3")
         self.skills_dir = Path(skills).expanduser()
         self.skills_dir.mkdir(parents=True, exist_ok=True)
         self.skills = aios_rt.MemoryStore(self.skills_dir / "cards")
@@ -124,12 +135,11 @@ class Evolver:
             rep.levels.append(LevelResult("none", "skipped", "the engine is confident (should_evolve is "
                                           f"{g.should_evolve}); nothing to adapt"))
             return rep
-        for level, run in (("L0", lambda: self._level0(prompt, context_texts, rep)), ("L1", None),
+        for level, run in (("L0", lambda: self._level0(prompt, context_texts, rep)),
+                           ("L1", lambda: self._level1(context_texts, rep)),
                            ("L2", lambda: self._train_level("L2", context_texts, rep)),
                            ("L3", lambda: self._train_level("L3", context_texts, rep))):
-            if run is None:
-                rep.levels.append(LevelResult(level, "skipped", "ControlNet adaptation is not available yet"))
-            elif level not in c.levels:
+            if level not in c.levels:
                 rep.levels.append(LevelResult(level, "skipped", f"not in EvolveConfig.levels {c.levels}"))
             elif run():
                 return rep
@@ -152,6 +162,74 @@ class Evolver:
         why = ("forced on past L0" if g.should_evolve is False else "still uncertain with the context as memories")
         rep.levels.append(LevelResult("L0", "refused", why, time.time() - t0, m))
         return False
+
+    def _level1(self, texts: list[str], rep: Report) -> bool:
+        """L1 (ControlNet) for structured records: train, validate the valid-record rate, store or discard."""
+        from .controlnet import ControlNetArgs, json_valid, keys_prompt, record_keys, train_controlnet
+        c = self.cfg
+        t0 = time.time()
+        records = [t.strip() for t in texts]
+        if any(record_keys(r) is None for r in records):
+            rep.levels.append(LevelResult("L1", "skipped", "a ControlNet fits structured records (JSON objects); "
+                                          "the context is free text"))
+            return False
+        if len(records) < 2:
+            rep.levels.append(LevelResult("L1", "skipped", "needs at least 2 records (one held out)"))
+            return False
+        n_valid = max(1, int(round(len(records) * c.valid_fraction)))
+        train_recs, valid_recs = records[:-n_valid], records[-n_valid:]
+        max_len = json.loads(self.engine.config_json)["max_length"]
+        need = max(len(self.engine.encode(keys_prompt(record_keys(r)) + " " + r)) for r in records) + 2
+        length = min(max_len, need + 4)
+        name = f"skill-{int(time.time() * 1000)}"
+        out = self.skills_dir / f"{name}.controlnet.parquet"
+        staged = self.skills_dir / f".{name}.controlnet.parquet.partial"
+        previous = dict(self.engine.controlnets["active"])
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                r = train_controlnet(ControlNetArgs(
+                    base=str(self.model_path.parent), control="records", out=str(staged), run=str(Path(tmp) / "run"),
+                    records=train_recs, n_blocks=2, rank=c.controlnet_rank, lr=c.controlnet_lr,
+                    steps=c.controlnet_steps, batch_size=c.lora_batch, warmup=min(20, max(1, c.controlnet_steps // 10)),
+                    threads=c.threads, text_length=length, time_limit_min=c.controlnet_minutes,
+                    time_limit_exports=True, progress=False))
+            rates = {}
+            self.engine.load_controlnet(staged, name=name)
+            try:
+                for scale in (1.0, 0.0):
+                    self.engine.set_controlnets({**previous, name: scale})
+                    ok = 0
+                    for rec in valid_recs:
+                        keys = record_keys(rec)
+                        p = keys_prompt(keys)
+                        g = self.engine.diffuse(p, length=length, steps=length, temperature=0.0, seed=0, skills=False,
+                                                control={name: p})
+                        ok += json_valid(g.text[len(p):], keys)
+                    rates[scale] = ok / len(valid_recs)
+            finally:
+                self.engine.unload_controlnet(name)
+                self.engine.set_controlnets(previous)
+            gain = rates[1.0] - rates[0.0]
+            m = {"valid_rate_with": rates[1.0], "valid_rate_without": rates[0.0], "gain": gain, "steps": r["steps"],
+                 "records_train": len(train_recs), "records_valid": len(valid_recs), "parameters": r["params"],
+                 "train_s": round(time.time() - t0, 1)}
+            if gain < c.structure_margin:
+                rep.levels.append(LevelResult("L1", "refused", f"held-out valid-record rate rose by {gain:.2f} < "
+                                              f"margin {c.structure_margin}", time.time() - t0, m))
+                return False
+            staged.replace(out)
+        finally:
+            staged.unlink(missing_ok=True)
+        card_meta = {"skill": name, "level": "L1", "file": out.name, "base_fingerprint": self.fingerprint,
+                     "control": "prompt", "metrics": m, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        # Cards hold the key lists: the prompts that ask for such a record.
+        cards = list(dict.fromkeys(keys_prompt(record_keys(rec)) for rec in records))[:MAX_CARDS]
+        ids = self.skills.add_many(cards, metas=[card_meta] * len(cards))
+        rep.skill, rep.skill_id = name, ids[0]
+        rep.levels.append(LevelResult("L1", "kept", f"valid records {rates[0.0]:.2f} -> {rates[1.0]:.2f} on held-out "
+                                      "keys", time.time() - t0, m))
+        rep.kept = "L1"
+        return True
 
     def _train_level(self, level: str, texts: list[str], rep: Report) -> bool:
         """L2 (LoRA) or L3 (tensor patch): train on the context, validate, store as a skill or discard."""

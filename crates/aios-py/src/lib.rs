@@ -810,13 +810,15 @@ impl Engine {
 
     /// What `prompt` would activate from the skills store, without
     /// generating: {"skills": [...], "adapters": {name: weight}, "patch":
-    /// name or None, "warnings": [...]} (files load on first use).
+    /// name or None, "controlnets": [...], "warnings": [...]} (files load on
+    /// first use; an L1 ControlNet skill reads the prompt as its input).
     fn skills_for<'py>(&self, py: Python<'py>, prompt: &str) -> PyResult<Bound<'py, PyDict>> {
         let m = run(py, || self.inner.match_skills(prompt))?;
         let d = PyDict::new(py);
         d.set_item("skills", m.names)?;
         d.set_item("adapters", m.adapters.into_iter().collect::<HashMap<_, _>>())?;
         d.set_item("patch", m.patch)?;
+        d.set_item("controlnets", m.controlnets)?;
         d.set_item("warnings", m.warnings)?;
         Ok(d)
     }

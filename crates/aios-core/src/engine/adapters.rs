@@ -130,6 +130,8 @@ pub struct SkillMatch {
     pub adapters: BTreeMap<String, f32>,
     /// The best-scoring patch skill (level L3), if any.
     pub patch: Option<String>,
+    /// ControlNet skills (level L1): applied at scale 1 with the prompt as their input.
+    pub controlnets: Vec<String>,
     pub names: Vec<String>,
     /// Cards skipped and why (another base, a missing or corrupt file).
     pub warnings: Vec<String>,
@@ -416,6 +418,7 @@ impl Engine {
             let loaded = match card.level.as_str() {
                 "L2" => self.ensure_adapter(&path, &skill),
                 "L3" => self.ensure_patch(&path, &skill),
+                "L1" => self.ensure_controlnet(&path, &skill),
                 other => Err(Error::Input(format!("level {other:?} has no file to activate"))),
             };
             if let Err(e) = loaded {
@@ -424,6 +427,8 @@ impl Engine {
             }
             if card.level == "L2" {
                 out.adapters.insert(skill.clone(), 1.0);
+            } else if card.level == "L1" {
+                out.controlnets.push(skill.clone());
             } else if hit.score > best_patch {
                 best_patch = hit.score;
                 out.patch = Some(skill.clone());
@@ -431,6 +436,16 @@ impl Engine {
             out.names.push(skill);
         }
         Ok(out)
+    }
+
+    fn ensure_controlnet(&self, path: &Path, name: &str) -> Result<()> {
+        if self.lock_adapters().controlnets.contains_key(name) {
+            return Ok(());
+        }
+        match self.load_controlnet(path, name, None) {
+            Err(Error::Input(m)) if m.contains("already loaded") => Ok(()), // a concurrent generation loaded it
+            r => r,
+        }
     }
 
     fn ensure_adapter(&self, path: &Path, name: &str) -> Result<()> {
@@ -478,7 +493,7 @@ impl Engine {
         adapters: Option<&BTreeMap<String, f32>>,
         skills: &mut SkillMatch,
     ) -> Result<Arc<Runtime>> {
-        if adapters.is_none() && skills.adapters.is_empty() && skills.patch.is_none() {
+        if adapters.is_none() && skills.adapters.is_empty() && skills.patch.is_none() && skills.controlnets.is_empty() {
             return Ok(self.snapshot());
         }
         let a = self.lock_adapters();
@@ -491,6 +506,7 @@ impl Engine {
             skills.warnings.push("skills are not applied while adapters are fused (call unfuse())".into());
             skills.adapters.clear();
             skills.patch = None;
+            skills.controlnets.clear();
             skills.names.clear();
             drop(a);
             return Ok(self.snapshot());
@@ -506,7 +522,13 @@ impl Engine {
             weights.entry(name.clone()).or_insert(*w);
         }
         let patch = skills.patch.clone().or_else(|| a.active_patch.clone());
-        Ok(Arc::new(a.runtime(&weights, patch.as_deref())?))
+        let mut rt = a.runtime(&weights, patch.as_deref())?;
+        for name in &skills.controlnets {
+            if let (Some(net), false) = (a.controlnets.get(name), rt.controls.iter().any(|c| &c.0 == name)) {
+                rt.controls.push((name.clone(), net.clone(), 1.0));
+            }
+        }
+        Ok(Arc::new(rt))
     }
 }
 

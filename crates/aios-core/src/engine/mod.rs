@@ -550,7 +550,12 @@ impl Engine {
         let mut skills = if req.use_skills { self.match_skills(&req.prompt)? } else { adapters::SkillMatch::default() };
         let rt = self.runtime_for(req.adapters.as_ref(), &mut skills)?;
         let mut control_warnings = vec![];
-        let controls = self.resolve_controls(&rt, &req.control, full.len(), false, &mut control_warnings)?;
+        // An L1 skill's ControlNet reads the prompt (what it was trained with), unless the call gives an input.
+        let mut control = req.control.clone();
+        for name in &skills.controlnets {
+            control.entry(name.clone()).or_insert_with(|| ControlInput::Text(req.prompt.clone()));
+        }
+        let controls = self.resolve_controls(&rt, &control, full.len(), false, &mut control_warnings)?;
         let tokenize_ms = t_start.elapsed().as_secs_f64() * 1e3;
         let opts = SamplerOptions { memory_prefix: mem_len, ..sampler };
         let mut generation = self.run_tokens(rt, full, &opts, controls, on_step)?;
