@@ -1220,10 +1220,10 @@ impl Engine {
     /// {"active": {name: scale}, "loaded": {name: "tokens" or "image"}}.
     #[getter]
     fn controlnets<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let (active, loaded) = self.inner.controlnets();
+        let c = self.inner.controlnets();
         let d = PyDict::new(py);
-        d.set_item("active", active.into_iter().collect::<HashMap<_, _>>())?;
-        d.set_item("loaded", loaded.into_iter().collect::<HashMap<_, _>>())?;
+        d.set_item("active", c.active.into_iter().collect::<HashMap<_, _>>())?;
+        d.set_item("loaded", c.loaded.into_iter().map(|(n, k)| (n, k.name())).collect::<HashMap<_, _>>())?;
         Ok(d)
     }
 

@@ -9,6 +9,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use aios_core::adapter::ControlKind;
 use aios_core::engine::{save_output, GivenAudio, GivenImage, MediaRequest};
 use aios_core::format::DType;
 use aios_core::media::read_png_gray;
@@ -268,9 +269,9 @@ fn load_controls(
         let (path, scale) = parse_adapter(spec)?;
         let name = format!("control{i}");
         engine.load_controlnet(&path, &name, Some(scale))?;
-        let (_, loaded) = engine.controlnets();
-        let value = match loaded.iter().find(|(n, _)| *n == name).map(|(_, k)| *k) {
-            Some("image") => {
+        let kind = engine.controlnets().loaded.into_iter().find(|(n, _)| *n == name).map(|(_, k)| k);
+        let value = match kind {
+            Some(ControlKind::Image) => {
                 let (px, _, _) = read_png_gray(std::path::Path::new(input))?;
                 ControlInput::Image(px.iter().map(|&v| v as f32).collect())
             }

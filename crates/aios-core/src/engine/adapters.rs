@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use super::{Engine, Runtime};
-use crate::adapter::{ActiveLora, ControlNet, LoraAdapter, TensorPatch};
+use crate::adapter::{ActiveLora, ControlKind, ControlNet, LoraAdapter, TensorPatch};
 use crate::error::{Error, Result};
 use crate::format::WeightFile;
 use crate::memory::store::Query;
@@ -103,6 +103,15 @@ impl Adapters {
             controls: self.controls(),
         })
     }
+}
+
+/// What [`Engine::controlnets`] reports.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ControlNets {
+    /// Name and scale of each active ControlNet (0 = loaded, not applied).
+    pub active: Vec<(String, f32)>,
+    /// Every loaded ControlNet and what it reads.
+    pub loaded: Vec<(String, ControlKind)>,
 }
 
 /// The skill cards an engine consults on every text generation.
@@ -298,14 +307,13 @@ impl Engine {
         self.publish(&a)
     }
 
-    /// `(name, scale)` of the active ControlNets, and every loaded one with
-    /// its kind ("tokens" or "image").
-    pub fn controlnets(&self) -> (Vec<(String, f32)>, Vec<(String, &'static str)>) {
+    /// The active ControlNets and their scales, and every loaded one with its kind.
+    pub fn controlnets(&self) -> ControlNets {
         let a = self.lock_adapters();
-        (
-            a.active_controls.iter().map(|(n, s)| (n.clone(), *s)).collect(),
-            a.controlnets.iter().map(|(n, c)| (n.clone(), c.kind.name())).collect(),
-        )
+        ControlNets {
+            active: a.active_controls.iter().map(|(n, s)| (n.clone(), *s)).collect(),
+            loaded: a.controlnets.iter().map(|(n, c)| (n.clone(), c.kind)).collect(),
+        }
     }
 
     /// Merges the active adapters into the (f32) weights: no per-layer

@@ -4,7 +4,7 @@
 mod adapters;
 mod canvas;
 
-pub use adapters::SkillMatch;
+pub use adapters::{ControlNets, SkillMatch};
 
 pub use canvas::{
     save_output, AudioOut, GivenAudio, GivenImage, ImageOut, MediaRequest, DEFAULT_TEXT_LENGTH, GRIFFIN_LIM_ITERS,
