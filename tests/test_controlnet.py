@@ -257,3 +257,32 @@ def test_training_writes_a_loadable_controlnet_and_resumes(base, tmp_path):
     assert json.loads(__import__("aios_train.export", fromlist=["read_metadata"]).read_metadata(out)["aios.config"])[
         "train_steps"] == 6
     assert one["params"] < 0.2 * sum(p.numel() for p in model.parameters())
+
+
+def test_cli_control(base, tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    d, model, cfg = base
+    bin_ = str(Path(__file__).resolve().parents[1] / "target" / "release" / "aios-run")
+    keys = _save(_random_net(model, "tokens"), tmp_path, "keys", d)
+    edges = _save(_random_net(model, "image"), tmp_path, "edges", d)
+    png = tmp_path / "edges.png"
+    g = aios_rt.Engine(str(d), threads=1).diffuse("a bag", modality="image", steps=2)
+    g.save(str(png))
+    run = lambda *a: subprocess.run([bin_, "generate", "--model", str(d), "--threads", "1", *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    plain = run("--length", "20", "--steps", "4", "--quiet", "name")
+    r = run("--length", "20", "--steps", "4", "--quiet", "--control", f"{keys}:2", "--control-input", "name, age", "name")
+    assert r.returncode == 0 and plain.returncode == 0, r.stderr
+    assert r.stdout != plain.stdout
+    out = tmp_path / "x.png"
+    r = run("--modality", "image", "--steps", "2", "--control", str(edges), "--control-input", str(png), "--out", str(out),
+            "a bag")
+    assert r.returncode == 0 and out.is_file(), r.stderr
+    for args, msg in [(("--control", str(keys), "name"), "--control-input"),
+                      (("--control", str(edges), "--control-input", str(tmp_path / "nope.png"), "--modality", "image",
+                        "--out", str(out), "x"), "nope.png"),
+                      (("--control", str(tmp_path / "missing.parquet"), "--control-input", "a", "x"), "missing")]:
+        r = run(*args)
+        assert r.returncode != 0 and msg in r.stderr and "panicked" not in r.stderr, r.stderr
