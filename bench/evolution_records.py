@@ -57,12 +57,14 @@ def main() -> None:
     ap.add_argument("--fresh", type=int, default=30)
     ap.add_argument("--unrelated", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--init", default=None, help="a token ControlNet of the base to start L1 from")
+    ap.add_argument("--rank", type=int, default=16)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         mem = aios_rt.MemoryStore(Path(tmp) / "memory")
         eng = aios_rt.Engine(a.model, threads=a.threads, memory=mem)
         cfg = EvolveConfig(levels=("L1",), controlnet_steps=a.steps, controlnet_minutes=a.minutes, threads=a.threads,
-                           force=True)
+                           controlnet_rank=a.rank, controlnet_init=a.init, force=True)
         ev = Evolver(engine=eng, memory=mem, skills=Path(tmp) / "skills", general_data=a.general, config=cfg)
         t0 = time.time()
         rep = ev.step("title, year", records(a.records, 0))

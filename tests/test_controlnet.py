@@ -297,3 +297,18 @@ def test_cli_control(base, tmp_path):
                       (("--control", str(tmp_path / "missing.parquet"), "--control-input", "a", "x"), "missing")]:
         r = run(*args)
         assert r.returncode != 0 and msg in r.stderr and "panicked" not in r.stderr, r.stderr
+
+
+def test_training_can_start_from_a_controlnet(base, tmp_path):
+    d, model, cfg = base
+    first = tmp_path / "a.controlnet.parquet"
+    args = dict(base=str(d), control="json", n_blocks=1, rank=2, batch_size=4, text_length=40, progress=False)
+    train_controlnet(ControlNetArgs(**args, out=str(first), run=str(tmp_path / "r1"), steps=3))
+    zero_lr = train_controlnet(ControlNetArgs(**args, out=str(tmp_path / "b.parquet"), run=str(tmp_path / "r2"),
+                                              steps=1, lr=0.0, init=str(first)))
+    a_t, b_t = (load_controlnet(p, model)[0].tensors() for p in (first, tmp_path / "b.parquet"))
+    assert zero_lr["done"] and all(np.array_equal(a_t[k], b_t[k]) for k in a_t)  # lr 0: the start, unchanged
+    img = _save(_random_net(model, "image", n_blocks=1), tmp_path, "img", d)
+    with pytest.raises(ValueError, match="--init"):
+        train_controlnet(ControlNetArgs(**args, out=str(tmp_path / "c.parquet"), run=str(tmp_path / "r3"), steps=1,
+                                        init=str(img)))

@@ -319,6 +319,7 @@ class ControlNetArgs:
     extra: dict = field(default_factory=dict)
     records: list[str] | None = field(default=None, repr=False)   # records: JSON object texts to learn
     time_limit_exports: bool = False  # records: a run stopped by its time limit still writes its ControlNet
+    init: str | None = None           # start from this ControlNet file (same base, blocks, rank) instead of zeros
 
 
 def record_keys(text: str) -> list[str] | None:
@@ -388,6 +389,12 @@ def _train(a: ControlNetArgs, resume: bool, dist) -> dict:
         raise ValueError(f"controlnet: {bpath} has no aios.fingerprint")
     tok = load_tokenizer(str(bpath.parent / "tokenizer.json"))
     net = ControlNet(base, "image" if a.control == "edges" else "tokens", a.n_blocks, a.rank, a.alpha).to(dist.device)
+    if a.init:
+        start, icfg = load_controlnet(a.init, base, fp)
+        if (icfg["control"], icfg["n_blocks"], icfg["rank"]) != (net.control, net.n_blocks, net.rank):
+            raise ValueError(f"controlnet: --init {a.init} is a {icfg['control']} ControlNet of {icfg['n_blocks']} "
+                             f"blocks, rank {icfg['rank']}; this run is {net.control}, {net.n_blocks}, {net.rank}")
+        net.load_state_dict(start.state_dict())
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     ema = EMA(net, 0.0)
@@ -396,7 +403,7 @@ def _train(a: ControlNetArgs, resume: bool, dist) -> dict:
     ckpt = run / "ckpt"
     run.mkdir(parents=True, exist_ok=True)
     hp = {k: getattr(a, k) for k in ("base", "control", "n_blocks", "rank", "alpha", "steps", "batch_size", "lr",
-                                     "seed", "text_length", "cfg_drop")}
+                                     "seed", "text_length", "cfg_drop", "init")}
     counters = {"step": 0, "examples": 0, "elapsed_s": 0.0}
     if resume and (ckpt / "state.json").exists():
         if json.loads((ckpt / "state.json").read_text()).get("hparams") != hp:

@@ -72,6 +72,7 @@ class EvolveConfig:
     controlnet_rank: int = 16
     controlnet_lr: float = 1e-3
     structure_margin: float = 0.2     # L1: held-out valid-record rate must rise by this much
+    controlnet_init: str | None = None  # L1: start from this token ControlNet of the base (e.g. a JSON one)
     activate_threshold: float = 0.45  # skill card cosine needed to activate its adapter
     gen_length: int = 64
     gen_steps: int = 32
@@ -192,7 +193,7 @@ class Evolver:
                     records=train_recs, n_blocks=2, rank=c.controlnet_rank, lr=c.controlnet_lr,
                     steps=c.controlnet_steps, batch_size=c.lora_batch, warmup=min(20, max(1, c.controlnet_steps // 10)),
                     threads=c.threads, text_length=length, time_limit_min=c.controlnet_minutes,
-                    time_limit_exports=True, progress=False))
+                    time_limit_exports=True, init=c.controlnet_init, progress=False))
             rates = {}
             self.engine.load_controlnet(staged, name=name)
             try:
