@@ -359,16 +359,11 @@ def _json_batch(tok, cfg: ModelConfig, rng: np.random.Generator, b: int, length:
 def train_controlnet(a: ControlNetArgs, resume: bool = True) -> dict:
     """Trains a ControlNet on a frozen base; under torchrun, data-parallel (`aios_train.distributed`)."""
     from . import distributed
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(a.seed)
-    dist = distributed.setup(a.device)
-    try:
-        return _train(a, resume, dist)
-    finally:
-        dist.close()
+    return distributed.run(a, _train, resume)
 
 
 def _train(a: ControlNetArgs, resume: bool, dist) -> dict:
+    from . import distributed
     from .continuous import q_sample, v_target
     from .schedule import EPS, q_xt, sample_t, subs_masked_nll
     from .tokenizer import load_tokenizer
@@ -482,14 +477,9 @@ def _train(a: ControlNetArgs, resume: bool, dist) -> dict:
             log.write(json.dumps({"step": step + 1, "loss": lv, "grad_norm": float(gnorm), "lr": lr_at(step, a),
                                   "elapsed_s": round(time.time() - t0, 2)}) + "\n")
             log.flush()
-        last = step + 1 == a.steps
-        out_of_time = a.time_limit_min is not None and time.time() - start_inv > 60 * a.time_limit_min
-        if a.time_limit_min is not None and dist.any(out_of_time) and not last:
+        if distributed.end_of_step(step, a, dist, start_inv, checkpoint):
             stopped = True
-            checkpoint()
             break
-        if (step + 1) % a.ckpt_every == 0 or last:
-            checkpoint()
     bar.close()
     if log is not None:
         log.close()

@@ -172,16 +172,11 @@ def _save_teacher(path: Path, teacher) -> None:
 def distill(a: DistillArgs, resume: bool = True) -> dict:
     """Runs (or resumes) SDTT; under torchrun, data-parallel (`aios_train.distributed`). Returns a summary."""
     from . import distributed
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(a.seed)
-    dist = distributed.setup(a.device)
-    try:
-        return _distill(a, resume, dist)
-    finally:
-        dist.close()
+    return distributed.run(a, _distill, resume)
 
 
 def _distill(a: DistillArgs, resume: bool, dist) -> dict:
+    from . import distributed
     if a.loss not in LOSSES:
         raise ValueError(f"distill: unknown loss {a.loss!r}; choose one of {', '.join(LOSSES)}")
     for name in ("teacher_steps", "student_steps", "round_steps", "batch_size"):
@@ -312,24 +307,13 @@ def _distill(a: DistillArgs, resume: bool, dist) -> dict:
                                   "loss": loss_value, "grad_norm": float(gnorm), "lr": lr_at(step, a),
                                   "tokens": counters["tokens"], "elapsed_s": round(time.time() - t0, 2)}) + "\n")
             log.flush()
-        last = step + 1 == a.steps
         if (step + 1) % a.round_steps == 0 and dist.main:
             export(run / f"round{rnd}-{a.steps_after(rnd)}steps.parquet", rnd)
             tqdm.write(f"round {rnd}/{rounds} done at step {step + 1}: a {a.steps_after(rnd)}-step student, "
                        f"mean loss {np.mean(losses[-a.round_steps:]):.4f}")
-        if a.stop_after is not None and step + 1 >= a.stop_after and not last:
+        if distributed.end_of_step(step, a, dist, invocation_start, checkpoint):
             stopped_early = True
-            checkpoint()
             break
-        out_of_time = a.time_limit_min is not None and time.time() - invocation_start > 60 * a.time_limit_min
-        if a.time_limit_min is not None and dist.any(out_of_time) and not last:
-            if dist.main:
-                tqdm.write(f"time limit {a.time_limit_min} min reached at step {step + 1}; checkpointing and stopping")
-            stopped_early = True
-            checkpoint()
-            break
-        if (step + 1) % a.ckpt_every == 0 or last:
-            checkpoint()
     bar.close()
     if log is not None:
         log.close()

@@ -83,4 +83,39 @@ def setup(device: str = "cpu") -> Dist:
     return Dist(rank=rank, world=world, device=dev)
 
 
-__all__ = ["Dist", "setup"]
+def run(a, body, resume: bool = True):
+    """The entry of the training commands `train`, `distill` and `controlnet`: threads and seed
+    from the run config `a`, join the process group, run `body(a, resume, dist)`, always leave the group."""
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    d = setup(a.device)
+    try:
+        return body(a, resume, d)
+    finally:
+        d.close()
+
+
+def end_of_step(step: int, a, dist: Dist, invocation_start: float, checkpoint) -> bool:
+    """After global step `step` (0-based) of a run config `a` (steps, ckpt_every, time_limit_min, optional
+    stop_after): checkpoints every `ckpt_every` steps and at the last; returns True, having checkpointed, when the
+    run must stop early (`stop_after` reached, or `time_limit_min` on any rank)."""
+    import time
+
+    from tqdm import tqdm
+    last = step + 1 == a.steps
+    stop_after = getattr(a, "stop_after", None)
+    if stop_after is not None and step + 1 >= stop_after and not last:
+        checkpoint()
+        return True
+    out_of_time = a.time_limit_min is not None and time.time() - invocation_start > 60 * a.time_limit_min
+    if a.time_limit_min is not None and dist.any(out_of_time) and not last:
+        if dist.main:
+            tqdm.write(f"time limit {a.time_limit_min} min reached at step {step + 1}; checkpointing and stopping")
+        checkpoint()
+        return True
+    if (step + 1) % a.ckpt_every == 0 or last:
+        checkpoint()
+    return False
+
+
+__all__ = ["Dist", "setup", "run", "end_of_step"]

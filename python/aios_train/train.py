@@ -184,16 +184,11 @@ def train(a: TrainArgs, resume: bool = True) -> dict:
     """Runs (or resumes) a training run; under torchrun, data-parallel across the processes
     (`aios_train.distributed`: same global batch and noise on every rank, rank 0 logs and checkpoints)."""
     from . import distributed
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(a.seed)
-    dist = distributed.setup(a.device)
-    try:
-        return _train(a, resume, dist)
-    finally:
-        dist.close()
+    return distributed.run(a, _train, resume)
 
 
 def _train(a: TrainArgs, resume: bool, dist) -> dict:
+    from . import distributed
     out = Path(a.out)
     ckpt = out / "ckpt"
     out.mkdir(parents=True, exist_ok=True)
@@ -285,19 +280,9 @@ def _train(a: TrainArgs, resume: bool, dist) -> dict:
         if log is not None:
             log.write(json.dumps(rec) + "\n")
             log.flush()
-        if a.stop_after is not None and step + 1 >= a.stop_after and not last:
+        if distributed.end_of_step(step, a, dist, invocation_start, checkpoint):
             stopped_early = True
-            checkpoint()
             break
-        out_of_time = a.time_limit_min is not None and time.time() - invocation_start > 60 * a.time_limit_min
-        if a.time_limit_min is not None and dist.any(out_of_time) and not last:
-            if dist.main:
-                tqdm.write(f"time limit {a.time_limit_min} min reached at step {step + 1}; checkpointing and stopping")
-            stopped_early = True
-            checkpoint()
-            break
-        if (step + 1) % a.ckpt_every == 0 or last:
-            checkpoint()
     bar.close()
     if log is not None:
         log.close()
