@@ -94,8 +94,10 @@ class DistillArgs:
         return self.teacher_steps // self.distill_steps ** rnd
 
     def hparams(self) -> dict:
+        # What defines the run (a resume must match it), not how this invocation runs it.
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-             if f.name not in ("train_windows", "progress", "stop_after", "device", "run", "out")}
+             if f.name not in ("train_windows", "progress", "stop_after", "device", "run", "out", "threads",
+                               "ckpt_every", "time_limit_min")}
         d["rounds"] = self.rounds
         return d
 
