@@ -7,7 +7,8 @@ without them.
 * json: for `--n` key lists (1-3 keys drawn like the training data, but from a seed the training never used), a
   48-token text canvas is generated (confidence sampler, 48 steps, temperature 0, prompt "" and prompt "{"); valid =
   the text is one JSON object with exactly those keys. With the ControlNet at scale 1 vs the same request with it at
-  scale 0 (the base alone).
+  scale 0 (the base alone); then with the ControlNet and the ValidJson energy together (whole text, and with
+  semi-autoregressive blocks of 8 tokens).
 * edges: for `--n` Fashion-MNIST test images, the Sobel edge map (the training's) is the control and the class
   caption the prompt (20 DDIM steps, guidance 3). Edge agreement: F1 between the generated image's edge map and the
   control, an edge pixel counting as matched within 1 pixel. Class: the held-out judge of bench/unified_quality.py
@@ -56,6 +57,20 @@ def bench_json(eng: aios_rt.Engine, path: str, n: int) -> dict:
                         "seconds": round(time.perf_counter() - t0, 1), "example": texts[0]}
             print(f"json {key}: valid {sum(valid)}/{n}, any JSON object {parsed}/{n}; e.g. {texts[0]!r} "
                   f"for keys {cases[0]}", flush=True)
+    # With the "valid JSON so far" energy on top (several controls at once), semi-autoregressive blocks of 8.
+    eng.set_controlnets({"json": 1.0})
+    for block in (None, 8):
+        texts, met = [], 0
+        for i, keys in enumerate(cases):
+            g = eng.diffuse("", length=48, steps=48, temperature=0.0, seed=i, control={"json": keys_prompt(keys)},
+                            constraints=[aios_rt.ValidJson()], block_length=block)
+            texts.append(g.text)
+            met += g.constraints[0]["met"]
+        valid = sum(json_valid(t, keys) for t, keys in zip(texts, cases))
+        key = f"prompt='' scale=1 +ValidJson block_length={block}"
+        out[key] = {"valid_rate": valid / n, "json_object_rate": sum(_is_json_object(t) for t in texts) / n,
+                    "whole_json_reported": met / n}
+        print(f"json {key}: valid {valid}/{n}, any JSON object {out[key]['json_object_rate'] * n:.0f}/{n}", flush=True)
     eng.unload_controlnet("json")
     return out
 
