@@ -259,7 +259,7 @@ def cmd_controlnet(a) -> None:
         base=a.base, control=a.control, out=a.out, run=a.run_dir, data=a.data, n_blocks=a.n_blocks, rank=a.rank,
         alpha=a.alpha, steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, seed=a.seed,
         threads=a.threads, text_length=a.text_length, ckpt_every=a.ckpt_every, time_limit_min=a.time_limit_min,
-        device=a.device), resume=not a.no_resume)
+        device=a.device, init=a.init), resume=not a.no_resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"out": a.out if r["done"] else None, "steps": r["steps"], "params": r["params"],
                           "base_params": r["base_params"], "stopped_early": r["stopped_early"]}))
@@ -569,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--text-length", type=int, default=48, help="json: canvas length")
+    s.add_argument("--init", default=None, help="start from this ControlNet of the same base (blocks, rank) instead of zeros")
     s.add_argument("--ckpt-every", type=int, default=50)
     s.add_argument("--time-limit-min", type=float, default=None)
     s.add_argument("--no-resume", action="store_true")
