@@ -165,3 +165,25 @@ def test_controlnet_two_processes_match_one(corpus, tmp_path):
     a, b = (read_tensors(outs[p])[0] for p in (1, 2))
     assert max(float(abs(a[k] - b[k]).max()) for k in a) < 1e-5
     assert max(float(abs(a[k]).max()) for k in a if k.startswith("zero.")) > 0  # it trained
+
+
+def test_lcm_two_processes_match_one(corpus, tmp_path):
+    import numpy as np
+
+    from aios_train.lora import read_lora
+
+    base = _tiny_base(corpus, tmp_path, image_size=8, image_patch=4)
+    data = tmp_path / "mm"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(data / "images.npz", train_x=rng.integers(0, 256, (32, 8, 8), dtype=np.uint8),
+             train_y=rng.integers(0, 10, 32))
+    np.savez(data / "audio.npz", train_x=np.zeros((2, 1, 1), np.float32), train_y=np.zeros(2, np.int64))
+    (data / "SOURCES.json").write_text("{}")
+    outs = _run_both(tmp_path, lambda out, run: [
+        "-m", "aios_train", "distill", "--teacher", str(base), "--modality", "image", "--data", str(data), "--out",
+        str(out), "--run-dir", str(run), "--teacher-steps", "8", "--student-steps", "2", "--steps", "3",
+        "--batch-size", "8", "--warmup", "1", "--lr", "1e-3", "--rank", "2", "--text-length", "24"])
+    a, b = (read_lora(outs[p])[0] for p in (1, 2))
+    assert max(float(abs(a[k] - b[k]).max()) for k in a) < 1e-5
+    assert max(float(abs(a[k]).max()) for k in a if k.endswith("lora_B")) > 0  # it trained

@@ -234,7 +234,7 @@ def cmd_distill(a) -> None:
     from .windows import windows_from_jsonl
 
     if a.modality != "text":
-        raise ValueError(f"distill --modality {a.modality}: only text students are implemented so far")
+        return cmd_distill_lcm(a)
     torch.set_num_threads(a.threads)
     tpath = teacher_path(a.teacher)
     tok = load_tokenizer(a.tokenizer or str(tpath.parent / "tokenizer.json"))
@@ -242,15 +242,29 @@ def cmd_distill(a) -> None:
     max_length = json.loads(read_metadata(tpath)["aios.config"])["max_length"]
     tw = windows_from_jsonl(a.train, tok, max_length)
     r = distill(DistillArgs(
-        teacher=a.teacher, out=a.out, run=a.run_dir, train_windows=tw, teacher_steps=a.teacher_steps,
-        student_steps=a.student_steps, distill_steps=a.distill_steps, round_steps=a.round_steps, loss=a.loss,
-        batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, grad_clip=a.grad_clip, ema=a.ema, seed=a.seed,
+        teacher=a.teacher, out=a.out, run=a.run_dir, train_windows=tw, teacher_steps=a.teacher_steps or 64,
+        student_steps=a.student_steps, distill_steps=a.distill_steps, round_steps=a.round_steps,
+        loss=a.loss or "kl-bwd", batch_size=a.batch_size, lr=a.lr, warmup=20 if a.warmup is None else a.warmup, grad_clip=a.grad_clip, ema=a.ema, seed=a.seed,
         threads=a.threads, ckpt_every=a.ckpt_every, time_limit_min=a.time_limit_min, stop_after=a.stop_after,
         device=a.device), resume=not a.no_resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"out": a.out if r["done"] else None, "steps": r["steps"], "rounds": r["rounds"],
                           "tokens": r["tokens"], "elapsed_s": round(r["elapsed_s"], 1),
                           "stopped_early": r["stopped_early"]}))
+
+
+def cmd_distill_lcm(a) -> None:
+    from .lcm import LcmArgs, distill_lcm
+    r = distill_lcm(LcmArgs(
+        teacher=a.teacher, out=a.out, data=a.data, modality=a.modality, run=a.run_dir, tokenizer=a.tokenizer,
+        text_length=a.text_length, teacher_steps=a.teacher_steps or 50, student_steps=a.student_steps, guidance=a.guidance,
+        loss=a.loss or "l2", rank=a.rank, alpha=float(a.rank if a.alpha is None else a.alpha), steps=a.steps,
+        batch_size=a.batch_size, lr=a.lr, warmup=50 if a.warmup is None else a.warmup, grad_clip=a.grad_clip,
+        seed=a.seed, threads=a.threads, ckpt_every=a.ckpt_every, time_limit_min=a.time_limit_min,
+        stop_after=a.stop_after, device=a.device), resume=not a.no_resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"out": a.out if r["done"] else None, "steps": r["steps"], "examples": r["examples"],
+                          "elapsed_s": round(r["elapsed_s"], 1), "stopped_early": r["stopped_early"]}))
 
 
 def cmd_controlnet(a) -> None:
@@ -517,28 +531,40 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--time-limit-min", type=float, default=None)
     s.set_defaults(fn=cmd_patch)
 
-    s = sub.add_parser("distill", help="few-step student by Self-Distillation Through Time (SDTT) -> aios model",
-                       description="Distil a masked-diffusion teacher into a student that samples in fewer steps "
-                                   "(SDTT, arXiv:2410.21035): in rounds, the student learns to do in one ancestral "
-                                   "step what the teacher does in --distill-steps, then becomes the teacher. Writes "
-                                   "a full model (aios.kind = model) with aios.distill metadata; per-round students "
-                                   "go to the run folder. Resumable: rerun the same command.")
+    s = sub.add_parser("distill", help="few-step students: SDTT for text, LCM-LoRA for image/audio",
+                       description="Distil a many-step teacher into a few-step student. --modality text: "
+                                   "Self-Distillation Through Time (SDTT, arXiv:2410.21035): in rounds, the student "
+                                   "learns to do in one ancestral step what the teacher does in --distill-steps, then "
+                                   "becomes the teacher; writes a full model (aios.kind = model) with aios.distill "
+                                   "metadata, per-round students in the run folder. --modality image|audio: latent "
+                                   "consistency distillation into a LoRA (LCM-LoRA, arXiv:2311.05556) with the "
+                                   "teacher's --guidance built in; writes an adapter (aios.kind = lora) that the "
+                                   "runtime samples with sampler \"lcm\" in --student-steps steps. Resumable: rerun "
+                                   "the same command.")
     s.add_argument("--teacher", required=True, help="teacher model folder (model.f32.parquet + tokenizer.json) or file")
     s.add_argument("--modality", choices=["text", "image", "audio"], default="text")
-    s.add_argument("--out", required=True, help="student .parquet to write")
+    s.add_argument("--out", required=True, help="student .parquet to write (text: a model; image/audio: a LoRA)")
     s.add_argument("--run-dir", default=None, help="run folder (checkpoints, log.jsonl, per-round students); default OUT.run")
-    s.add_argument("--train", default="data/corpus/train.jsonl")
+    s.add_argument("--train", default="data/corpus/train.jsonl", help="text: training windows (.jsonl)")
+    s.add_argument("--data", default="data/mm", help="image/audio: the data-mm folder")
     s.add_argument("--tokenizer", default=None, help="default: the teacher's tokenizer.json")
-    s.add_argument("--teacher-steps", type=int, default=64)
+    s.add_argument("--teacher-steps", type=int, default=None,
+                   help="text: the teacher's sampling steps (64); image/audio: its DDIM grid (50)")
     s.add_argument("--student-steps", type=int, default=4)
-    s.add_argument("--distill-steps", type=int, default=2, help="teacher steps one student step learns per round")
-    s.add_argument("--round-steps", type=int, default=300, help="training steps per round")
-    s.add_argument("--loss", choices=["kl-bwd", "kl-fwd", "mse", "tvd"], default="kl-bwd")
+    s.add_argument("--distill-steps", type=int, default=2, help="text: teacher steps one student step learns per round")
+    s.add_argument("--round-steps", type=int, default=300, help="text: training steps per round")
+    s.add_argument("--steps", type=int, default=3000, help="image/audio: training steps")
+    s.add_argument("--guidance", type=float, default=3.0, help="image/audio: the teacher's classifier-free guidance")
+    s.add_argument("--rank", type=int, default=32, help="image/audio: LoRA rank")
+    s.add_argument("--text-length", type=int, default=12, help="image/audio: caption tokens on the canvas")
+    s.add_argument("--alpha", type=float, default=None, help="image/audio: LoRA alpha (default: the rank)")
+    s.add_argument("--loss", choices=["kl-bwd", "kl-fwd", "mse", "tvd", "l2", "huber"], default=None,
+                   help="text: kl-bwd (default), kl-fwd, mse, tvd; image/audio: l2 (default) or huber")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--lr", type=float, default=1e-4)
-    s.add_argument("--warmup", type=int, default=20)
+    s.add_argument("--warmup", type=int, default=None, help="warmup steps (text 20, image/audio 50)")
     s.add_argument("--grad-clip", type=float, default=1.0)
-    s.add_argument("--ema", type=float, default=0.0, help="EMA decay of the exported weights (0: raw weights)")
+    s.add_argument("--ema", type=float, default=0.0, help="text: EMA decay of the exported weights (0: raw weights)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--ckpt-every", type=int, default=50)

@@ -10,7 +10,8 @@ divides by ~0, which ruins the first steps of a 10-20 step sampler; v keeps both
 
 Samplers (the Rust runtime, crates/aios-core/src/sampler/continuous.rs, implements the same ones;
 this module is their reference): DDIM with eta (Song et al. 2021; eta = 0 deterministic) and DDPM
-ancestral sampling (Ho et al. 2020; equal to DDIM with eta = 1), on the grid t_i = 1 - i / steps,
+ancestral sampling (Ho et al. 2020; equal to DDIM with eta = 1), LCM's multistep sampler for consistency-distilled
+students (Luo et al. 2023; `aios_train.lcm`), on the grid t_i = 1 - i / steps,
 classifier-free guidance `v_u + (1 + w)(v_c - v_u)` (the text sampler's convention, w = 0 = conditional).
 Noise comes from the runtime's counter-based generator (`gaussian`), so both sides draw the same numbers.
 """
@@ -120,6 +121,19 @@ def ddpm_step(x: torch.Tensor, v: torch.Tensor, t: float, s: float, z: torch.Ten
     return mean + math.sqrt(max(var, 0.0)) * z
 
 
+def lcm_step(x: torch.Tensor, v: torch.Tensor, t: float, s: float, z: torch.Tensor | None,
+             clip: float | None) -> torch.Tensor:
+    """LCM's multistep sampler (Luo et al. 2023, Algorithm 1; `aios_train.lcm`): the consistency function's x_0
+    (the model's x_0 estimate), then noised afresh to s: x_s = alpha_s x_0 + sigma_s z."""
+    (a_t, s_t), (a_s, s_s) = (tuple(float(u) for u in alpha_sigma(t)), tuple(float(u) for u in alpha_sigma(s)))
+    x0 = a_t * x - s_t * v
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+    if s <= 0:
+        return x0
+    return a_s * x0 + s_s * z
+
+
 IMAGE_STREAM, AUDIO_STREAM = 0, 1 << 32
 KNOWN_OFFSET = 1 << 29
 
@@ -167,8 +181,13 @@ def sample_reference(model, tokens: torch.Tensor, kind: str, steps: int, sampler
         out = model.forward_canvas(toks, **({"image": xin, "t_image": tt} if kind == "image" else {"audio": xin, "t_audio": tt}),
                                    text_logits=False)[kind]
         v = out[1:2] + (1 + guidance) * (out[0:1] - out[1:2]) if guided else out[0:1]
-        stochastic = s > 0 and (sampler == "ddpm" or eta > 0)
+        stochastic = s > 0 and (sampler in ("ddpm", "lcm") or eta > 0)
         z = noise(i + 1, offset) if stochastic else None
-        x = ddpm_step(x, v, t, s, z, clip) if sampler == "ddpm" else ddim_step(x, v, t, s, eta, z, clip)
+        if sampler == "lcm":
+            x = lcm_step(x, v, t, s, z, clip)
+        elif sampler == "ddpm":
+            x = ddpm_step(x, v, t, s, z, clip)
+        else:
+            x = ddim_step(x, v, t, s, eta, z, clip)
         x = renoise(x, s, i + 1)
     return x

@@ -460,11 +460,7 @@ def _train(a: ControlNetArgs, resume: bool, dist) -> dict:
             g["lr"] = lr_at(step, a)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if dist.world > 1:  # the base runs the trainable copy through a hook, not DDP's forward: average here
-            for p in params:
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= dist.world
+        dist.average_gradients(params)  # the base runs the trainable copy through a hook, not DDP's forward
         gnorm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
         opt.step()
         counters["step"] = step + 1

@@ -61,6 +61,16 @@ class Dist:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
+    def average_gradients(self, params) -> None:
+        """DDP's gradient mean, by hand, for training that does not go through the module's `forward` (a
+        ControlNet hook, the canvas forward of `aios_train.lcm`)."""
+        if self.world == 1:
+            return
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
+
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()

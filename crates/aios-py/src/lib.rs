@@ -846,8 +846,9 @@ impl Engine {
     /// Generates from a prompt. `modality` is what to generate: "text",
     /// "image", "audio" or a list of them (generated together, one canvas).
     /// For text, `length` is the whole canvas (prompt included). `sampler`
-    /// is a text strategy or a continuous one ("ddim", "ddpm"). `image` /
-    /// `audio` are given media (numpy: uint8 pixels `[H, W]` / `[C, H, W]` or
+    /// is a text strategy or a continuous one ("ddim", "ddpm", or "lcm" for
+    /// a consistency-distilled student, an LCM-LoRA). `image` / `audio` are
+    /// given media (numpy: uint8 pixels `[H, W]` / `[C, H, W]` or
     /// floats in [0, 1]; a float waveform at the model's sample rate); with a
     /// mask (true = known) they are inpainted, without one they condition
     /// (captioning). `text_length` sizes the text segment of a media canvas.

@@ -93,7 +93,7 @@ struct GenerateArgs {
     length: usize,
     #[arg(long, default_value_t = 16)]
     steps: usize,
-    /// Text: ancestral, confidence, entropy, margin or threshold. Image/audio: ddim or ddpm.
+    /// Text: ancestral, confidence, entropy, margin or threshold. Image/audio: ddim, ddpm, or lcm (for an LCM-LoRA student).
     #[arg(long, default_value = "confidence")]
     sampler: String,
     #[arg(long, default_value_t = 0)]

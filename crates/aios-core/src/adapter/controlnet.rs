@@ -153,6 +153,7 @@ impl ControlNet {
             use_rslora: false,
             base_fingerprint: c.base_fingerprint,
             modules,
+            student: None,
         };
         let copy = ActiveLora::build(&[("copy".into(), Arc::new(adapter), 1.0)])?;
         Ok(ControlNet {

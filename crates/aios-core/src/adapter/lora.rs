@@ -3,7 +3,9 @@
 //! Tensors: `<module>.lora_A` `[r, in]` and `<module>.lora_B` `[out, r]` for
 //! each target module. `aios.config` (JSON): `rank`, `alpha`, `use_rslora`,
 //! `target_modules` (full names such as `blocks.0.attn_qkv`) and
-//! `base_fingerprint`; extra keys (training notes) are ignored. The layer
+//! `base_fingerprint`; optional `distill` marks a consistency-distilled
+//! student (`aios_train.lcm`: `modality`, `student_steps`, `guidance`); other
+//! extra keys (training notes) are ignored. The layer
 //! becomes `y = W x + b + scale * B (A x)` with `scale = alpha / r`, or
 //! `alpha / sqrt(r)` with rsLoRA (peft's convention).
 
@@ -34,6 +36,26 @@ struct LoraFileConfig {
     /// The whole config of the base it was trained on; must equal the
     /// engine's (the fingerprint alone is only as good as its writer).
     base_config: serde_json::Value,
+    #[serde(default)]
+    distill: Option<DistillFileConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DistillFileConfig {
+    modality: String,
+    student_steps: usize,
+    #[serde(default)]
+    guidance: f64,
+}
+
+/// What a consistency-distilled LoRA (LCM-LoRA) was trained for: the
+/// modality it samples in few steps with the "lcm" sampler, its step count,
+/// and the teacher's guidance it has built in.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Student {
+    pub modality: crate::model::Modality,
+    pub student_steps: usize,
+    pub guidance: f64,
 }
 
 /// `(out_features, in_features)` of every module an adapter may target.
@@ -68,6 +90,8 @@ pub struct LoraAdapter {
     pub use_rslora: bool,
     pub base_fingerprint: String,
     pub modules: BTreeMap<String, LoraPair>,
+    /// Set for a consistency-distilled student.
+    pub student: Option<Student>,
 }
 
 impl LoraAdapter {
@@ -119,7 +143,25 @@ impl LoraAdapter {
                 .collect();
             return Err(bad(format!("tensors not listed in target_modules: {extra:?}")));
         }
+        let student = match c.distill {
+            None => None,
+            Some(d) => {
+                let modality = match d.modality.as_str() {
+                    "image" => crate::model::Modality::Image,
+                    "audio" => crate::model::Modality::Audio,
+                    other => return Err(bad(format!("distill.modality {other:?}: an LCM-LoRA is for image or audio"))),
+                };
+                if d.student_steps == 0 || !d.guidance.is_finite() || d.guidance < 0.0 {
+                    return Err(bad(format!(
+                        "distill: student_steps {} must be >= 1 and guidance {} finite and >= 0",
+                        d.student_steps, d.guidance
+                    )));
+                }
+                Some(Student { modality, student_steps: d.student_steps, guidance: d.guidance })
+            }
+        };
         Ok(LoraAdapter {
+            student,
             path: path.to_path_buf(),
             rank: c.rank,
             alpha: c.alpha,
@@ -161,6 +203,8 @@ pub struct ActiveLora {
     modules: HashMap<String, (PackedMatrix, PackedMatrix)>,
     /// Name and weight of each adapter in the set, for reporting.
     pub weights: Vec<(String, f32)>,
+    /// The consistency-distilled students in the set (weight != 0), by name.
+    pub students: Vec<(String, Student)>,
 }
 
 impl ActiveLora {
@@ -188,7 +232,12 @@ impl ActiveLora {
             let b = PackedMatrix::pack(&b.flatten_all()?.to_vec1()?, n_out, r);
             modules.insert(m.to_string(), (a, b));
         }
-        Ok(ActiveLora { modules, weights: set.iter().map(|(n, _, w)| (n.clone(), *w)).collect() })
+        let students = set
+            .iter()
+            .filter(|(_, _, w)| *w != 0.0)
+            .filter_map(|(n, a, _)| Some((n.clone(), a.student.clone()?)))
+            .collect();
+        Ok(ActiveLora { modules, weights: set.iter().map(|(n, _, w)| (n.clone(), *w)).collect(), students })
     }
 
     pub fn is_empty(&self) -> bool {

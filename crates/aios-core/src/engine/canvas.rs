@@ -397,7 +397,7 @@ impl Engine {
         fn given(seg: &Option<Segment>) -> Option<&[f32]> {
             seg.as_ref().filter(|s| !s.generate).map(|s| s.values.as_slice())
         }
-        let mut warnings = vec![];
+        let mut warnings = student_warnings(&rt, req);
         let controls =
             self.resolve_controls(&rt, &req.control, plan.tokens.len(), plan.image.is_some(), &mut warnings)?;
         let den = CanvasDenoiser {
@@ -541,4 +541,30 @@ pub fn save_output(
         "txt" => crate::media::files::write_text(path, text),
         other => crate::input_err!("cannot tell what to save from the extension {other:?}: use .png, .wav or .txt"),
     }
+}
+
+/// An active consistency-distilled LoRA learned one sampler, a few steps and
+/// its teacher's guidance: used otherwise it still runs, outside what it was
+/// trained for, so the generation says so (documented; a warning, not an error).
+fn student_warnings(rt: &super::Runtime, req: &MediaRequest) -> Vec<String> {
+    let mut out = vec![];
+    for (name, st) in rt.lora.students.iter().filter(|(_, st)| req.outputs.contains(&st.modality)) {
+        let what = format!("adapter {name:?} is a consistency-distilled student for {:?}", st.modality);
+        if req.continuous != ContinuousSampler::Lcm {
+            out.push(format!("{what}: sample it with sampler \"lcm\" (this generation uses {:?})", req.continuous));
+        }
+        if req.sampler.steps > st.student_steps {
+            out.push(format!(
+                "{what}, distilled for {} steps: {} steps run it outside what it was trained for",
+                st.student_steps, req.sampler.steps
+            ));
+        }
+        if req.sampler.guidance > 0.0 {
+            out.push(format!(
+                "{what} with its teacher's guidance {} built in: guidance {} applies guidance twice",
+                st.guidance, req.sampler.guidance
+            ));
+        }
+    }
+    out
 }

@@ -3,8 +3,9 @@
 //! Schedule and objective are `aios_train.continuous`'s (its docstring says
 //! why): cosine `alpha_bar(t)` (Nichol & Dhariwal 2021) in continuous time,
 //! v-prediction (Salimans & Ho 2022), the grid `t_i = 1 - i / steps`.
-//! Samplers: DDIM with `eta` (Song et al. 2021) and DDPM ancestral steps
-//! from the Gaussian posterior (Ho et al. 2020), classifier-free guidance
+//! Samplers: DDIM with `eta` (Song et al. 2021), DDPM ancestral steps
+//! from the Gaussian posterior (Ho et al. 2020), LCM's multistep sampler for
+//! consistency-distilled students (Luo et al. 2023), classifier-free guidance
 //! `v_u + (1 + w)(v_c - v_u)`, and inpainting by replacement: known values
 //! are re-noised to the current time after every step and restored exactly
 //! at the end, so they never change in the output.
@@ -29,15 +30,23 @@ pub enum ContinuousSampler {
     Ddim,
     /// Ancestral sampling from `q(x_s | x_t, x_0)`.
     Ddpm,
+    /// Latent consistency models' multistep sampler (Luo et al. 2023,
+    /// Algorithm 1), for a consistency-distilled student (`aios_train.lcm`):
+    /// the student's `x_0` estimate is its consistency function, and each
+    /// step noises it afresh to the next time, `x_s = alpha_s x_0 + sigma_s z`.
+    /// The teacher's guidance is distilled into the student, so it samples
+    /// without classifier-free guidance.
+    Lcm,
 }
 
 impl ContinuousSampler {
-    pub const NAMES: [&'static str; 2] = ["ddim", "ddpm"];
+    pub const NAMES: [&'static str; 3] = ["ddim", "ddpm", "lcm"];
 
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "ddim" => Ok(ContinuousSampler::Ddim),
             "ddpm" => Ok(ContinuousSampler::Ddpm),
+            "lcm" => Ok(ContinuousSampler::Lcm),
             other => Err(Error::Input(format!(
                 "unknown continuous sampler {other:?}; choose one of {}",
                 Self::NAMES.join(", ")
@@ -118,6 +127,12 @@ pub fn step(
                 x[i] = out;
             }
         }
+        ContinuousSampler::Lcm => {
+            let (a_s, s_s) = (a_s as f32, (1.0 - ab_s).max(0.0).sqrt() as f32);
+            for i in 0..x.len() {
+                x[i] = a_s * x0_of(x[i], v[i], af, sf, clip) + s_s * z[i];
+            }
+        }
         ContinuousSampler::Ddpm => {
             let a_ts2 = ab_t / ab_s;
             let beta = 1.0 - a_ts2;
@@ -177,7 +192,7 @@ impl Region {
     /// Advances from `t` to `s` with the model's `v`; `step` is 1-based.
     pub fn advance(&mut self, rule: StepRule, v: &[f32], t: f64, s: f64, step: u64) {
         let StepRule { sampler, eta, seed } = rule;
-        let stochastic = s > 0.0 && (sampler == ContinuousSampler::Ddpm || eta > 0.0);
+        let stochastic = s > 0.0 && (sampler != ContinuousSampler::Ddim || eta > 0.0);
         let z = if stochastic { gaussian(seed, step, self.x.len(), self.offset) } else { vec![] };
         self::step(sampler, &mut self.x, v, t, s, eta, &z, self.clip);
         self.renoise_known(s, seed, step);
@@ -460,6 +475,32 @@ mod tests {
                 assert!((p - q).abs() < 1e-4, "t={t}: {p} vs {q}");
             }
         }
+    }
+
+    #[test]
+    fn lcm_step_renoises_the_estimate_and_ends_on_it() {
+        // x_s = alpha_s x0 + sigma_s z with x0 = alpha_t x - sigma_t v (clipped); at s = 0 it is x0 itself.
+        let x = gaussian(1, 0, 64, 0);
+        let v: Vec<f32> = gaussian(2, 0, 64, 0).iter().map(|z| z * 0.5).collect();
+        let z = gaussian(3, 0, 64, 0);
+        let (t, s) = (0.75, 0.5);
+        let ((a_t, s_t), (a_s, s_s)) = (alpha_sigma(t), alpha_sigma(s));
+        let mut out = x.clone();
+        step(ContinuousSampler::Lcm, &mut out, &v, t, s, 0.0, &z, Some(1.0));
+        for i in 0..64 {
+            let x0 = (a_t as f32 * x[i] - s_t as f32 * v[i]).clamp(-1.0, 1.0);
+            assert!((out[i] - (a_s as f32 * x0 + s_s as f32 * z[i])).abs() < 1e-6);
+        }
+        let mut last = x.clone();
+        step(ContinuousSampler::Lcm, &mut last, &v, 0.25, 0.0, 0.0, &[], None);
+        let (a, sg) = alpha_sigma(0.25);
+        for i in 0..64 {
+            assert!((last[i] - (a as f32 * x[i] - sg as f32 * v[i])).abs() < 1e-6);
+        }
+        // Different noise, different result: the sampler is stochastic between steps.
+        let mut other = x.clone();
+        step(ContinuousSampler::Lcm, &mut other, &v, t, s, 0.0, &gaussian(4, 0, 64, 0), Some(1.0));
+        assert_ne!(other, out);
     }
 
     #[test]
