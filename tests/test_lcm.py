@@ -19,7 +19,7 @@ from aios_train.config import ModelConfig
 from aios_train.continuous import alpha_sigma, ddim_step, sample_reference
 from aios_train.export import read_fingerprint, save_model, write_tensors
 from aios_train.lcm import (LcmArgs, consistency_x0, ddim_step_batch, distill_lcm, lcm_distance, read_lcm_meta,
-                            teacher_step)
+                            teacher_solve, teacher_step)
 from aios_train.lora import apply_lora, read_lora, resolve_targets, save_lora
 from aios_train.media import unit_to_image
 from aios_train.model import DiT, randomize_
@@ -158,7 +158,8 @@ def test_consistency_pieces():
     for i in range(3):
         want = ddim_step(x[i:i + 1], v[i:i + 1], float(t[i]), float(s[i]), 0.0, None, 1.0)
         assert torch.allclose(got[i:i + 1], want, atol=1e-5)
-    assert float(lcm_distance(x, x, "huber")) == 0.0 and float(lcm_distance(x, x + 1, "l2")) == pytest.approx(1.0)
+    assert lcm_distance(x, x, "huber").tolist() == [0.0] * 3
+    assert lcm_distance(x, x + 1, "l2").tolist() == pytest.approx([1.0] * 3)
 
 
 def test_teacher_step_applies_guidance(base):
@@ -174,6 +175,24 @@ def test_teacher_step_applies_guidance(base):
     assert torch.allclose(teacher_step(model, toks, unc, x, t, s, 2.0, "image"), want, atol=1e-5)
     assert torch.allclose(teacher_step(model, toks, toks, x, t, s, 2.0, "image"), ddim_step_batch(x, vc, t, s, 1.0),
                           atol=1e-5)
+
+
+def test_teacher_solve_passes_the_student_grid(base):
+    d, model, cfg = base
+    toks = torch.randint(4, 300, (2, 8), generator=torch.Generator().manual_seed(1))
+    unc = torch.full_like(toks, cfg.mask_token_id)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    end, states = teacher_solve(model, toks, unc, x, 1.0, 8, [1.0, 0.5], 2.0, "image")
+    assert sorted(states) == [0.5, 1.0] and torch.equal(states[1.0], x)
+    y, seen = x, {}
+    for k in range(8, 0, -1):
+        seen[k / 8] = y
+        y = teacher_step(model, toks, unc, y, torch.full((2,), k / 8), torch.full((2,), (k - 1) / 8), 2.0, "image")
+    assert torch.equal(end, y) and torch.equal(states[0.5], seen[0.5])
+    assert end.abs().max() <= 1.0  # the last step returns the clipped x0
+    # Started half-way, it takes half the steps and ends on the same rule.
+    end2, st2 = teacher_solve(model, toks, unc, seen[0.5], 0.5, 8, [1.0, 0.5], 2.0, "image")
+    assert sorted(st2) == [0.5] and torch.allclose(end2, end, atol=1e-6)
 
 
 def _data(n=24, seed=0):
@@ -207,6 +226,16 @@ def test_training_writes_a_student_and_resumes_exactly(base, tmp_path):
         distill_lcm(LcmArgs(**{**args, "lr": 5e-4}, out=str(out), run=str(tmp_path / "r1")))
 
 
+def test_lcd_target_trains(base, tmp_path):
+    d, model, cfg = base
+    x, y = _data()
+    out = tmp_path / "lcd.lora.parquet"
+    r = distill_lcm(LcmArgs(teacher=str(d), out=str(out), media_x=x, media_y=y, target="lcd", text_length=16,
+                            student_steps=2, rank=2, steps=2, batch_size=4, lr=1e-3, warmup=1, progress=False))
+    meta = read_lcm_meta(out)
+    assert r["done"] and meta["target"] == "lcd" and meta["teacher_steps"] == 50 and meta["pairs"] == 8
+
+
 def test_audio_training_and_bad_settings(base, tmp_path):
     d, model, cfg = base
     rng = np.random.default_rng(1)
@@ -218,7 +247,8 @@ def test_audio_training_and_bad_settings(base, tmp_path):
     common = dict(teacher=str(d), out=str(tmp_path / "x.parquet"), media_x=_data()[0], media_y=_data()[1],
                   text_length=16, steps=1, batch_size=2, progress=False)
     for over, match in [({"modality": "video"}, "unknown modality"), ({"loss": "kl-bwd"}, "unknown loss"),
-                        ({"guidance": float("nan")}, "guidance"), ({"student_steps": 50}, "fewer"),
+                        ({"guidance": float("nan")}, "guidance"), ({"student_steps": 8, "teacher_steps": 8}, "fewer"),
+                        ({"student_steps": 4, "teacher_steps": 10}, "multiple"), ({"target": "cd"}, "unknown target"),
                         ({"media_y": np.full(24, 12)}, "label"), ({"media_x": mels, "media_y": y}, "shape")]:
         with pytest.raises(ValueError, match=match):
             distill_lcm(LcmArgs(**{**common, **over}))

@@ -259,7 +259,7 @@ def cmd_distill_lcm(a) -> None:
         teacher=a.teacher, out=a.out, data=a.data, modality=a.modality, run=a.run_dir, tokenizer=a.tokenizer,
         text_length=a.text_length, teacher_steps=a.teacher_steps or 50, student_steps=a.student_steps, guidance=a.guidance,
         loss=a.loss or "l2", rank=a.rank, alpha=float(a.rank if a.alpha is None else a.alpha), steps=a.steps,
-        batch_size=a.batch_size, lr=a.lr, warmup=50 if a.warmup is None else a.warmup, grad_clip=a.grad_clip,
+        batch_size=a.batch_size, lr=a.lr, min_lr_ratio=a.min_lr_ratio, warmup=50 if a.warmup is None else a.warmup, grad_clip=a.grad_clip,
         seed=a.seed, threads=a.threads, ckpt_every=a.ckpt_every, time_limit_min=a.time_limit_min,
         stop_after=a.stop_after, device=a.device), resume=not a.no_resume)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -536,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "Self-Distillation Through Time (SDTT, arXiv:2410.21035): in rounds, the student "
                                    "learns to do in one ancestral step what the teacher does in --distill-steps, then "
                                    "becomes the teacher; writes a full model (aios.kind = model) with aios.distill "
-                                   "metadata, per-round students in the run folder. --modality image|audio: latent "
+                                   "metadata, per-round students in the run folder. --modality image|audio: "
                                    "consistency distillation into a LoRA (LCM-LoRA, arXiv:2311.05556) with the "
                                    "teacher's --guidance built in; writes an adapter (aios.kind = lora) that the "
                                    "runtime samples with sampler \"lcm\" in --student-steps steps. Resumable: rerun "
@@ -549,7 +549,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--data", default="data/mm", help="image/audio: the data-mm folder")
     s.add_argument("--tokenizer", default=None, help="default: the teacher's tokenizer.json")
     s.add_argument("--teacher-steps", type=int, default=None,
-                   help="text: the teacher's sampling steps (64); image/audio: its DDIM grid (50)")
+                   help="text: the teacher's sampling steps (64); image/audio: its DDIM grid (ode: 4 x student "
+                        "steps, lcd: 50)")
+    s.add_argument("--target", choices=["ode", "lcd"], default="ode",
+                   help="image/audio: the teacher's ODE solved to t = 0 (ode) or LCM's one-step bootstrap (lcd)")
+    s.add_argument("--min-lr-ratio", type=float, default=1.0,
+                   help="image/audio: cosine decay to this fraction of --lr (1 = constant after warmup)")
     s.add_argument("--student-steps", type=int, default=4)
     s.add_argument("--distill-steps", type=int, default=2, help="text: teacher steps one student step learns per round")
     s.add_argument("--round-steps", type=int, default=300, help="text: training steps per round")

@@ -1,29 +1,38 @@
-"""Few-step image and audio generation by latent consistency distillation into a LoRA (LCM-LoRA).
+"""Few-step image and audio generation by consistency distillation into a LoRA (LCM-LoRA).
 
 Luo et al., "Latent Consistency Models", arXiv:2310.04378, and "LCM-LoRA", arXiv:2311.05556; reference code
 huggingface/diffusers `examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py`. Our continuous heads
 diffuse pixels / log-mels directly (no VAE), so "latent" is the data itself.
 
-One training step, as in the reference:
-  caption c and clean x0 from the data -> a grid index n in 1..N (N = `teacher_steps`, the teacher's DDIM grid,
-  t_n = n / N) -> x_t = alpha_t x0 + sigma_t eps at t = t_n;
-  the frozen teacher (the base model without the LoRA) takes ONE DDIM step t_n -> t_{n-1} with classifier-free
-  guidance `v_u + (1 + w)(v_c - v_u)` (w = `guidance`, baked into the student: it samples without guidance);
-  the student is pulled to the consistency target: d(f(x_t, t_n), sg f(x_prev, t_{n-1})), where the target is the
-  same LoRA'd network under no_grad (the reference: "we do not use a separate target network for LCM-LoRA").
-Consistency function: f(x, t) = alpha_t x - sigma_t v(x, t), the model's own x0 estimate. With v-prediction it meets
-the boundary condition f(x, 0) = x exactly (alpha_0 = 1, sigma_0 = 0), so no c_skip / c_out is needed. Distance:
-the reference's pseudo-Huber, elementwise `sqrt((a - b)^2 + c^2) - c` (c = 0.001), or `l2`.
+The student is the base plus a LoRA; its consistency function is its own x0 estimate, f(x, t) = alpha_t x -
+sigma_t v(x, t). With v-prediction that meets the boundary condition f(x, 0) = x exactly (alpha_0 = 1, sigma_0 =
+0), so no c_skip / c_out is needed. The frozen base is the teacher; its ODE steps are DDIM with classifier-free
+guidance `v_u + (1 + w)(v_c - v_u)` (w = `guidance`, built into the student, which samples without guidance). Two
+targets for f(x_t, t), on x_t = alpha_t x0 + sigma_t eps from the data (caption c, 10% of captions masked):
+
+* `lcd` (the reference, LCM's skipping-step bootstrap): t = n / N for n in 1..N (N = `teacher_steps`, 50); the
+  teacher takes ONE step t -> t - 1/N to x_prev, and the target is sg f(x_prev, t - 1/N) from the same LoRA'd
+  network (the reference: "we do not use a separate target network for LCM-LoRA").
+* `ode` (the default): the limit of the skipping step that reaches t = 0 at once. x_t starts at a time of the
+  sampler's own grid (1, 1 - 1/S, ..., 1/S for S = `student_steps`); the teacher solves its ODE to t = 0 in
+  N / S DDIM steps per grid interval (N = 4 S by default), and every grid time it passes, its start included,
+  gives a pair (state, that same clean sample): all of them lie on one trajectory, so they share the consistency
+  target (Song et al. 2023's consistency function of the PF-ODE; direct distillation as Luhman & Luhman 2021).
+  Why the default: `lcd` propagates the boundary condition one grid interval per round of learning, which at the
+  batch sizes and steps two CPU cores allow did not converge; measured in bench/RESULTS.md (a 650-step `lcd` run
+  made 4-step images worse than the 4-step teacher, the `ode` run below better). Each `ode` step costs the teacher
+  about 2 N / S forward passes per example, against 2 for `lcd`.
+Distance: the reference's pseudo-Huber, elementwise `sqrt((a - b)^2 + c^2) - c` (c = 0.001), or `l2` (default).
 
 The multistep sampler (LCM's Algorithm 1; `aios_rt` sampler "lcm", crates/aios-core/src/sampler/continuous.rs):
 on the grid t_i = 1 - i / steps, x0 = f(x, t_i) (clipped for images), then x = alpha_s x0 + sigma_s z with fresh
 noise z at s = t_{i+1}; the last step returns x0.
 
 The LoRA targets the backbone's attention and MLP matrices (`aios_train.lora`'s container, `aios.kind = lora`),
-so the runtime hot-loads it on the base like any adapter; `aios.config["distill"]` records the method, modality,
-student steps and guidance. Every checkpoint also writes the student so far to RUN/latest.lora.parquet. All
-randomness is drawn for the global batch from one seeded generator, so a run under
-torchrun (`aios_train.distributed`) follows the one-process run and a resumed run continues identically.
+so the runtime hot-loads it on the base like any adapter; `aios.config["distill"]` records the method, target,
+modality, student steps and guidance. Every checkpoint also writes the student so far to RUN/latest.lora.parquet.
+All randomness is drawn for the global batch from one seeded generator, so a run under torchrun
+(`aios_train.distributed`) follows the one-process run and a resumed run continues identically.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from .continuous import alpha_sigma
 
 MODALITIES = ("image", "audio")
 LOSSES = ("huber", "l2")
+TARGETS = ("ode", "lcd")
 HUBER_C = 0.001      # the reference's huber_c
 
 
@@ -55,8 +65,9 @@ class LcmArgs:
     media_x: np.ndarray | None = field(default=None, repr=False)   # instead of `data`: clean values (images uint8
     media_y: np.ndarray | None = field(default=None, repr=False)   # [n, H, W] or log-mels [n, frames, mels]), labels
     text_length: int = 12            # caption segment: [BOS] caption [EOS] [PAD]... (the base's training layout)
-    teacher_steps: int = 50          # N: the teacher's DDIM grid (the reference's num_ddim_timesteps)
-    student_steps: int = 4           # recorded in the adapter: the steps it is meant to sample with
+    target: str = "ode"              # ode: the teacher's ODE solved to t = 0; lcd: LCM's one-step bootstrap
+    teacher_steps: int | None = None  # N, the teacher's DDIM grid (default: ode 4 x student_steps, lcd 50)
+    student_steps: int = 4           # the sampler's steps (ode trains at exactly its times; recorded in the file)
     guidance: float = 3.0            # w of the teacher's classifier-free guidance (the runtime's default for media)
     uncond_prob: float = 0.1         # caption masked (unconditional generation keeps working)
     loss: str = "l2"
@@ -76,8 +87,12 @@ class LcmArgs:
     device: str = "cpu"
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if self.teacher_steps is None:
+            self.teacher_steps = 4 * self.student_steps if self.target == "ode" else 50
+
     def hparams(self) -> dict:
-        keep = ("modality", "text_length", "teacher_steps", "student_steps", "guidance", "uncond_prob", "loss", "rank", "alpha",
+        keep = ("modality", "text_length", "target", "teacher_steps", "student_steps", "guidance", "uncond_prob", "loss", "rank", "alpha",
                 "steps", "batch_size", "lr", "warmup", "min_lr_ratio", "grad_clip", "seed")
         return {k: getattr(self, k) for k in keep}
 
@@ -102,11 +117,15 @@ def ddim_step_batch(x: torch.Tensor, v: torch.Tensor, t: torch.Tensor, s: torch.
 
 
 def lcm_distance(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
-    """Mean distance between two batches of x0 estimates (the reference's pseudo-Huber or L2)."""
+    """Per-sample mean distance between two batches of x0 estimates (the reference's pseudo-Huber or L2)."""
     d = (a - b).float()
-    if kind == "huber":
-        return (torch.sqrt(d * d + HUBER_C ** 2) - HUBER_C).mean()
-    return (d * d).mean()
+    e = torch.sqrt(d * d + HUBER_C ** 2) - HUBER_C if kind == "huber" else d * d
+    return e.flatten(1).mean(1)
+
+
+def _noised(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    a_t, s_t = (u.float().view((-1,) + (1,) * (x0.dim() - 1)) for u in alpha_sigma(t))
+    return a_t * x0 + s_t * eps
 
 
 def _canvas(model, tokens: torch.Tensor, x: torch.Tensor, t: torch.Tensor, kind: str) -> torch.Tensor:
@@ -123,6 +142,23 @@ def teacher_step(teacher, tokens: torch.Tensor, uncond: torch.Tensor, x: torch.T
     v_c, v_u = out[:b], out[b:]
     v = v_u + (1 + guidance) * (v_c - v_u)
     return ddim_step_batch(x, v, t, s, 1.0 if kind == "image" else None)
+
+
+@torch.no_grad()
+def teacher_solve(teacher, tokens: torch.Tensor, uncond: torch.Tensor, x: torch.Tensor, t_start: float, n_grid: int,
+                  keep: list[float], guidance: float, kind: str) -> tuple[torch.Tensor, dict[float, torch.Tensor]]:
+    """The teacher's guided DDIM from `t_start` (a point of the grid k / n_grid) to t = 0: (its clean sample, the
+    states it passes at the times in `keep`). Every kept state lies on the same ODE trajectory, so its consistency
+    target is the same clean sample."""
+    b = x.shape[0]
+    states = {}
+    for k in range(round(t_start * n_grid), 0, -1):
+        t = k / n_grid
+        if any(abs(t - u) < 1e-9 for u in keep):
+            states[t] = x
+        x = teacher_step(teacher, tokens, uncond, x, torch.full((b,), t), torch.full((b,), (k - 1) / n_grid),
+                         guidance, kind)
+    return x, states
 
 
 def sample_lcm(model, tokens: torch.Tensor, kind: str, steps: int, seed: int = 0, runtime_noise: bool = True,
@@ -196,6 +232,11 @@ def _distill_lcm(a: LcmArgs, resume: bool, dist) -> dict:
 
     if a.modality not in MODALITIES:
         raise ValueError(f"lcm: unknown modality {a.modality!r}; choose one of {', '.join(MODALITIES)}")
+    if a.target not in TARGETS:
+        raise ValueError(f"lcm: unknown target {a.target!r}; choose one of {', '.join(TARGETS)}")
+    if a.target == "ode" and a.teacher_steps % a.student_steps:
+        raise ValueError(f"lcm: teacher steps {a.teacher_steps} must be a multiple of student steps {a.student_steps} "
+                         "(the ode target passes through every time of the student's grid)")
     if a.loss not in LOSSES:
         raise ValueError(f"lcm: unknown loss {a.loss!r}; choose one of {', '.join(LOSSES)}")
     for name in ("teacher_steps", "student_steps", "batch_size", "rank", "steps"):
@@ -265,7 +306,8 @@ def _distill_lcm(a: LcmArgs, resume: bool, dist) -> dict:
             "method": "lcm-lora", "paper": "arXiv:2310.04378, arXiv:2311.05556", "modality": kind,
             "student_steps": a.student_steps, "teacher_steps": n_grid, "guidance": a.guidance, "sampler": "lcm",
             "loss": a.loss, "train_steps": counters["step"], "batch_size": a.batch_size, "lr": a.lr,
-            "examples": counters["examples"], "elapsed_s": round(time.time() - t0, 1), "teacher": str(a.teacher)}
+            "examples": counters["examples"], "pairs": counters.get("pairs", 0), "target": a.target,
+            "elapsed_s": round(time.time() - t0, 1), "teacher": str(a.teacher)}
         save_lora(path, lora_tensors_from_peft(pm.state_dict(), "default"), cfg)
 
     def checkpoint() -> None:
@@ -281,22 +323,47 @@ def _distill_lcm(a: LcmArgs, resume: bool, dist) -> dict:
         b = x0.shape[0]
         drop = torch.rand(b, generator=gen) < a.uncond_prob
         tokens = torch.where(drop[:, None], uncond1.expand(b, -1), tokens)
-        n = torch.randint(1, n_grid + 1, (b,), generator=gen)
-        t, s = n.double() / n_grid, (n - 1).double() / n_grid
-        eps = torch.randn(x0.shape, generator=gen)
-        a_t, s_t = (u.float().view((-1,) + (1,) * (x0.dim() - 1)) for u in alpha_sigma(t))
-        xt = a_t * x0 + s_t * eps
         dev = dist.device
-        xs_, ts_, ss_, ks_ = xt[shard].to(dev), t[shard].to(dev), s[shard].to(dev), tokens[shard].to(dev)
-        un = uncond1.expand(ks_.shape[0], -1).to(dev)
-        x_prev = teacher_step(teacher, ks_, un, xs_, ts_.float(), ss_.float(), a.guidance, kind)
-        with torch.no_grad():
-            target = consistency_x0(_canvas(pm, ks_, x_prev, ss_.float(), kind), x_prev, ss_)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a)
-        pred = consistency_x0(_canvas(pm, ks_, xs_, ts_.float(), kind), xs_, ts_)
-        # The shard's mean times its share of the batch: the ranks' gradient mean is then the one-process gradient.
-        loss = lcm_distance(pred, target, a.loss) * (ks_.shape[0] * dist.world / b)
+        if a.target == "lcd":
+            n = torch.randint(1, n_grid + 1, (b,), generator=gen)
+            t, s = n.double() / n_grid, (n - 1).double() / n_grid
+            eps = torch.randn(x0.shape, generator=gen)
+            xt = _noised(x0, t, eps)
+            xs_, ts_, ss_, ks_ = xt[shard].to(dev), t[shard].to(dev), s[shard].to(dev), tokens[shard].to(dev)
+            un = uncond1.expand(ks_.shape[0], -1).to(dev)
+            x_prev = teacher_step(teacher, ks_, un, xs_, ts_.float(), ss_.float(), a.guidance, kind)
+            with torch.no_grad():
+                target = consistency_x0(_canvas(pm, ks_, x_prev, ss_.float(), kind), x_prev, ss_)
+            pred = consistency_x0(_canvas(pm, ks_, xs_, ts_.float(), kind), xs_, ts_)
+            per, pairs = lcm_distance(pred, target, a.loss), b
+        else:
+            # Each example starts at a time of the student's grid; the teacher solves its ODE to t = 0, and every
+            # grid time it passes (its start included) becomes a pair (state, that clean sample).
+            times = [1 - i / a.student_steps for i in range(a.student_steps)]
+            first = torch.randint(0, a.student_steps, (b,), generator=gen)
+            eps = torch.randn(x0.shape, generator=gen)
+            xt = _noised(x0, torch.tensor([times[i] for i in first.tolist()], dtype=torch.float64), eps)
+            pairs = int((a.student_steps - first).sum())
+            fs_, xs_, ks_ = first[shard], xt[shard].to(dev), tokens[shard].to(dev)
+            inputs, ts, targets, toks = [], [], [], []
+            for i in sorted(set(fs_.tolist())):
+                sel = (fs_ == i).nonzero().flatten().to(dev)
+                un = uncond1.expand(len(sel), -1).to(dev)
+                x_end, states = teacher_solve(teacher, ks_[sel], un, xs_[sel], times[i], n_grid, times[i:],
+                                              a.guidance, kind)
+                for tk, st in states.items():
+                    inputs.append(st)
+                    ts.append(torch.full((len(sel),), tk, dtype=torch.float64, device=dev))
+                    targets.append(x_end)
+                    toks.append(ks_[sel])
+            xin, tin = torch.cat(inputs), torch.cat(ts)
+            pred = consistency_x0(_canvas(pm, torch.cat(toks), xin, tin.float(), kind), xin, tin)
+            per = lcm_distance(pred, torch.cat(targets), a.loss)
+        # This shard's sum over the global batch's count, times the world size: the ranks' gradient mean is then
+        # the one-process gradient of the mean over the whole batch.
+        loss = per.sum() * dist.world / pairs
         opt.zero_grad(set_to_none=True)
         loss.backward()
         dist.average_gradients(params)  # the canvas forward is not the module's forward, which DDP wraps
@@ -304,13 +371,14 @@ def _distill_lcm(a: LcmArgs, resume: bool, dist) -> dict:
         opt.step()
         counters["step"] = step + 1
         counters["examples"] += b
+        counters["pairs"] = counters.get("pairs", 0) + pairs
         loss_value = dist.mean(loss.item())
         losses.append(loss_value)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         if log is not None:
             log.write(json.dumps({"step": step + 1, "loss": loss_value, "grad_norm": float(gnorm),
-                                  "lr": lr_at(step, a), "examples": counters["examples"],
+                                  "lr": lr_at(step, a), "examples": counters["examples"], "pairs": pairs,
                                   "elapsed_s": round(time.time() - t0, 2)}) + "\n")
             log.flush()
         if distributed.end_of_step(step, a, dist, invocation_start, checkpoint):
@@ -336,5 +404,5 @@ def read_lcm_meta(path: str | Path) -> dict | None:
 
 
 __all__ = ["LcmArgs", "distill_lcm", "consistency_x0", "ddim_step_batch", "lcm_distance", "teacher_step",
-           "sample_lcm", "read_lcm_meta", "MODALITIES", "LOSSES"]
+           "teacher_solve", "sample_lcm", "read_lcm_meta", "MODALITIES", "LOSSES", "TARGETS"]
 

@@ -549,9 +549,12 @@ pub fn save_output(
 fn student_warnings(rt: &super::Runtime, req: &MediaRequest) -> Vec<String> {
     let mut out = vec![];
     for (name, st) in rt.lora.students.iter().filter(|(_, st)| req.outputs.contains(&st.modality)) {
-        let what = format!("adapter {name:?} is a consistency-distilled student for {:?}", st.modality);
+        let what = format!("adapter {name:?} is a consistency-distilled student for {}", st.modality.name());
         if req.continuous != ContinuousSampler::Lcm {
-            out.push(format!("{what}: sample it with sampler \"lcm\" (this generation uses {:?})", req.continuous));
+            out.push(format!(
+                "{what}: sample it with sampler \"lcm\" (this generation uses {})",
+                req.continuous.name()
+            ));
         }
         if req.sampler.steps > st.student_steps {
             out.push(format!(

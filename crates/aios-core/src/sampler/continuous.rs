@@ -42,6 +42,10 @@ pub enum ContinuousSampler {
 impl ContinuousSampler {
     pub const NAMES: [&'static str; 3] = ["ddim", "ddpm", "lcm"];
 
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "ddim" => Ok(ContinuousSampler::Ddim),
