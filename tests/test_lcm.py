@@ -289,3 +289,15 @@ def test_cli_distill_image_and_generate(base, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert g.returncode == 0 and 'sampler "lcm"' in g.stderr
     assert alpha_sigma(0.0)[1] == 0  # the boundary the sampler's last step relies on
+
+
+def test_energies_steer_the_lcm_sampler(base):
+    d, model, cfg = base
+    eng = aios_rt.Engine(str(d), threads=1)
+    left = (0, 0, 4, 8)
+    means = {}
+    for target in (0.1, 0.9):
+        imgs = [eng.diffuse("a bag", modality="image", steps=4, sampler="lcm", seed=s,
+                            constraints=[aios_rt.Brightness(left, target, weight=1.0)]).image for s in range(4)]
+        means[target] = float(np.mean([im[:, :4] for im in imgs])) / 255
+    assert means[0.1] < 0.3 and means[0.9] > 0.7, means

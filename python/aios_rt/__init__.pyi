@@ -36,6 +36,12 @@ class Brightness:
     weight: float
     def __init__(self, region: Tuple[int, int, int, int], target: float, weight: float = 1.0) -> None: ...
 
+class Loudness:
+    frames: Tuple[int, int]
+    target_db: float
+    weight: float
+    def __init__(self, frames: Tuple[int, int], target_db: float, weight: float = 1.0) -> None: ...
+
 class ValidJson:
     weight: float
     def __init__(self, weight: float = 8.0) -> None: ...
@@ -122,7 +128,7 @@ class Engine:
         compose: Optional[Dict[str, float]] = None,
         adapters: Optional[Dict[str, float]] = None,
         skills: bool = True,
-        constraints: Optional[Sequence[Union[Banned, Required, ValidJson, Brightness, ClassEnergy]]] = None,
+        constraints: Optional[Sequence[Union[Banned, Required, ValidJson, Brightness, ClassEnergy, Loudness]]] = None,
         control: Optional[Dict[str, Union[str, np.ndarray]]] = None,
     ) -> Generation: ...
     def forward_canvas(

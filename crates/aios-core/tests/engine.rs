@@ -219,6 +219,7 @@ fn media_generation_is_identical_on_one_and_two_threads() {
                 continuous: sampler,
                 eta: 0.3,
                 energies: vec![],
+                audio_energies: vec![],
                 control: Default::default(),
             };
             let run = |threads| {

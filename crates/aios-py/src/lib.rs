@@ -359,11 +359,38 @@ impl ClassEnergy {
     }
 }
 
-/// `constraints=`: a list of Banned / Required (text) and Brightness / ClassEnergy (image), parsed once.
+/// Audio energy: the mean level of the log-mel frames `frames` = (f0, f1),
+/// end exclusive, should be `target_db`, in dB of the mel magnitude (the
+/// features' floor is -100 dB, full scale 0). Each denoising step moves the
+/// sound's estimate by `-weight * grad E` (weight 1 puts the span's mean on
+/// the target every step).
+#[pyclass(frozen, module = "aios_rt", get_all)]
+#[derive(Clone)]
+struct Loudness {
+    frames: (usize, usize),
+    target_db: f32,
+    weight: f64,
+}
+
+#[pymethods]
+impl Loudness {
+    #[new]
+    #[pyo3(signature = (frames, target_db, weight=1.0))]
+    fn new(frames: (usize, usize), target_db: f32, weight: f64) -> Self {
+        Loudness { frames, target_db, weight }
+    }
+    fn __repr__(&self) -> String {
+        format!("Loudness(frames={:?}, target_db={:?}, weight={:?})", self.frames, self.target_db, self.weight)
+    }
+}
+
+/// `constraints=`: a list of Banned / Required / ValidJson (text), Brightness / ClassEnergy (image) and
+/// Loudness (audio), parsed once.
 #[derive(Default)]
 struct Constraints {
     text: Vec<aios_core::sampler::constraints::Constraint>,
     image: Vec<aios_core::sampler::continuous::ImageEnergy>,
+    audio: Vec<aios_core::sampler::continuous::Loudness>,
 }
 
 impl<'a, 'py> FromPyObject<'a, 'py> for Constraints {
@@ -374,7 +401,7 @@ impl<'a, 'py> FromPyObject<'a, 'py> for Constraints {
         let items: Vec<Bound<'py, PyAny>> = ob.extract().map_err(|_| {
             input_error(
                 "constraints must be a list of aios_rt.Banned / aios_rt.Required / aios_rt.ValidJson / \
-                 aios_rt.Brightness / aios_rt.ClassEnergy",
+                 aios_rt.Brightness / aios_rt.ClassEnergy / aios_rt.Loudness",
             )
         })?;
         let mut out = Constraints::default();
@@ -404,10 +431,17 @@ impl<'a, 'py> FromPyObject<'a, 'py> for Constraints {
                     class,
                     weight: c.weight,
                 }));
+            } else if let Ok(l) = it.cast::<Loudness>() {
+                let l = l.get();
+                out.audio.push(aios_core::sampler::continuous::Loudness {
+                    frames: [l.frames.0, l.frames.1],
+                    target_db: l.target_db,
+                    weight: l.weight,
+                });
             } else {
                 return Err(input_error(format!(
                     "unknown constraint {}; use aios_rt.Banned, aios_rt.Required, aios_rt.ValidJson, \
-                     aios_rt.Brightness or aios_rt.ClassEnergy",
+                     aios_rt.Brightness, aios_rt.ClassEnergy or aios_rt.Loudness",
                     it.get_type()
                 )));
             }
@@ -921,13 +955,19 @@ impl Engine {
             likelihood_samples,
             compose,
         )?;
-        let Constraints { text: text_constraints, image: energies } = constraints.unwrap_or_default();
+        let Constraints { text: text_constraints, image: energies, audio: audio_energies } =
+            constraints.unwrap_or_default();
         sampler.constraints = text_constraints;
         let image = image.filter(|v| !v.is_none());
         let audio = audio.filter(|v| !v.is_none());
         if modality.0 == [Modality::Text] && image.is_none() && audio.is_none() {
             if !energies.is_empty() {
                 return Err(input_error("image energies (aios_rt.Brightness, aios_rt.ClassEnergy) are for generated images (modality=\"image\")"));
+            }
+            if !audio_energies.is_empty() {
+                return Err(input_error(
+                    "audio energies (aios_rt.Loudness) are for generated sound (modality=\"audio\")",
+                ));
             }
             if image_mask.is_some_and(|m| !m.is_none()) || audio_mask.is_some_and(|m| !m.is_none()) {
                 return Err(input_error("a mask needs the image or audio it belongs to"));
@@ -987,6 +1027,7 @@ impl Engine {
             continuous,
             eta,
             energies,
+            audio_energies,
             control,
         };
         Ok(run(py, || self.inner.generate_media(&req, &mut |_| {}))?.into())
@@ -1394,6 +1435,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Banned>()?;
     m.add_class::<Required>()?;
     m.add_class::<Brightness>()?;
+    m.add_class::<Loudness>()?;
     m.add_class::<ClassEnergy>()?;
     m.add_class::<ValidJson>()?;
     m.add_class::<memory::MemoryStore>()?;

@@ -17,7 +17,9 @@ use aios_core::memory::{MemoryStore, StoreOptions};
 use aios_core::model::Modality;
 use aios_core::quant::{quantize_file, MatmulMode};
 use aios_core::sampler::constraints::{Constraint, Kind};
-use aios_core::sampler::continuous::{Brightness, ClassEnergy, ContinuousSampler, ImageEnergy, LinearClassifier};
+use aios_core::sampler::continuous::{
+    Brightness, ClassEnergy, ContinuousSampler, ImageEnergy, LinearClassifier, Loudness,
+};
 use aios_core::sampler::{SamplerOptions, Strategy, Term};
 use aios_core::{ControlInput, Engine, EngineOptions, Error, MemorySource, TextRequest};
 use clap::{Parser, Subcommand};
@@ -138,6 +140,10 @@ struct GenerateArgs {
     /// (`aios.kind = classifier`), `PATH:CLASS[:WEIGHT]`, CLASS a name or index; repeatable.
     #[arg(long = "classifier", value_name = "PATH:CLASS[:WEIGHT]")]
     classifier: Vec<String>,
+    /// Audio energy: the mean level of log-mel frames `F0,F1:DB[:WEIGHT]` (end exclusive) in dB of the mel
+    /// magnitude (floor -100, full scale 0), weight (eta) default 1; repeatable.
+    #[arg(long, value_name = "F0,F1:DB[:WEIGHT]")]
+    loudness: Vec<String>,
     /// Weight (eta) of the word constraints: logits move by this per unit of energy.
     #[arg(long, default_value_t = aios_core::sampler::constraints::DEFAULT_WEIGHT)]
     constraint_weight: f64,
@@ -214,18 +220,19 @@ fn parse_class_energy(spec: &str) -> Result<ImageEnergy, Error> {
     Ok(ImageEnergy::Class(ClassEnergy { classifier: std::sync::Arc::new(classifier), class, weight }))
 }
 
-/// `X0,Y0,X1,Y1:TARGET[:WEIGHT]`, one `--brightness` energy.
-fn parse_brightness(spec: &str) -> Result<Brightness, Error> {
-    let bad = || Error::Input(format!("--brightness {spec:?}: expected X0,Y0,X1,Y1:TARGET[:WEIGHT]"));
+/// `A,B,...:TARGET[:WEIGHT]` of a region energy (`--brightness`: 4 pixel
+/// bounds, `--loudness`: 2 frame bounds), default weight 1.
+fn parse_region<const N: usize>(flag: &str, form: &str, spec: &str) -> Result<([usize; N], f32, f64), Error> {
+    let bad = || Error::Input(format!("{flag} {spec:?}: expected {form}:TARGET[:WEIGHT]"));
     let mut parts = spec.split(':');
-    let rect: Vec<usize> = parts
+    let bounds: Vec<usize> = parts
         .next()
         .ok_or_else(bad)?
         .split(',')
         .map(|v| v.trim().parse())
         .collect::<Result<_, _>>()
         .map_err(|_| bad())?;
-    let rect: [usize; 4] = rect.try_into().map_err(|_| bad())?;
+    let bounds: [usize; N] = bounds.try_into().map_err(|_| bad())?;
     let target: f32 = parts.next().ok_or_else(bad)?.trim().parse().map_err(|_| bad())?;
     let weight: f64 = match parts.next() {
         Some(w) => w.trim().parse().map_err(|_| bad())?,
@@ -234,7 +241,17 @@ fn parse_brightness(spec: &str) -> Result<Brightness, Error> {
     if parts.next().is_some() {
         return Err(bad());
     }
+    Ok((bounds, target, weight))
+}
+
+fn parse_brightness(spec: &str) -> Result<Brightness, Error> {
+    let (rect, target, weight) = parse_region::<4>("--brightness", "X0,Y0,X1,Y1", spec)?;
     Ok(Brightness { rect, target, weight })
+}
+
+fn parse_loudness(spec: &str) -> Result<Loudness, Error> {
+    let (frames, target_db, weight) = parse_region::<2>("--loudness", "F0,F1", spec)?;
+    Ok(Loudness { frames, target_db, weight })
 }
 
 /// `PATH[:WEIGHT]`: the part after the last ':' is a weight only if it parses as one.
@@ -396,6 +413,7 @@ fn media_generate(
             .map(|b| parse_brightness(b).map(ImageEnergy::Brightness))
             .chain(a.classifier.iter().map(|c| parse_class_energy(c)))
             .collect::<Result<_, _>>()?,
+        audio_energies: a.loudness.iter().map(|l| parse_loudness(l)).collect::<Result<_, _>>()?,
         control,
     };
     let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(req.sampler.steps as u64) };

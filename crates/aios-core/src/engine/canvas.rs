@@ -60,6 +60,8 @@ pub struct MediaRequest {
     pub eta: f64,
     /// Energies on the generated image (needs the image among the outputs).
     pub energies: Vec<continuous::ImageEnergy>,
+    /// Energies on the generated sound (needs audio among the outputs).
+    pub audio_energies: Vec<continuous::Loudness>,
     /// Inputs of the engine's active ControlNets, by name.
     pub control: BTreeMap<String, ControlInput>,
 }
@@ -136,6 +138,12 @@ impl MediaRequest {
         }
         for e in &self.energies {
             e.validate(cfg.image_size, cfg.image_values())?;
+        }
+        if !self.audio_energies.is_empty() && !gen_audio {
+            return crate::input_err!("audio energies (loudness) need audio among the outputs");
+        }
+        for e in &self.audio_energies {
+            e.validate(cfg.audio_frames)?;
         }
         let tl = self.text_length.unwrap_or(DEFAULT_TEXT_LENGTH);
         let image = match (&self.image, gen_image) {
@@ -279,6 +287,7 @@ struct CanvasDenoiser<'a> {
     sampler: ContinuousSampler,
     eta: f64,
     energies: &'a [continuous::ImageEnergy],
+    audio_energies: &'a [continuous::Loudness],
     controls: Controls,
 }
 
@@ -327,7 +336,7 @@ impl CanvasDenoiser<'_> {
             let w = self.opts.guidance;
             let rule = StepRule { sampler: self.sampler, eta: self.eta, seed: self.opts.seed };
             let st = &mut *st;
-            let size = self.rt.model.cfg.image_size;
+            let (size, mels) = (self.rt.model.cfg.image_size, self.rt.model.cfg.audio_mels);
             for (k, (region, v)) in
                 [(st.image.as_mut(), &out.image), (st.audio.as_mut(), &out.audio)].into_iter().enumerate()
             {
@@ -339,6 +348,8 @@ impl CanvasDenoiser<'_> {
                     let mut v = if n == 2 { continuous::guide(&v[..per], &v[per..], w) } else { v.clone() };
                     if k == 0 {
                         continuous::apply_energies(self.energies, &r.x, &mut v, t, size, r.clip);
+                    } else {
+                        continuous::apply_audio_energies(self.audio_energies, &r.x, &mut v, t, mels);
                     }
                     r.advance(rule, &v, t, s, step as u64 + 1);
                 }
@@ -409,6 +420,7 @@ impl Engine {
             sampler: req.continuous,
             eta: req.eta,
             energies: &req.energies,
+            audio_energies: &req.audio_energies,
             controls,
         };
         let tokenize_ms = t_start.elapsed().as_secs_f64() * 1e3;

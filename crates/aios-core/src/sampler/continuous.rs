@@ -390,6 +390,13 @@ pub enum ImageEnergy {
 }
 
 impl ImageEnergy {
+    pub fn weight(&self) -> f64 {
+        match self {
+            ImageEnergy::Brightness(b) => b.weight,
+            ImageEnergy::Class(c) => c.weight,
+        }
+    }
+
     /// Checks it against images of `size` x `size` with `values` values.
     pub fn validate(&self, size: usize, values: usize) -> Result<()> {
         match self {
@@ -420,21 +427,92 @@ impl ImageEnergy {
 /// `score - eta * alpha_t / sigma_t^2 * grad E`). Near `t = 0` (`sigma_t`
 /// below 1e-4) it does nothing: the estimate is the sample.
 pub fn apply_energies(energies: &[ImageEnergy], x: &[f32], v: &mut [f32], t: f64, size: usize, clip: Option<f32>) {
+    // Weight 0 leaves v bit for bit as it was (the rewrite below would round it).
+    if energies.iter().all(|e| e.weight() == 0.0) {
+        return;
+    }
+    move_estimate(x, v, t, clip, |x0| {
+        for e in energies {
+            match e {
+                ImageEnergy::Brightness(b) => b.descend(x0, size),
+                ImageEnergy::Class(c) => c.descend(x0),
+            }
+        }
+    });
+}
+
+/// [`apply_energies`] for generated sound (`x_t` `[frames, mels]`).
+pub fn apply_audio_energies(energies: &[Loudness], x: &[f32], v: &mut [f32], t: f64, mels: usize) {
+    if energies.iter().all(|e| e.weight == 0.0) {
+        return;
+    }
+    move_estimate(x, v, t, None, |x0| energies.iter().for_each(|e| e.descend(x0, mels)));
+}
+
+/// `v` rewritten so that the `x_0` estimate becomes `descend(x_0)`.
+fn move_estimate(x: &[f32], v: &mut [f32], t: f64, clip: Option<f32>, descend: impl FnOnce(&mut [f32])) {
     let (a, s) = alpha_sigma(t);
-    if energies.is_empty() || s < 1e-4 {
+    if s < 1e-4 {
         return;
     }
     let (af, sf) = (a as f32, s as f32);
     let mut x0: Vec<f32> = x.iter().zip(v.iter()).map(|(&xi, &vi)| x0_of(xi, vi, af, sf, clip)).collect();
-    for e in energies {
-        match e {
-            ImageEnergy::Brightness(b) => b.descend(&mut x0, size),
-            ImageEnergy::Class(c) => c.descend(&mut x0),
-        }
-    }
+    descend(&mut x0);
     // v = (a x - x0) / s gives back x0 = a x - s v.
     for ((vi, &xi), &x0i) in v.iter_mut().zip(x).zip(&x0) {
         *vi = (af * xi - x0i) / sf;
+    }
+}
+
+/// An energy on generated sound: the mean level of the log-mel frames
+/// `[f0, f1)` (every bin) should be `target_db`, in dB of the mel magnitude
+/// (20 log10; the features' floor, 1e-5, is -100 dB, full scale 0 dB).
+/// In the model's units (`(ln mel + 4) / 4`) that is `E = n/2 (mean -
+/// target)^2` over the span's `n` values, so `grad E = mean - target` at each.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Loudness {
+    /// `[f0, f1)` log-mel frames, end exclusive.
+    pub frames: [usize; 2],
+    pub target_db: f32,
+    /// eta: each step moves the `x_0` estimate by `-eta * grad E`.
+    pub weight: f64,
+}
+
+impl Loudness {
+    /// Checks it against clips of `frames` log-mel frames.
+    pub fn validate(&self, frames: usize) -> Result<()> {
+        let [f0, f1] = self.frames;
+        if !(f0 < f1 && f1 <= frames) {
+            return crate::input_err!("loudness frames {:?} must be [f0, f1) with f0 < f1 <= {frames}", self.frames);
+        }
+        if !(self.target_db.is_finite() && (-100.0..=20.0).contains(&self.target_db)) {
+            return crate::input_err!("loudness target must be in [-100, 20] dB, got {}", self.target_db);
+        }
+        if !(self.weight.is_finite() && self.weight >= 0.0) {
+            return crate::input_err!("energy weight (eta) must be finite and >= 0, got {}", self.weight);
+        }
+        Ok(())
+    }
+
+    /// The target in the model's normalised log-mel units.
+    pub fn target_unit(&self) -> f32 {
+        ((self.target_db as f64 * std::f64::consts::LN_10 / 20.0 + 4.0) / 4.0) as f32
+    }
+
+    /// A normalised log-mel value in dB.
+    pub fn db_of(unit: f32) -> f32 {
+        ((unit as f64 * 4.0 - 4.0) * 20.0 / std::f64::consts::LN_10) as f32
+    }
+
+    /// Mean of `x` (`[frames, mels]`, normalised log-mel) over the span.
+    pub fn mean(&self, x: &[f32], mels: usize) -> f32 {
+        let span = &x[self.frames[0] * mels..self.frames[1] * mels];
+        (span.iter().map(|&v| v as f64).sum::<f64>() / span.len().max(1) as f64) as f32
+    }
+
+    fn descend(&self, x0: &mut [f32], mels: usize) {
+        let step = self.weight as f32 * (self.mean(x0, mels) - self.target_unit());
+        x0[self.frames[0] * mels..self.frames[1] * mels].iter_mut().for_each(|v| *v -= step);
     }
 }
 
@@ -479,6 +557,29 @@ mod tests {
                 assert!((p - q).abs() < 1e-4, "t={t}: {p} vs {q}");
             }
         }
+    }
+
+    #[test]
+    fn loudness_energy_moves_the_span_onto_its_target() {
+        let (frames, mels) = (8, 4);
+        let x: Vec<f32> = (0..frames * mels).map(|i| (i as f32 / 16.0) - 1.0).collect();
+        let v0 = vec![0.1f32; frames * mels];
+        let e = Loudness { frames: [2, 5], target_db: -40.0, weight: 1.0 };
+        e.validate(frames).unwrap();
+        let t = 0.5;
+        let (a, s) = alpha_sigma(t);
+        let mut v = v0.clone();
+        apply_audio_energies(std::slice::from_ref(&e), &x, &mut v, t, mels);
+        let x0: Vec<f32> = x.iter().zip(&v).map(|(&x, &v)| a as f32 * x - s as f32 * v).collect();
+        assert!((e.mean(&x0, mels) - e.target_unit()).abs() < 1e-4, "weight 1 lands on the target");
+        assert!((Loudness::db_of(e.target_unit()) + 40.0).abs() < 1e-3);
+        for i in (0..2 * mels).chain(5 * mels..frames * mels) {
+            assert!((v[i] - v0[i]).abs() < 1e-6, "values outside the span are untouched");
+        }
+        assert!(Loudness { frames: [5, 5], ..e.clone() }.validate(frames).is_err());
+        assert!(Loudness { frames: [0, 9], ..e.clone() }.validate(frames).is_err());
+        assert!(Loudness { target_db: f32::NAN, ..e.clone() }.validate(frames).is_err());
+        assert!(Loudness { weight: f64::INFINITY, ..e }.validate(frames).is_err());
     }
 
     #[test]
