@@ -15,6 +15,11 @@ images (empty prompt), per weight over the 10 classes x seeds: the held-out CNN 
 agrees with the energy's class (10% by chance), the linear classifier itself agrees, and the Frechet distance of the
 judge's features against the test set (quality cost; small-sample FD, compare rows).
 
+Sound (`--only loudness`): aios_rt.Loudness on the first half (frames 0-48) of aios-unified-tiny's spoken words, per
+target dB over the 10 words x seeds at 20 DDIM steps, guidance 3: the share within 3 dB of the target, the mean
+absolute error, and the cost: the held-out audio judge of bench/unified_quality.py recognises the prompted word
+on the generated log-mel, against the unconstrained clips of the same words and seeds.
+
     python bench/constraints.py --seeds 10 --threads 2
 """
 
@@ -60,13 +65,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--unified", default=str(ROOT / "models" / "aios-unified-tiny"))
-    ap.add_argument("--only", choices=["text", "brightness", "class"], default=None)
+    ap.add_argument("--only", choices=["text", "brightness", "class", "loudness"], default=None)
     a = ap.parse_args()
     if a.only == "class":
         emit("constraints", {"class": class_energy(a)})
         return
     if a.only == "brightness":
         emit("constraints", {"image": image_energies(a)})
+        return
+    if a.only == "loudness":
+        emit("constraints", {"loudness": loudness_energy(a)})
         return
     if not Path(a.train).exists():
         sys.exit(f"{a.train} not found: build the corpus first with `just data`")
@@ -107,7 +115,44 @@ def main() -> None:
     if a.only is None:
         out["image"] = image_energies(a)
         out["class"] = class_energy(a)
+        out["loudness"] = loudness_energy(a)
     emit("constraints", out)
+
+
+def loudness_energy(a) -> dict:
+    import numpy as np
+    from aios_train.mmdata import DIGIT_WORDS
+    from unified_quality import predict, train_judge
+
+    aud = dict(np.load(ROOT / "data" / "mm" / "audio.npz"))
+    judge, acc = train_judge("audio", aud["train_x"].astype(np.float32), aud["train_y"],
+                             aud["test_x"].astype(np.float32), aud["test_y"], 3, ROOT / "runs" / "bench-judges")
+    eng = aios_rt.Engine(a.unified, threads=a.threads)
+    span = (0, 48)
+    db = lambda m: float((np.mean(m) * 4 - 4) * 20 / np.log(10))  # noqa: E731
+    print(f"loudness: 10 words x {a.seeds} seeds, frames {span}, 20 DDIM steps, guidance 3; audio judge "
+          f"{acc:.3f} on held-out accents")
+    print(f"{'target dB':>9} {'within 3 dB':>11} {'abs err dB':>10} {'judge recognises':>16} {'span dB (plain)':>15}")
+    res = {"judge_accuracy": acc}
+    for target in (None, -80.0, -60.0, -40.0):
+        hits, errs, plain_db = [], [], []
+        for w, word in enumerate(DIGIT_WORDS):
+            for seed in range(a.seeds):
+                cons = [] if target is None else [aios_rt.Loudness(span, target)]
+                g = eng.diffuse(word, modality="audio", steps=20, guidance=3.0, seed=seed, constraints=cons)
+                hits.append(int(predict(judge, g.log_mel[None])[0][0] == w))
+                d = db(g.log_mel[span[0]:span[1]])
+                plain_db.append(d)
+                if target is not None:
+                    errs.append(abs(d - target))
+        key = "none" if target is None else f"{target:g} dB"
+        res[key] = {"recognised": float(np.mean(hits)), "span_db_mean": float(np.mean(plain_db)),
+                    **({} if target is None else {"within_3db": float(np.mean([e <= 3 for e in errs])),
+                                                  "abs_err_db": float(np.mean(errs))})}
+        r = res[key]
+        print(f"{key:>9} {r.get('within_3db', float('nan')):11.2f} {r.get('abs_err_db', float('nan')):10.2f} "
+              f"{r['recognised']:16.2f} {r['span_db_mean']:15.1f}", flush=True)
+    return res
 
 
 def class_energy(a) -> dict:
