@@ -898,7 +898,9 @@ impl Engine {
     /// `constraints` ([aios_rt.Banned([...]), aios_rt.Required([...])]) are
     /// energies on each step's logits; `g.constraints` says which held.
     /// For images, aios_rt.Brightness(region, target) steers a rectangle's
-    /// mean brightness (`score - eta grad E` on the image estimate).
+    /// mean brightness and aios_rt.ClassEnergy a classifier's class (`score -
+    /// eta grad E` on the image estimate); for sound, aios_rt.Loudness(frames,
+    /// target_db) steers a span's level.
     /// `control` ({name: input}) feeds the engine's active ControlNets: text
     /// for a token ControlNet (e.g. the keys a JSON object must have), an
     /// image for an image one (e.g. an edge map, white edges on black).
