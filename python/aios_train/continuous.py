@@ -85,13 +85,17 @@ def timesteps(steps: int) -> list[float]:
     return [1.0 - i / steps for i in range(steps + 1)]
 
 
+def _estimate(x: torch.Tensor, v: torch.Tensor, t: float, s: float, clip: float | None):
+    """((alpha_t, sigma_t), (alpha_s, sigma_s), the x_0 estimate alpha_t x - sigma_t v, clipped): every step's start."""
+    (a_t, s_t), (a_s, s_s) = (tuple(float(u) for u in alpha_sigma(t)), tuple(float(u) for u in alpha_sigma(s)))
+    x0 = a_t * x - s_t * v
+    return (a_t, s_t), (a_s, s_s), (x0.clamp(-clip, clip) if clip is not None else x0)
+
+
 def ddim_step(x: torch.Tensor, v: torch.Tensor, t: float, s: float, eta: float, z: torch.Tensor | None,
               clip: float | None) -> torch.Tensor:
     """x_t -> x_s given the model's v at t. eta = 0: deterministic DDIM; eta = 1: DDPM's posterior."""
-    (a_t, s_t), (a_s, s_s) = (tuple(float(u) for u in alpha_sigma(t)), tuple(float(u) for u in alpha_sigma(s)))
-    x0 = a_t * x - s_t * v
-    if clip is not None:
-        x0 = x0.clamp(-clip, clip)
+    (a_t, s_t), (a_s, s_s), x0 = _estimate(x, v, t, s, clip)
     eps = (x - a_t * x0) / s_t if s_t > 0 else s_t * x + a_t * v
     if s <= 0:
         return x0
@@ -107,10 +111,7 @@ def ddim_step(x: torch.Tensor, v: torch.Tensor, t: float, s: float, eta: float, 
 def ddpm_step(x: torch.Tensor, v: torch.Tensor, t: float, s: float, z: torch.Tensor | None,
               clip: float | None) -> torch.Tensor:
     """Ancestral step from the Gaussian posterior q(x_s | x_t, x_0) with x_0 from v (Ho et al. eq. 6-7)."""
-    (a_t, s_t), (a_s, s_s) = (tuple(float(u) for u in alpha_sigma(t)), tuple(float(u) for u in alpha_sigma(s)))
-    x0 = a_t * x - s_t * v
-    if clip is not None:
-        x0 = x0.clamp(-clip, clip)
+    (a_t, s_t), (a_s, s_s), x0 = _estimate(x, v, t, s, clip)
     if s <= 0:
         return x0
     ab_t, ab_s = a_t * a_t, a_s * a_s
@@ -125,10 +126,7 @@ def lcm_step(x: torch.Tensor, v: torch.Tensor, t: float, s: float, z: torch.Tens
              clip: float | None) -> torch.Tensor:
     """LCM's multistep sampler (Luo et al. 2023, Algorithm 1; `aios_train.lcm`): the consistency function's x_0
     (the model's x_0 estimate), then noised afresh to s: x_s = alpha_s x_0 + sigma_s z."""
-    (a_t, s_t), (a_s, s_s) = (tuple(float(u) for u in alpha_sigma(t)), tuple(float(u) for u in alpha_sigma(s)))
-    x0 = a_t * x - s_t * v
-    if clip is not None:
-        x0 = x0.clamp(-clip, clip)
+    (a_t, s_t), (a_s, s_s), x0 = _estimate(x, v, t, s, clip)
     if s <= 0:
         return x0
     return a_s * x0 + s_s * z
