@@ -17,7 +17,7 @@ import aios_rt
 from _tiny_tokenizer import train_tiny_tokenizer
 from aios_train.config import ModelConfig
 from aios_train.continuous import alpha_sigma, ddim_step, sample_reference
-from aios_train.export import read_fingerprint, save_model, write_tensors
+from aios_train.export import read_fingerprint, read_metadata, save_model, write_tensors
 from aios_train.lcm import (LcmArgs, consistency_x0, ddim_step_batch, distill_lcm, lcm_distance, read_lcm_meta,
                             teacher_solve, teacher_step)
 from aios_train.lora import apply_lora, read_lora, resolve_targets, save_lora
@@ -272,11 +272,13 @@ def test_cli_distill_image_and_generate(base, tmp_path):
     out = tmp_path / "lcm.lora.parquet"
     env = {"PYTHONPATH": str(ROOT / "python"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "aios_train", "distill", "--teacher", str(d), "--modality", "image",
-                        "--data", str(data), "--out", str(out), "--student-steps", "2", "--teacher-steps", "8",
+                        "--data", str(data), "--out", str(out), "--student-steps", "2",
                         "--steps", "2", "--batch-size", "4", "--rank", "2", "--text-length", "16"],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1])["out"] == str(out)
+    # without --teacher-steps the ode target's grid is 4 x the student's steps
+    assert json.loads(read_metadata(out)["aios.config"])["distill"]["teacher_steps"] == 8
     bin_ = ROOT / "target" / "release" / "aios-run"
     png = tmp_path / "x.png"
     g = subprocess.run([str(bin_), "generate", "--model", str(d), "--threads", "1", "--modality", "image", "--adapter",

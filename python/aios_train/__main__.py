@@ -257,7 +257,7 @@ def cmd_distill_lcm(a) -> None:
     from .lcm import LcmArgs, distill_lcm
     r = distill_lcm(LcmArgs(
         teacher=a.teacher, out=a.out, data=a.data, modality=a.modality, run=a.run_dir, tokenizer=a.tokenizer,
-        text_length=a.text_length, teacher_steps=a.teacher_steps or 50, student_steps=a.student_steps, guidance=a.guidance,
+        text_length=a.text_length, teacher_steps=a.teacher_steps, student_steps=a.student_steps, guidance=a.guidance,
         loss=a.loss or "l2", rank=a.rank, alpha=float(a.rank if a.alpha is None else a.alpha), steps=a.steps,
         batch_size=a.batch_size, lr=a.lr, min_lr_ratio=a.min_lr_ratio, warmup=50 if a.warmup is None else a.warmup, grad_clip=a.grad_clip,
         seed=a.seed, threads=a.threads, ckpt_every=a.ckpt_every, time_limit_min=a.time_limit_min,
