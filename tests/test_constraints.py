@@ -233,3 +233,57 @@ def test_loudness_energy_steers_a_span_of_sound(tmp_path):
     r = subprocess.run([bin_, "generate", "--model", str(UNIFIED), "--modality", "audio", "--loudness", "0:-70",
                         "--out", str(out), "seven"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "--loudness" in r.stderr and "panicked" not in r.stderr
+
+
+REGEX = r"the( (cat|dog|mat|park))+"
+
+
+def _regex_prefix(text):
+    """Whether `text` is a prefix of a whole match of REGEX (Python's `re` has no partial match)."""
+    if not "the".startswith(text[:3]) or (len(text) > 3 and text[3] != " "):
+        return False
+    words = text[4:].split(" ") if len(text) > 3 else []
+    full = {"cat", "dog", "mat", "park"}
+    return all(w in full for w in words[:-1]) and (not words or any(f.startswith(words[-1]) for f in full))
+
+
+def _until_stop(tok, tokens):
+    """The text of `tokens` after [BOS] up to the first [EOS]/[PAD] (what the grammar energies read)."""
+    ids = list(tokens[1:])
+    ends = [i for i, t in enumerate(ids) if t in (0, 2)]
+    return tok.decode(ids[:ends[0]] if ends else ids)
+
+
+def test_regex_keeps_the_text_a_prefix_of_a_match(model):
+    import re
+    d, tok = model
+    eng = aios_rt.Engine(d, threads=1)
+    wholes = 0
+    for seed in range(4):
+        g = eng.diffuse("the", length=16, steps=15, seed=seed, block_length=1, sampler="ancestral",
+                        constraints=[aios_rt.Regex(REGEX)])
+        assert g.constraints[0] == {"kind": "regex", "words": [REGEX], "met": g.constraints[0]["met"]}
+        # Left to right (block_length 1), every committed token kept the text a prefix of a match.
+        text = _until_stop(tok, g.tokens)
+        assert _regex_prefix(text), (text, g.text)
+        assert g.constraints[0]["met"] == bool(re.fullmatch(REGEX, text)), text
+        wholes += g.constraints[0]["met"]
+        plain = eng.diffuse("the", length=16, steps=15, seed=seed, block_length=1, sampler="ancestral")
+        assert not _regex_prefix(_until_stop(tok, plain.tokens)), plain.text  # the random model alone does not write it
+    assert wholes >= 1, "no generation ended on a whole match"
+    # Bad patterns fail where they are written, with the reason.
+    for bad, why in [("(", "cannot be used"), (r"\w{1000}", "cannot be used"), (r"[^\x00-\x{10FFFF}]", "nothing")]:
+        with pytest.raises(ValueError, match=why):
+            aios_rt.Regex(bad)
+    with pytest.raises(aios_rt.InputError, match="finite"):
+        eng.diffuse("the", length=12, steps=2, constraints=[aios_rt.Regex("a", weight=float("inf"))])
+    assert repr(aios_rt.Regex("a+", weight=2.0)) == "Regex('a+', weight=2.0)"
+    assert aios_rt.Regex("a+").pattern == "a+"
+    bin_ = str(ROOT / "target" / "release" / "aios-run")
+    r = subprocess.run([bin_, "generate", "--model", str(d), "--regex", REGEX, "--block-length", "1", "--length", "16",
+                        "--steps", "15", "the"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "constraint regex" in r.stderr, r.stderr
+    assert _regex_prefix(r.stdout.strip()), r.stdout
+    r = subprocess.run([bin_, "generate", "--model", str(d), "--regex", "(", "the"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and "cannot be used" in r.stderr and "panicked" not in r.stderr, r.stderr

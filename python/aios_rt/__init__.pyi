@@ -46,6 +46,11 @@ class ValidJson:
     weight: float
     def __init__(self, weight: float = 8.0) -> None: ...
 
+class Regex:
+    pattern: str
+    weight: float
+    def __init__(self, pattern: str, weight: float = 8.0) -> None: ...
+
 class ClassEnergy:
     classifier: str
     label: str
@@ -128,7 +133,7 @@ class Engine:
         compose: Optional[Dict[str, float]] = None,
         adapters: Optional[Dict[str, float]] = None,
         skills: bool = True,
-        constraints: Optional[Sequence[Union[Banned, Required, ValidJson, Brightness, ClassEnergy, Loudness]]] = None,
+        constraints: Optional[Sequence[Union[Banned, Required, ValidJson, Regex, Brightness, ClassEnergy, Loudness]]] = None,
         control: Optional[Dict[str, Union[str, np.ndarray]]] = None,
     ) -> Generation: ...
     def forward_canvas(

@@ -307,6 +307,38 @@ impl ValidJson {
     }
 }
 
+/// Text constraint: "matches the pattern so far". `pattern` is a regular
+/// expression (Rust `regex` syntax) the whole text after [BOS], the prompt
+/// included, should match: at the first masked position tokens that cannot
+/// continue a match, and an end before the match is whole, get energy 1 (the
+/// same rule as ValidJson, with a DFA for the grammar). The pattern is
+/// compiled here: a bad or oversized one raises ValueError.
+#[pyclass(frozen, module = "aios_rt")]
+#[derive(Clone)]
+struct Regex {
+    regex: std::sync::Arc<aios_core::sampler::regex_prefix::RegexPrefix>,
+    #[pyo3(get)]
+    weight: f64,
+}
+
+#[pymethods]
+impl Regex {
+    #[new]
+    #[pyo3(signature = (pattern, weight=aios_core::sampler::constraints::DEFAULT_WEIGHT))]
+    fn new(pattern: &str, weight: f64) -> PyResult<Self> {
+        let regex = aios_core::sampler::regex_prefix::RegexPrefix::new(pattern).map_err(to_py)?;
+        Ok(Regex { regex: std::sync::Arc::new(regex), weight })
+    }
+    /// The pattern's source text.
+    #[getter]
+    fn pattern(&self) -> &str {
+        self.regex.pattern()
+    }
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!("Regex({}, weight={:?})", self.regex.pattern().into_pyobject(py)?.repr()?, self.weight))
+    }
+}
+
 /// Image energy: the mean brightness of `region` = (x0, y0, x1, y1), in
 /// pixels, end exclusive, should be `target` (0 black .. 1 white). Each
 /// denoising step moves the image estimate by `-weight * grad E` (weight 1
@@ -384,7 +416,7 @@ impl Loudness {
     }
 }
 
-/// `constraints=`: a list of Banned / Required / ValidJson (text), Brightness / ClassEnergy (image) and
+/// `constraints=`: a list of Banned / Required / ValidJson / Regex (text), Brightness / ClassEnergy (image) and
 /// Loudness (audio), parsed once.
 #[derive(Default)]
 struct Constraints {
@@ -400,7 +432,7 @@ impl<'a, 'py> FromPyObject<'a, 'py> for Constraints {
         use aios_core::sampler::constraints::{Constraint, Kind};
         let items: Vec<Bound<'py, PyAny>> = ob.extract().map_err(|_| {
             input_error(
-                "constraints must be a list of aios_rt.Banned / aios_rt.Required / aios_rt.ValidJson / \
+                "constraints must be a list of aios_rt.Banned / aios_rt.Required / aios_rt.ValidJson / aios_rt.Regex / \
                  aios_rt.Brightness / aios_rt.ClassEnergy / aios_rt.Loudness",
             )
         })?;
@@ -414,6 +446,9 @@ impl<'a, 'py> FromPyObject<'a, 'py> for Constraints {
                 out.text.push(Constraint::new(Kind::Required, r.words.clone(), r.weight));
             } else if let Ok(j) = it.cast::<ValidJson>() {
                 out.text.push(Constraint::new(Kind::ValidJson, vec![], j.get().weight));
+            } else if let Ok(r) = it.cast::<Regex>() {
+                let r = r.get();
+                out.text.push(Constraint::regex(r.regex.clone(), r.weight));
             } else if let Ok(b) = it.cast::<Brightness>() {
                 let b = b.get();
                 let (x0, y0, x1, y1) = b.region;
@@ -440,7 +475,7 @@ impl<'a, 'py> FromPyObject<'a, 'py> for Constraints {
                 });
             } else {
                 return Err(input_error(format!(
-                    "unknown constraint {}; use aios_rt.Banned, aios_rt.Required, aios_rt.ValidJson, \
+                    "unknown constraint {}; use aios_rt.Banned, aios_rt.Required, aios_rt.ValidJson, aios_rt.Regex, \
                      aios_rt.Brightness, aios_rt.ClassEnergy or aios_rt.Loudness",
                     it.get_type()
                 )));
@@ -895,7 +930,8 @@ impl Engine {
     /// `{"full": 1 + w, "unconditional": -w}` (= `guidance=w`); weights sum to 1.
     /// `adapters` ({name: weight} of loaded adapters) replaces the engine's
     /// active set for this call only; `skills=False` skips the skills store.
-    /// `constraints` ([aios_rt.Banned([...]), aios_rt.Required([...])]) are
+    /// `constraints` ([aios_rt.Banned([...]), aios_rt.Required([...]),
+    /// aios_rt.ValidJson(), aios_rt.Regex(pattern)]) are
     /// energies on each step's logits; `g.constraints` says which held.
     /// For images, aios_rt.Brightness(region, target) steers a rectangle's
     /// mean brightness and aios_rt.ClassEnergy a classifier's class (`score -
@@ -1440,6 +1476,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Loudness>()?;
     m.add_class::<ClassEnergy>()?;
     m.add_class::<ValidJson>()?;
+    m.add_class::<Regex>()?;
     m.add_class::<memory::MemoryStore>()?;
     m.add_class::<memory::Embedder>()?;
     m.add_function(wrap_pyfunction!(quantize, m)?)?;

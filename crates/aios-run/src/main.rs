@@ -8,6 +8,7 @@ mod memory;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use aios_core::adapter::ControlKind;
 use aios_core::engine::{save_output, GivenAudio, GivenImage, MediaRequest};
@@ -20,6 +21,7 @@ use aios_core::sampler::constraints::{Constraint, Kind};
 use aios_core::sampler::continuous::{
     Brightness, ClassEnergy, ContinuousSampler, ImageEnergy, LinearClassifier, Loudness,
 };
+use aios_core::sampler::regex_prefix::RegexPrefix;
 use aios_core::sampler::{SamplerOptions, Strategy, Term};
 use aios_core::{ControlInput, Engine, EngineOptions, Error, MemorySource, TextRequest};
 use clap::{Parser, Subcommand};
@@ -131,6 +133,10 @@ struct GenerateArgs {
     /// logits; pair it with a small --block-length).
     #[arg(long)]
     valid_json: bool,
+    /// "Matches the pattern so far": the text after [BOS] (prompt included) must stay a prefix of a whole
+    /// match of this regular expression (Rust regex syntax; an energy on the logits like --valid-json).
+    #[arg(long, value_name = "PATTERN")]
+    regex: Option<String>,
     /// Image energy: the mean brightness of a rectangle, `X0,Y0,X1,Y1:TARGET[:WEIGHT]` in pixels (end
     /// exclusive), target in [0, 1] (0 black), weight (eta) default 1 = the x0 estimate's mean put on the
     /// target every step; repeat for several.
@@ -502,6 +508,13 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
             .filter(|(_, words)| !words.is_empty())
             .map(|(kind, words)| Constraint::new(kind, words.clone(), a.constraint_weight))
             .chain(a.valid_json.then(|| Constraint::new(Kind::ValidJson, vec![], a.constraint_weight)))
+            .chain(
+                a.regex
+                    .as_deref()
+                    .map(RegexPrefix::new)
+                    .transpose()?
+                    .map(|r| Constraint::regex(Arc::new(r), a.constraint_weight)),
+            )
             .collect(),
     };
     sampler.validate()?;

@@ -243,7 +243,7 @@ pub struct Engine {
     calibration: Option<Calibration>,
     /// The memory store `MemorySource::Search` reads.
     memory: RwLock<Option<Arc<MemoryStore>>>,
-    /// Each token's text, for the ValidJson constraint (decoded on first use).
+    /// Each token's text, for the ValidJson and Regex constraints (decoded on first use).
     token_bytes: std::sync::OnceLock<Vec<Vec<u8>>>,
 }
 
@@ -519,7 +519,7 @@ impl Engine {
         let t_start = Instant::now();
         let cfg = &self.config;
         let mut sampler = req.sampler.clone();
-        for c in sampler.constraints.iter_mut().filter(|c| c.kind != sampler::constraints::Kind::ValidJson) {
+        for c in sampler.constraints.iter_mut().filter(|c| !c.kind.reads_text()) {
             c.spellings = self.spellings(&c.words, c.kind)?;
         }
         let TextPlan { canvas, prefix_len, suffix } = req.plan(self)?;
@@ -534,15 +534,15 @@ impl Engine {
         }
         let mut full = self.memory_segment(&mut memories, room)?;
         let mem_len = full.len();
-        if sampler.constraints.iter().any(|c| c.kind == sampler::constraints::Kind::ValidJson) {
-            // The JSON text starts right after [BOS] (the prompt is part of it).
-            let spec = Arc::new(sampler::constraints::JsonTokens {
+        if sampler.constraints.iter().any(|c| c.kind.reads_text()) {
+            // The text a grammar checks starts right after [BOS] (the prompt is part of it).
+            let spec = Arc::new(sampler::constraints::TextTokens {
                 start: mem_len + 1,
                 bytes: self.token_bytes()?.to_vec(),
                 stop: vec![cfg.eos_token_id, cfg.pad_token_id],
             });
-            for c in sampler.constraints.iter_mut().filter(|c| c.kind == sampler::constraints::Kind::ValidJson) {
-                c.json = Some(spec.clone());
+            for c in sampler.constraints.iter_mut().filter(|c| c.kind.reads_text()) {
+                c.text = Some(spec.clone());
             }
         }
         sampler.validate()?;
@@ -621,7 +621,7 @@ impl Engine {
             let forms = match kind {
                 sampler::constraints::Kind::Banned => vec![format!(" {w}"), w.clone()],
                 sampler::constraints::Kind::Required => vec![format!(" {w}")],
-                sampler::constraints::Kind::ValidJson => vec![],
+                sampler::constraints::Kind::ValidJson | sampler::constraints::Kind::Regex => vec![],
             };
             for text in forms {
                 let ids = self.encode(&text)?;

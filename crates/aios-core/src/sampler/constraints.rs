@@ -27,13 +27,20 @@
 //!   checked (they are not decidable yet), so semi-autoregressive blocks
 //!   (`block_length`) make it stronger. Reported in `met`: the text is one
 //!   whole JSON value.
+//! - [`Kind::Regex`]: "matches the pattern so far", the same rule with a
+//!   regular expression ([`RegexPrefix`], a DFA) in place of the JSON
+//!   grammar: the text from the same start must stay a prefix of a whole
+//!   match, and `met` says it is one.
 //!
 //! Spellings are token sequences (the engine encodes each word with and
 //! without a leading space); several constraints combine by adding energies.
 
 use std::sync::Arc;
 
+use regex_automata::util::primitives::StateID;
+
 use super::json_prefix::JsonPrefix;
+use super::regex_prefix::RegexPrefix;
 use crate::error::Result;
 
 /// Energy weight when none is given: strong enough that a banned word's
@@ -45,6 +52,7 @@ pub enum Kind {
     Banned,
     Required,
     ValidJson,
+    Regex,
 }
 
 impl Kind {
@@ -53,7 +61,14 @@ impl Kind {
             Kind::Banned => "banned",
             Kind::Required => "required",
             Kind::ValidJson => "valid_json",
+            Kind::Regex => "regex",
         }
+    }
+
+    /// Whether the constraint reads the canvas as text from a start position
+    /// (a grammar) rather than matching token spellings of words.
+    pub fn reads_text(self) -> bool {
+        matches!(self, Kind::ValidJson | Kind::Regex)
     }
 }
 
@@ -67,15 +82,17 @@ pub struct Constraint {
     pub spellings: Vec<Vec<u32>>,
     /// `eta`: logits move by `weight` per unit of energy.
     pub weight: f64,
-    /// ValidJson: where the JSON text starts and what each token spells
+    /// ValidJson / Regex: where the text starts and what each token spells
     /// (filled by the engine from its tokenizer).
-    pub json: Option<Arc<JsonTokens>>,
+    pub text: Option<Arc<TextTokens>>,
+    /// Regex: the compiled pattern (`words` holds its source).
+    pub regex: Option<Arc<RegexPrefix>>,
 }
 
-/// What a ValidJson constraint needs to read a canvas as text.
+/// What a ValidJson or Regex constraint needs to read a canvas as text.
 #[derive(Debug, PartialEq)]
-pub struct JsonTokens {
-    /// Canvas position where the JSON text starts.
+pub struct TextTokens {
+    /// Canvas position where the text starts.
     pub start: usize,
     /// The bytes of each token id (empty for special tokens).
     pub bytes: Vec<Vec<u8>>,
@@ -83,11 +100,33 @@ pub struct JsonTokens {
     pub stop: Vec<u32>,
 }
 
-impl JsonTokens {
+/// A grammar's checker state: JSON's pushdown state or a DFA state.
+#[derive(Clone)]
+enum Prefix<'a> {
+    Json(JsonPrefix),
+    Regex(&'a RegexPrefix, StateID),
+}
+
+impl Prefix<'_> {
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        match self {
+            Prefix::Json(j) => j.feed(bytes),
+            Prefix::Regex(r, s) => r.feed(s, bytes),
+        }
+    }
+
+    fn complete(&self) -> bool {
+        match self {
+            Prefix::Json(j) => j.complete(),
+            Prefix::Regex(r, s) => r.complete(*s),
+        }
+    }
+}
+
+impl TextTokens {
     /// The checker state after the committed tokens `tokens[start..end]`,
-    /// None if they already are not a JSON prefix.
-    fn state(&self, tokens: &[u32], end: usize) -> Option<JsonPrefix> {
-        let mut st = JsonPrefix::default();
+    /// None if they already are not a prefix of the grammar.
+    fn state<'a>(&self, mut st: Prefix<'a>, tokens: &[u32], end: usize) -> Option<Prefix<'a>> {
         for &t in &tokens[self.start.min(end)..end] {
             let b = self.bytes.get(t as usize)?;
             if b.is_empty() || !st.feed(b) {
@@ -100,7 +139,24 @@ impl JsonTokens {
 
 impl Constraint {
     pub fn new(kind: Kind, words: Vec<String>, weight: f64) -> Self {
-        Constraint { kind, words, spellings: vec![], weight, json: None }
+        Constraint { kind, words, spellings: vec![], weight, text: None, regex: None }
+    }
+
+    /// A Regex constraint on a compiled pattern.
+    pub fn regex(pattern: Arc<RegexPrefix>, weight: f64) -> Self {
+        Constraint {
+            regex: Some(pattern.clone()),
+            ..Constraint::new(Kind::Regex, vec![pattern.pattern().into()], weight)
+        }
+    }
+
+    /// The grammar's state before any text (None for word constraints).
+    fn grammar(&self) -> Option<Prefix<'_>> {
+        match (self.kind, &self.regex) {
+            (Kind::ValidJson, _) => Some(Prefix::Json(JsonPrefix::default())),
+            (Kind::Regex, Some(r)) => Some(Prefix::Regex(r, r.start())),
+            _ => None,
+        }
     }
 }
 
@@ -124,6 +180,12 @@ pub fn validate(constraints: &[Constraint]) -> Result<()> {
                 return crate::input_err!("a valid_json constraint takes no words");
             }
             continue;
+        }
+        if c.kind == Kind::Regex {
+            match &c.regex {
+                Some(r) if c.words.len() == 1 && c.words[0] == r.pattern() => continue,
+                _ => return crate::input_err!("a regex constraint needs its compiled pattern (Constraint::regex)"),
+            }
         }
         if c.words.is_empty() || c.words.iter().any(|w| w.trim().is_empty()) {
             return crate::input_err!("a {} constraint needs non-empty words", c.kind.name());
@@ -149,10 +211,10 @@ pub fn validate(constraints: &[Constraint]) -> Result<()> {
 /// Checks that every constraint has token spellings (the sampler works on
 /// tokens; text generation fills them from the words).
 pub fn check_spelled(constraints: &[Constraint]) -> Result<()> {
-    if constraints.iter().any(|c| c.kind == Kind::ValidJson && c.json.is_none()) {
-        return crate::input_err!("a valid_json constraint needs the token texts (text generation fills them)");
+    if let Some(c) = constraints.iter().find(|c| c.kind.reads_text() && c.text.is_none()) {
+        return crate::input_err!("a {} constraint needs the token texts (text generation fills them)", c.kind.name());
     }
-    let words = constraints.iter().filter(|c| c.kind != Kind::ValidJson);
+    let words = constraints.iter().filter(|c| !c.kind.reads_text());
     match words.into_iter().find(|c| c.spellings.is_empty() || c.spellings.iter().any(Vec::is_empty)) {
         Some(c) => crate::input_err!(
             "the {} words {:?} have no token spelling (text generation fills them from the words)",
@@ -192,8 +254,8 @@ pub fn apply(
         if c.kind == Kind::Required && c.spellings.iter().any(|s| occurs(tokens, s)) {
             continue; // already met: no energy left to lower
         }
-        if let (Kind::ValidJson, Some(spec)) = (c.kind, &c.json) {
-            apply_json(spec, w, tokens, mask, positions, logits, vocab);
+        if let (Some(spec), Some(grammar)) = (&c.text, c.grammar()) {
+            apply_grammar(spec, grammar, w, tokens, mask, positions, logits, vocab);
             continue;
         }
         for s in &c.spellings {
@@ -230,9 +292,11 @@ pub fn apply(
     }
 }
 
-/// ValidJson's energy at the first masked position of the JSON text.
-fn apply_json(
-    spec: &JsonTokens,
+/// A grammar's energy (ValidJson, Regex) at the first masked position of its text.
+#[allow(clippy::too_many_arguments)]
+fn apply_grammar(
+    spec: &TextTokens,
+    grammar: Prefix<'_>,
     w: f32,
     tokens: &[u32],
     mask: u32,
@@ -242,7 +306,7 @@ fn apply_json(
 ) {
     let Some(p) = (spec.start..tokens.len()).find(|&i| tokens[i] == mask) else { return };
     let Some(j) = positions.iter().position(|&i| i == p) else { return };
-    let Some(st) = spec.state(tokens, p) else { return }; // already broken: nothing left to steer
+    let Some(st) = spec.state(grammar, tokens, p) else { return }; // already broken: nothing left to steer
     let whole = st.complete();
     let row = &mut logits[j * vocab..(j + 1) * vocab];
     for (v, l) in row.iter_mut().enumerate() {
@@ -269,10 +333,14 @@ pub fn met(constraints: &[Constraint], tokens: &[u32], given: &[bool]) -> Vec<bo
             Kind::Banned => !c.spellings.iter().any(|s| {
                 (0..tokens.len()).any(|i| occurs_at(tokens, s, i) && given[i..i + s.len()].iter().any(|g| !g))
             }),
-            Kind::ValidJson => c.json.as_ref().is_some_and(|spec| {
-                let end = (spec.start..tokens.len()).find(|&i| spec.stop.contains(&tokens[i])).unwrap_or(tokens.len());
-                spec.state(tokens, end).is_some_and(|st| st.complete())
-            }),
+            Kind::ValidJson | Kind::Regex => match (&c.text, c.grammar()) {
+                (Some(spec), Some(grammar)) => {
+                    let end =
+                        (spec.start..tokens.len()).find(|&i| spec.stop.contains(&tokens[i])).unwrap_or(tokens.len());
+                    spec.state(grammar, tokens, end).is_some_and(|st| st.complete())
+                }
+                _ => false,
+            },
         })
         .collect()
 }
@@ -284,7 +352,7 @@ mod tests {
     const M: u32 = 0;
 
     fn c(kind: Kind, spellings: Vec<Vec<u32>>) -> Constraint {
-        Constraint { kind, words: vec![format!("{spellings:?}")], spellings, weight: 2.0, json: None }
+        Constraint { kind, words: vec![format!("{spellings:?}")], spellings, weight: 2.0, text: None, regex: None }
     }
 
     #[test]
@@ -300,8 +368,15 @@ mod tests {
             vec![],
             b"x".to_vec(),
         ];
-        let spec = Arc::new(JsonTokens { start: 1, bytes, stop: vec![6] });
-        let j = Constraint { kind: Kind::ValidJson, words: vec![], spellings: vec![], weight: 2.0, json: Some(spec) };
+        let spec = Arc::new(TextTokens { start: 1, bytes, stop: vec![6] });
+        let j = Constraint {
+            kind: Kind::ValidJson,
+            words: vec![],
+            spellings: vec![],
+            weight: 2.0,
+            text: Some(spec),
+            regex: None,
+        };
         // Canvas [BOS=7 (before start), "{", "\"a\"", M, M]: position 3 may only be ":".
         let tokens = [7, 1, 3, M, M];
         let mut logits = vec![0f32; 2 * 8];
@@ -319,8 +394,34 @@ mod tests {
         assert_eq!(met(std::slice::from_ref(&j), &[7, 1, 3, 4, 5, 2, 6], &[false; 7]), vec![true]);
         assert_eq!(met(std::slice::from_ref(&j), &[7, 1, 3, 4, 5, 6, 6], &[false; 7]), vec![false]);
         assert!(validate(std::slice::from_ref(&j)).is_ok());
-        assert!(check_spelled(&[Constraint { json: None, ..j.clone() }]).is_err());
+        assert!(check_spelled(&[Constraint { text: None, regex: None, ..j.clone() }]).is_err());
         assert!(validate(&[Constraint { words: vec!["x".into()], ..j }]).is_err());
+    }
+
+    #[test]
+    fn regex_steers_like_valid_json_with_its_own_grammar() {
+        // Tokens: 0 mask, 1 "ab", 2 "c", 3 "x", 4 EOS.
+        let bytes: Vec<Vec<u8>> = vec![vec![], b"ab".to_vec(), b"c".to_vec(), b"x".to_vec(), vec![]];
+        let spec = Arc::new(TextTokens { start: 1, bytes, stop: vec![4] });
+        let re = Arc::new(RegexPrefix::new("(ab)+c").unwrap());
+        let r = Constraint { text: Some(spec), ..Constraint::regex(re.clone(), 2.0) };
+        assert_eq!(r.words, vec!["(ab)+c".to_string()]);
+        // Canvas [BOS=3 (before start), "ab", M, M]: "ab" or "c" may follow, "x" and the end may not.
+        let mut logits = vec![0f32; 2 * 5];
+        apply(std::slice::from_ref(&r), &[3, 1, M, M], M, &[2, 3], &mut logits, 5);
+        assert_eq!(&logits[..5], &[-2.0, 0.0, 0.0, -2.0, -2.0]);
+        assert!(logits[5..].iter().all(|&x| x == 0.0), "positions right of the first mask are not checked");
+        // After "ab c" only the end fits.
+        let mut logits = vec![0f32; 5];
+        apply(std::slice::from_ref(&r), &[3, 1, 2, M], M, &[3], &mut logits, 5);
+        assert_eq!(&logits[..], &[-2.0, -2.0, -2.0, -2.0, 0.0]);
+        assert_eq!(met(std::slice::from_ref(&r), &[3, 1, 1, 2, 4, 3], &[false; 6]), vec![true]);
+        assert_eq!(met(std::slice::from_ref(&r), &[3, 1, 1, 4, 3, 3], &[false; 6]), vec![false]);
+        assert!(validate(std::slice::from_ref(&r)).is_ok());
+        assert!(check_spelled(&[Constraint { text: None, ..r.clone() }]).is_err());
+        // The words must be the compiled pattern's source.
+        assert!(validate(&[Constraint { words: vec!["c".into()], ..r.clone() }]).is_err());
+        assert!(validate(&[Constraint { regex: None, ..r }]).is_err());
     }
 
     #[test]

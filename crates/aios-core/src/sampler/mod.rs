@@ -8,6 +8,7 @@
 pub mod constraints;
 pub mod continuous;
 pub mod json_prefix;
+pub mod regex_prefix;
 pub mod rng;
 mod scores;
 pub mod uncertainty;
