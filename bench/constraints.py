@@ -15,6 +15,11 @@ images (empty prompt), per weight over the 10 classes x seeds: the held-out CNN 
 agrees with the energy's class (10% by chance), the linear classifier itself agrees, and the Frechet distance of the
 judge's features against the test set (quality cost; small-sample FD, compare rows).
 
+Regex (`--only regex`): aios_rt.Regex with the escaped prompt followed by "no letter e" ([^eE]*) or "one sentence"
+([^.!?]*[.!?]), sampling the whole canvas at once (--steps) and left to right (block_length 1, one token per step):
+the share reported met, the share Python's `re.fullmatch` accepts (the text up to the first end token), and the
+same quality columns against the unconstrained text of the same decoding.
+
 Sound (`--only loudness`): aios_rt.Loudness on the first half (frames 0-48) of aios-unified-tiny's spoken words, per
 target dB over the 10 words x seeds at 20 DDIM steps, guidance 3: the share within 3 dB of the target, the mean
 absolute error, and the cost: the held-out audio judge of bench/unified_quality.py recognises the prompted word
@@ -65,7 +70,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--unified", default=str(ROOT / "models" / "aios-unified-tiny"))
-    ap.add_argument("--only", choices=["text", "brightness", "class", "loudness"], default=None)
+    ap.add_argument("--only", choices=["text", "regex", "brightness", "class", "loudness"], default=None)
     a = ap.parse_args()
     if a.only == "class":
         emit("constraints", {"class": class_energy(a)})
@@ -82,6 +87,9 @@ def main() -> None:
     with open(a.train) as f:
         for line in f:
             vocab.update(words(json.loads(line)["text"]))
+    if a.only == "regex":
+        emit("constraints", {"regex": regex_energy(a, vocab)})
+        return
     eng = aios_rt.Engine(a.model, threads=a.threads)
     print(f"machine: {machine()}; {len(PROMPTS)} prompts x {a.seeds} seeds, {a.length} tokens, {a.steps} ancestral "
           f"steps, top-p 0.9")
@@ -113,10 +121,52 @@ def main() -> None:
         print(f"{name:<26} {r['all_met']:7.2f} {r['banned_word_in_text']:9.2f} {req_s} {r['known_words']:6.3f} "
               f"{r['distinct_2']:6.3f} {r['nll_per_token']:6.3f} {r['ms_median']:6.1f}")
     if a.only is None:
+        out["regex"] = regex_energy(a, vocab)
         out["image"] = image_energies(a)
         out["class"] = class_energy(a)
         out["loudness"] = loudness_energy(a)
     emit("constraints", out)
+
+
+REGEXES = {"none": None, "no letter e": "[^eE]*", "one sentence": "[^.!?]*[.!?]"}
+
+
+def regex_energy(a, vocab: set[str]) -> dict:
+    """aios_rt.Regex on the text after the prompt (pattern = the escaped prompt + REGEXES[name]), full-canvas
+    sampling and left to right (block_length 1): satisfaction and cost against the unconstrained text."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(Path(a.model) / "tokenizer.json"))
+    eng = aios_rt.Engine(a.model, threads=a.threads)
+    print(f"regex: {len(PROMPTS)} prompts x {a.seeds} seeds, {a.length} tokens, ancestral, top-p 0.9; "
+          f"the text is read up to the first [EOS]/[PAD]")
+    print(f"{'decoding':<22} {'pattern':<13} {'met':>5} {'re ok':>5} {'known':>6} {'dist-2':>6} {'nll':>6} {'ms':>6}")
+    res = {}
+    for decoding, bl, steps in (("full canvas, 32 steps", None, a.steps), ("left to right", 1, a.length)):
+        for name, tail in REGEXES.items():
+            texts, met, ok, nll, ms = [], [], [], [], []
+            for prompt in PROMPTS:
+                pattern = None if tail is None else re.escape(prompt) + tail
+                for seed in range(a.seeds):
+                    cons = [] if pattern is None else [aios_rt.Regex(pattern)]
+                    g = eng.diffuse(prompt, length=a.length, steps=steps, seed=seed, sampler="ancestral", top_p=0.9,
+                                    block_length=bl, constraints=cons)
+                    ids = list(g.tokens[1:])
+                    end = next((i for i, t in enumerate(ids) if t in (0, 2)), len(ids))
+                    text = tok.decode(ids[:end])
+                    texts.append(words(text[len(prompt):]))
+                    if pattern is not None:
+                        met.append(g.constraints[0]["met"])
+                        ok.append(re.fullmatch(pattern, text) is not None)
+                    nll.append(g.uncertainty_parts["nll"])
+                    ms.append(g.timings["total_ms"])
+            r = {**scores(texts, vocab), "met": statistics.mean(met) if met else None,
+                 "python_re_fullmatch": statistics.mean(ok) if ok else None,
+                 "nll_per_token": statistics.mean(nll), "ms_median": statistics.median(ms)}
+            res[f"{decoding} / {name}"] = r
+            f = lambda v: f"{v:5.2f}" if v is not None else f"{'-':>5}"  # noqa: E731
+            print(f"{decoding:<22} {name:<13} {f(r['met'])} {f(r['python_re_fullmatch'])} {r['known_words']:6.3f} "
+                  f"{r['distinct_2']:6.3f} {r['nll_per_token']:6.3f} {r['ms_median']:6.1f}", flush=True)
+    return res
 
 
 def loudness_energy(a) -> dict:

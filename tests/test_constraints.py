@@ -271,6 +271,14 @@ def test_regex_keeps_the_text_a_prefix_of_a_match(model):
         plain = eng.diffuse("the", length=16, steps=15, seed=seed, block_length=1, sampler="ancestral")
         assert not _regex_prefix(_until_stop(tok, plain.tokens)), plain.text  # the random model alone does not write it
     assert wholes >= 1, "no generation ended on a whole match"
+    # Any decoding: a grammar makes each step commit from the left, so the whole canvas at once holds too.
+    for seed in range(3):
+        g = eng.diffuse("the", length=16, steps=6, seed=seed, sampler="confidence", constraints=[aios_rt.Regex(REGEX)])
+        text = _until_stop(tok, g.tokens)
+        assert _regex_prefix(text) and g.constraints[0]["met"] == bool(re.fullmatch(REGEX, text)), text
+        # After the end, only end tokens: the text is clean.
+        if g.constraints[0]["met"]:
+            assert g.text == text, g.text
     # Bad patterns fail where they are written, with the reason.
     for bad, why in [("(", "cannot be used"), (r"\w{1000}", "cannot be used"), (r"[^\x00-\x{10FFFF}]", "nothing")]:
         with pytest.raises(ValueError, match=why):

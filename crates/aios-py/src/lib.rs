@@ -284,11 +284,12 @@ impl Required {
 }
 
 /// Text constraint: "valid JSON so far". The text after [BOS] (the prompt
-/// included) must stay a prefix of a JSON value: at the first masked position
-/// tokens that cannot continue it, and an end before the value is whole, get
-/// energy 1. Tokens committed further right are not checked, so small
-/// `block_length` makes it stronger; `g.constraints` says whether the text is
-/// one whole JSON value.
+/// included) must stay a prefix of a JSON value: tokens that cannot continue
+/// the committed text, and an end before the value is whole, get energy 1;
+/// after the end only end tokens fit. While a grammar (ValidJson, Regex) is
+/// active the sampler commits left to right (each step's tokens at the
+/// leftmost masked positions, each steered given the ones before it);
+/// `g.constraints` says whether the text is one whole JSON value.
 #[pyclass(frozen, module = "aios_rt", get_all)]
 #[derive(Clone)]
 struct ValidJson {
@@ -309,9 +310,9 @@ impl ValidJson {
 
 /// Text constraint: "matches the pattern so far". `pattern` is a regular
 /// expression (Rust `regex` syntax) the whole text after [BOS], the prompt
-/// included, should match: at the first masked position tokens that cannot
-/// continue a match, and an end before the match is whole, get energy 1 (the
-/// same rule as ValidJson, with a DFA for the grammar). The pattern is
+/// included, should match: tokens that cannot continue a match, and an end
+/// before the match is whole, get energy 1 (the same rule and left-to-right
+/// commits as ValidJson, with a DFA for the grammar). The pattern is
 /// compiled here: a bad or oversized one raises ValueError.
 #[pyclass(frozen, module = "aios_rt")]
 #[derive(Clone)]

@@ -130,7 +130,7 @@ struct GenerateArgs {
     #[arg(long, value_name = "WORD")]
     require: Vec<String>,
     /// "Valid JSON so far": the text after [BOS] must stay a prefix of a JSON value (an energy on the
-    /// logits; pair it with a small --block-length).
+    /// logits; while a grammar is active the sampler commits left to right).
     #[arg(long)]
     valid_json: bool,
     /// "Matches the pattern so far": the text after [BOS] (prompt included) must stay a prefix of a whole

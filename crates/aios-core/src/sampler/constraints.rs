@@ -19,14 +19,15 @@
 //!   committed its continuation is favoured strongly. Best effort, reported
 //!   in `met`.
 //!
-//! - [`Kind::ValidJson`]: "valid JSON so far". The committed tokens from
-//!   the start of the JSON text up to the first masked position must be a
-//!   prefix of a JSON text ([`JsonPrefix`]); at that position every token
-//!   that cannot continue it (and an end token before the value is whole)
-//!   gets energy 1. Tokens committed further right, out of order, are not
-//!   checked (they are not decidable yet), so semi-autoregressive blocks
-//!   (`block_length`) make it stronger. Reported in `met`: the text is one
-//!   whole JSON value.
+//! - [`Kind::ValidJson`]: "valid JSON so far". The text from its start
+//!   must stay a prefix of a JSON text ([`JsonPrefix`]): a token that cannot
+//!   continue the committed text, or an end token before the value is
+//!   whole, gets energy 1, and after an end token only end tokens fit. A
+//!   grammar can judge a token only once everything left of it is
+//!   committed, so while one is active the sampler commits left to right
+//!   ([`commit_left_to_right`]: each step's tokens at the leftmost masked
+//!   positions, each steered given the ones before it). Reported in `met`:
+//!   the text is one whole JSON value.
 //! - [`Kind::Regex`]: "matches the pattern so far", the same rule with a
 //!   regular expression ([`RegexPrefix`], a DFA) in place of the JSON
 //!   grammar: the text from the same start must stay a prefix of a whole
@@ -254,9 +255,8 @@ pub fn apply(
         if c.kind == Kind::Required && c.spellings.iter().any(|s| occurs(tokens, s)) {
             continue; // already met: no energy left to lower
         }
-        if let (Some(spec), Some(grammar)) = (&c.text, c.grammar()) {
-            apply_grammar(spec, grammar, w, tokens, mask, positions, logits, vocab);
-            continue;
+        if c.kind.reads_text() {
+            continue; // grammars steer while committing: `commit_left_to_right`
         }
         for s in &c.spellings {
             let m = s.len();
@@ -292,34 +292,114 @@ pub fn apply(
     }
 }
 
-/// A grammar's energy (ValidJson, Regex) at the first masked position of its text.
-#[allow(clippy::too_many_arguments)]
-fn apply_grammar(
-    spec: &TextTokens,
-    grammar: Prefix<'_>,
-    w: f32,
+/// Whether any grammar constraint (ValidJson, Regex) is active: then the
+/// sampler commits left to right through [`commit_left_to_right`].
+pub fn has_grammar(constraints: &[Constraint]) -> bool {
+    constraints.iter().any(|c| c.kind.reads_text() && c.weight > 0.0)
+}
+
+/// Where one grammar stands while a step commits.
+enum Reading<'a> {
+    /// The text so far is a prefix of the grammar, in this state.
+    Live(Prefix<'a>),
+    /// A stop token ended a whole value: only stop tokens may follow.
+    Ended,
+    /// The text already broke the grammar (e.g. the prompt does): nothing to steer.
+    Broken,
+}
+
+/// A step's commits under grammar constraints. A grammar can only judge a
+/// token once everything left of it is committed, so the step commits its
+/// `k` tokens (the count the strategy chose) at the leftmost masked
+/// positions, `eligible[..k]`, in order: each row of `logits` (row j =
+/// position `eligible[j]`) gets energy 1 per grammar for every token that
+/// cannot continue the text committed before it (this step's tokens
+/// included) and for a stop token before the text is whole, and then
+/// `draw(position, row)` picks the token (and what the caller keeps of it). After a stop token only stop
+/// tokens fit, so the rest of the canvas is end padding.
+pub fn commit_left_to_right<T>(
+    constraints: &[Constraint],
     tokens: &[u32],
-    mask: u32,
-    positions: &[usize],
-    logits: &mut [f32],
+    eligible: &[usize],
+    logits: &[f32],
     vocab: usize,
-) {
-    let Some(p) = (spec.start..tokens.len()).find(|&i| tokens[i] == mask) else { return };
-    let Some(j) = positions.iter().position(|&i| i == p) else { return };
-    let Some(st) = spec.state(grammar, tokens, p) else { return }; // already broken: nothing left to steer
-    let whole = st.complete();
-    let row = &mut logits[j * vocab..(j + 1) * vocab];
-    for (v, l) in row.iter_mut().enumerate() {
-        let ok = if spec.stop.contains(&(v as u32)) {
-            whole
-        } else {
-            let b = spec.bytes.get(v).map_or(&[][..], Vec::as_slice);
-            !b.is_empty() && st.clone().feed(b)
-        };
-        if !ok {
-            *l -= w;
+    k: usize,
+    mut draw: impl FnMut(usize, &[f32]) -> Result<(u32, T)>,
+) -> Result<Vec<(usize, T)>> {
+    let Some(&first) = eligible.first() else { return Ok(vec![]) };
+    let mut readings: Vec<(f32, &TextTokens, Reading)> = constraints
+        .iter()
+        .filter(|c| c.weight > 0.0)
+        .filter_map(|c| Some((c.weight as f32, c.text.as_deref()?, c.grammar()?)))
+        .map(|(w, spec, grammar)| {
+            let mut reading = Reading::Live(grammar);
+            for &t in &tokens[spec.start.min(first)..first] {
+                read(spec, &mut reading, t);
+            }
+            (w, spec, reading)
+        })
+        .collect();
+    let mut out = Vec::with_capacity(k);
+    let mut fed = first; // every reading has read the canvas up to here
+    let mut canvas = tokens.to_vec();
+    for (j, &i) in eligible.iter().enumerate().take(k) {
+        // Tokens between the previous position and this one are committed (not eligible).
+        for (_, spec, r) in readings.iter_mut() {
+            for &t in &canvas[fed..i] {
+                read(spec, r, t);
+            }
         }
+        let mut row = logits[j * vocab..(j + 1) * vocab].to_vec();
+        for (w, spec, r) in &readings {
+            for (v, l) in row.iter_mut().enumerate() {
+                let stop = spec.stop.contains(&(v as u32));
+                let ok = match r {
+                    Reading::Broken => true,
+                    Reading::Ended => stop,
+                    Reading::Live(st) if stop => st.complete(),
+                    Reading::Live(st) => {
+                        let b = spec.bytes.get(v).map_or(&[][..], Vec::as_slice);
+                        !b.is_empty() && st.clone().feed(b)
+                    }
+                };
+                if !ok {
+                    *l -= w;
+                }
+            }
+        }
+        let (token, picked) = draw(i, &row)?;
+        canvas[i] = token;
+        for (_, spec, r) in readings.iter_mut() {
+            read(spec, r, canvas[i]);
+        }
+        fed = i + 1;
+        out.push((i, picked));
     }
+    Ok(out)
+}
+
+/// Advances a reading by one committed token.
+fn read(spec: &TextTokens, r: &mut Reading<'_>, t: u32) {
+    let stop = spec.stop.contains(&t);
+    *r = match std::mem::replace(r, Reading::Broken) {
+        Reading::Live(st) if stop => {
+            if st.complete() {
+                Reading::Ended
+            } else {
+                Reading::Broken
+            }
+        }
+        Reading::Live(mut st) => {
+            let b = spec.bytes.get(t as usize).map_or(&[][..], Vec::as_slice);
+            if !b.is_empty() && st.feed(b) {
+                Reading::Live(st)
+            } else {
+                Reading::Broken
+            }
+        }
+        Reading::Ended if stop => Reading::Ended,
+        _ => Reading::Broken,
+    };
 }
 
 /// Whether each constraint held on the finished canvas: a banned word
@@ -355,8 +435,30 @@ mod tests {
         Constraint { kind, words: vec![format!("{spellings:?}")], spellings, weight: 2.0, text: None, regex: None }
     }
 
+    /// Commits `k` tokens with flat model logits, drawing the best token of
+    /// each steered row (lowest id on ties); returns the commits and the rows.
+    fn commit(
+        cons: &[Constraint],
+        tokens: &[u32],
+        eligible: &[usize],
+        vocab: usize,
+        k: usize,
+    ) -> (Vec<u32>, Vec<Vec<f32>>) {
+        let logits = vec![0f32; eligible.len() * vocab];
+        let mut rows = vec![];
+        let picked = commit_left_to_right(cons, tokens, eligible, &logits, vocab, k, |_, row| {
+            rows.push(row.to_vec());
+            let best = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let t = row.iter().position(|&x| x == best).unwrap() as u32;
+            Ok((t, t))
+        })
+        .unwrap();
+        assert_eq!(picked.iter().map(|p| p.0).collect::<Vec<_>>(), eligible[..k].to_vec(), "leftmost, in order");
+        (picked.into_iter().map(|p| p.1).collect(), rows)
+    }
+
     #[test]
-    fn valid_json_steers_the_first_masked_position_and_reports_the_whole() {
+    fn valid_json_commits_left_to_right_and_reports_the_whole() {
         // Tokens: 0 mask, 1 "{", 2 "}", 3 "\"a\"", 4 ":", 5 "1", 6 EOS, 7 "x".
         let bytes: Vec<Vec<u8>> = vec![
             vec![],
@@ -377,24 +479,27 @@ mod tests {
             text: Some(spec),
             regex: None,
         };
-        // Canvas [BOS=7 (before start), "{", "\"a\"", M, M]: position 3 may only be ":".
-        let tokens = [7, 1, 3, M, M];
-        let mut logits = vec![0f32; 2 * 8];
-        apply(std::slice::from_ref(&j), &tokens, M, &[3, 4], &mut logits, 8);
-        let row: Vec<f32> = logits[..8].to_vec();
-        assert_eq!(row[4], 0.0);
-        assert!(row.iter().enumerate().filter(|&(v, _)| v != 4).all(|(_, &x)| x == -2.0));
-        assert!(logits[8..].iter().all(|&x| x == 0.0), "positions right of the first mask are not checked");
-        // Once the value is whole, only the end token fits; the report checks the whole text.
-        let done = [7, 1, 3, 4, 5, 2, M];
+        assert!(has_grammar(std::slice::from_ref(&j)));
+        assert!(!has_grammar(&[Constraint { weight: 0.0, ..j.clone() }]));
+        // Canvas [BOS=7 (before start), "{", "\"a\"", M x 5]: position 3 may only be ":".
+        let tokens = [7, 1, 3, M, M, M, M, M];
+        let (picked, rows) = commit(std::slice::from_ref(&j), &tokens, &[3, 4, 5, 6, 7], 8, 5);
+        assert_eq!(rows[0][4], 0.0);
+        assert!(rows[0].iter().enumerate().filter(|&(v, _)| v != 4).all(|(_, &x)| x == -2.0));
+        // Each later row is steered given the tokens committed before it in the same step (the
+        // draw takes the lowest allowed id): ":", "{", "}", "}", then the end, allowed once whole.
+        assert_eq!(picked, vec![4, 1, 2, 2, 6], "{{\"a\":{{}}}} then the end");
+        // Apply leaves grammars to the commit: its rows are untouched.
         let mut logits = vec![0f32; 8];
-        apply(std::slice::from_ref(&j), &done, M, &[6], &mut logits, 8);
-        assert_eq!(logits[6], 0.0);
-        assert_eq!(logits[5], -2.0);
+        apply(std::slice::from_ref(&j), &tokens, M, &[3], &mut logits, 8);
+        assert!(logits.iter().all(|&x| x == 0.0));
+        // After an end token, only end tokens fit.
+        let (picked, rows) = commit(std::slice::from_ref(&j), &[7, 5, 6, M], &[3], 8, 1);
+        assert_eq!((picked[0], rows[0][7]), (6, -2.0));
         assert_eq!(met(std::slice::from_ref(&j), &[7, 1, 3, 4, 5, 2, 6], &[false; 7]), vec![true]);
         assert_eq!(met(std::slice::from_ref(&j), &[7, 1, 3, 4, 5, 6, 6], &[false; 7]), vec![false]);
         assert!(validate(std::slice::from_ref(&j)).is_ok());
-        assert!(check_spelled(&[Constraint { text: None, regex: None, ..j.clone() }]).is_err());
+        assert!(check_spelled(&[Constraint { text: None, ..j.clone() }]).is_err());
         assert!(validate(&[Constraint { words: vec!["x".into()], ..j }]).is_err());
     }
 
@@ -406,15 +511,17 @@ mod tests {
         let re = Arc::new(RegexPrefix::new("(ab)+c").unwrap());
         let r = Constraint { text: Some(spec), ..Constraint::regex(re.clone(), 2.0) };
         assert_eq!(r.words, vec!["(ab)+c".to_string()]);
-        // Canvas [BOS=3 (before start), "ab", M, M]: "ab" or "c" may follow, "x" and the end may not.
-        let mut logits = vec![0f32; 2 * 5];
-        apply(std::slice::from_ref(&r), &[3, 1, M, M], M, &[2, 3], &mut logits, 5);
-        assert_eq!(&logits[..5], &[-2.0, 0.0, 0.0, -2.0, -2.0]);
-        assert!(logits[5..].iter().all(|&x| x == 0.0), "positions right of the first mask are not checked");
-        // After "ab c" only the end fits.
-        let mut logits = vec![0f32; 5];
-        apply(std::slice::from_ref(&r), &[3, 1, 2, M], M, &[3], &mut logits, 5);
-        assert_eq!(&logits[..], &[-2.0, -2.0, -2.0, -2.0, 0.0]);
+        // Canvas [BOS=3 (before start), "ab", M, M, M]: "ab" or "c" may follow, "x" and the end may not;
+        // after "c" only the end, and after the end only the end.
+        let (picked, rows) = commit(std::slice::from_ref(&r), &[3, 1, M, M, M], &[2, 3, 4], 5, 3);
+        assert_eq!(&rows[0], &[-2.0, 0.0, 0.0, -2.0, -2.0]);
+        assert_eq!(picked, vec![1, 1, 1]);
+        let (picked, rows) = commit(std::slice::from_ref(&r), &[3, 1, 2, M, M], &[3, 4], 5, 2);
+        assert_eq!(&rows[0], &[-2.0, -2.0, -2.0, -2.0, 0.0]);
+        assert_eq!(picked, vec![4, 4]);
+        // A prompt that already breaks the pattern: nothing left to steer.
+        let (_, rows) = commit(std::slice::from_ref(&r), &[3, 3, M], &[2], 5, 1);
+        assert!(rows[0].iter().all(|&x| x == 0.0));
         assert_eq!(met(std::slice::from_ref(&r), &[3, 1, 1, 2, 4, 3], &[false; 6]), vec![true]);
         assert_eq!(met(std::slice::from_ref(&r), &[3, 1, 1, 4, 3, 3], &[false; 6]), vec![false]);
         assert!(validate(std::slice::from_ref(&r)).is_ok());

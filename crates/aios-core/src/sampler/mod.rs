@@ -399,7 +399,27 @@ pub fn sample(
                 }
                 last_top[i] = Some(sc.top);
             }
-            let commits = choose(opts, &scored, s, block_steps, scheduled, global_step)?;
+            let mut commits = choose(opts, &scored, s, block_steps, scheduled, global_step)?;
+            if constraints::has_grammar(&opts.constraints) {
+                // A grammar judges a token only once its left is committed: the
+                // same number of tokens, taken from the left, each steered.
+                commits = constraints::commit_left_to_right(
+                    &opts.constraints,
+                    &out.tokens,
+                    &eligible,
+                    step_logits,
+                    vocab,
+                    commits.len(),
+                    |i, row| {
+                        let mut rng = Stream::new(opts.seed, global_step as u64, i as u64);
+                        score_row(row, mask, opts.temperature, opts.top_p, &mut rng)
+                            .map(|sc| (sc.token, sc))
+                            .ok_or_else(|| {
+                                Error::Numeric(format!("the model produced non-finite logits at position {i}"))
+                            })
+                    },
+                )?;
+            }
             for &(i, sc) in &commits {
                 out.tokens[i] = sc.token;
                 out.confidence[i] = sc.prob;
