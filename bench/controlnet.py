@@ -7,8 +7,9 @@ without them.
 * json: for `--n` key lists (1-3 keys drawn like the training data, but from a seed the training never used), a
   48-token text canvas is generated (confidence sampler, 48 steps, temperature 0, prompt "" and prompt "{"); valid =
   the text is one JSON object with exactly those keys. With the ControlNet at scale 1 vs the same request with it at
-  scale 0 (the base alone); then with the ControlNet and the ValidJson energy together (whole text, and with
-  semi-autoregressive blocks of 8 tokens).
+  scale 0 (the base alone); then with the ControlNet and a grammar energy together: ValidJson (whole text, and
+  with semi-autoregressive blocks of 8 tokens) and aios_rt.Regex of the schema (`schema_regex`: an object with
+  exactly the keys, any order, scalar values).
 * edges: for `--n` Fashion-MNIST test images, the Sobel edge map (the training's) is the control and the class
   caption the prompt (20 DDIM steps, guidance 3). Edge agreement: F1 between the generated image's edge map and the
   control, an edge pixel counting as matched within 1 pixel. Class: the held-out judge of bench/unified_quality.py
@@ -18,6 +19,7 @@ without them.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -39,6 +41,16 @@ SHIPPED = ROOT / "models" / "aios-unified-tiny-controlnets"
 BENCH_SEED = 10_000  # the training drew key lists from seeds (0, step); this one it never used
 
 
+_SCALAR = r'(?:"(?:[^"\\\x00-\x1f]|\\.)*"|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null)'
+
+
+def schema_regex(keys: list[str]) -> str:
+    """A JSON object with exactly `keys`, in any order, each a scalar value (what the training data holds)."""
+    ws = r"[ \t\n\r]*"  # JSON's whitespace (RFC 8259), not Unicode's
+    orders = [f"{ws},{ws}".join(f'"{k}"{ws}:{ws}{_SCALAR}' for k in p) for p in itertools.permutations(keys)]
+    return ws + r"\{" + ws + "(?:" + "|".join(orders) + ")" + ws + r"\}" + ws
+
+
 def bench_json(eng: aios_rt.Engine, path: str, n: int) -> dict:
     eng.load_controlnet(path, name="json")
     rng = np.random.default_rng(BENCH_SEED)
@@ -57,17 +69,19 @@ def bench_json(eng: aios_rt.Engine, path: str, n: int) -> dict:
                         "seconds": round(time.perf_counter() - t0, 1), "example": texts[0]}
             print(f"json {key}: valid {sum(valid)}/{n}, any JSON object {parsed}/{n}; e.g. {texts[0]!r} "
                   f"for keys {cases[0]}", flush=True)
-    # With the "valid JSON so far" energy on top (several controls at once), semi-autoregressive blocks of 8.
+    # With a grammar energy on top (several controls at once): "valid JSON so far" (whole canvas, and
+    # semi-autoregressive blocks of 8), and a regex of the schema (an object with exactly these keys, any order).
     eng.set_controlnets({"json": 1.0})
-    for block in (None, 8):
+    for name, block in (("ValidJson", None), ("ValidJson", 8), ("Regex(schema)", None)):
         texts, met = [], 0
         for i, keys in enumerate(cases):
+            grammar = aios_rt.ValidJson() if name == "ValidJson" else aios_rt.Regex(schema_regex(keys))
             g = eng.diffuse("", length=48, steps=48, temperature=0.0, seed=i, control={"json": keys_prompt(keys)},
-                            constraints=[aios_rt.ValidJson()], block_length=block)
+                            constraints=[grammar], block_length=block)
             texts.append(g.text)
             met += g.constraints[0]["met"]
         valid = sum(json_valid(t, keys) for t, keys in zip(texts, cases))
-        key = f"prompt='' scale=1 +ValidJson block_length={block}"
+        key = f"prompt='' scale=1 +{name} block_length={block}"
         out[key] = {"valid_rate": valid / n, "json_object_rate": sum(_is_json_object(t) for t in texts) / n,
                     "whole_json_reported": met / n}
         print(f"json {key}: valid {valid}/{n}, any JSON object {out[key]['json_object_rate'] * n:.0f}/{n}", flush=True)

@@ -44,12 +44,12 @@ class Loudness:
 
 class ValidJson:
     weight: float
-    def __init__(self, weight: float = 8.0) -> None: ...
+    def __init__(self, weight: float = 30.0) -> None: ...
 
 class Regex:
     pattern: str
     weight: float
-    def __init__(self, pattern: str, weight: float = 8.0) -> None: ...
+    def __init__(self, pattern: str, weight: float = 30.0) -> None: ...
 
 class ClassEnergy:
     classifier: str

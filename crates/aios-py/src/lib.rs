@@ -289,7 +289,8 @@ impl Required {
 /// after the end only end tokens fit. While a grammar (ValidJson, Regex) is
 /// active the sampler commits left to right (each step's tokens at the
 /// leftmost masked positions, each steered given the ones before it);
-/// `g.constraints` says whether the text is one whole JSON value.
+/// `g.constraints` says whether the text is one whole JSON value. `weight`
+/// (eta) defaults to 30: a token that breaks the grammar drops by e^30.
 #[pyclass(frozen, module = "aios_rt", get_all)]
 #[derive(Clone)]
 struct ValidJson {
@@ -299,7 +300,7 @@ struct ValidJson {
 #[pymethods]
 impl ValidJson {
     #[new]
-    #[pyo3(signature = (weight=aios_core::sampler::constraints::DEFAULT_WEIGHT))]
+    #[pyo3(signature = (weight=aios_core::sampler::constraints::GRAMMAR_WEIGHT))]
     fn new(weight: f64) -> Self {
         ValidJson { weight }
     }
@@ -312,7 +313,7 @@ impl ValidJson {
 /// expression (Rust `regex` syntax) the whole text after [BOS], the prompt
 /// included, should match: tokens that cannot continue a match, and an end
 /// before the match is whole, get energy 1 (the same rule and left-to-right
-/// commits as ValidJson, with a DFA for the grammar). The pattern is
+/// commits and default weight 30 as ValidJson, with a DFA for the grammar). The pattern is
 /// compiled here: a bad or oversized one raises ValueError.
 #[pyclass(frozen, module = "aios_rt")]
 #[derive(Clone)]
@@ -325,7 +326,7 @@ struct Regex {
 #[pymethods]
 impl Regex {
     #[new]
-    #[pyo3(signature = (pattern, weight=aios_core::sampler::constraints::DEFAULT_WEIGHT))]
+    #[pyo3(signature = (pattern, weight=aios_core::sampler::constraints::GRAMMAR_WEIGHT))]
     fn new(pattern: &str, weight: f64) -> PyResult<Self> {
         let regex = aios_core::sampler::regex_prefix::RegexPrefix::new(pattern).map_err(to_py)?;
         Ok(Regex { regex: std::sync::Arc::new(regex), weight })

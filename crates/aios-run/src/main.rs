@@ -17,7 +17,7 @@ use aios_core::media::read_png_gray;
 use aios_core::memory::{MemoryStore, StoreOptions};
 use aios_core::model::Modality;
 use aios_core::quant::{quantize_file, MatmulMode};
-use aios_core::sampler::constraints::{Constraint, Kind};
+use aios_core::sampler::constraints::{Constraint, Kind, DEFAULT_WEIGHT, GRAMMAR_WEIGHT};
 use aios_core::sampler::continuous::{
     Brightness, ClassEnergy, ContinuousSampler, ImageEnergy, LinearClassifier, Loudness,
 };
@@ -150,9 +150,10 @@ struct GenerateArgs {
     /// magnitude (floor -100, full scale 0), weight (eta) default 1; repeatable.
     #[arg(long, value_name = "F0,F1:DB[:WEIGHT]")]
     loudness: Vec<String>,
-    /// Weight (eta) of the word constraints: logits move by this per unit of energy.
-    #[arg(long, default_value_t = aios_core::sampler::constraints::DEFAULT_WEIGHT)]
-    constraint_weight: f64,
+    /// Weight (eta) of the text constraints: logits move by this per unit of energy (default 8 for
+    /// --ban/--require, 30 for the grammars --valid-json/--regex).
+    #[arg(long)]
+    constraint_weight: Option<f64>,
     /// Extra forward passes estimating the output's likelihood for the uncertainty report (0 = skip).
     #[arg(long, default_value_t = aios_core::sampler::uncertainty::DEFAULT_LIKELIHOOD_SAMPLES)]
     likelihood_samples: usize,
@@ -506,14 +507,17 @@ fn generate(a: GenerateArgs) -> Result<(), Error> {
         constraints: [(Kind::Banned, &a.ban), (Kind::Required, &a.require)]
             .into_iter()
             .filter(|(_, words)| !words.is_empty())
-            .map(|(kind, words)| Constraint::new(kind, words.clone(), a.constraint_weight))
-            .chain(a.valid_json.then(|| Constraint::new(Kind::ValidJson, vec![], a.constraint_weight)))
+            .map(|(kind, words)| Constraint::new(kind, words.clone(), a.constraint_weight.unwrap_or(DEFAULT_WEIGHT)))
+            .chain(
+                a.valid_json
+                    .then(|| Constraint::new(Kind::ValidJson, vec![], a.constraint_weight.unwrap_or(GRAMMAR_WEIGHT))),
+            )
             .chain(
                 a.regex
                     .as_deref()
                     .map(RegexPrefix::new)
                     .transpose()?
-                    .map(|r| Constraint::regex(Arc::new(r), a.constraint_weight)),
+                    .map(|r| Constraint::regex(Arc::new(r), a.constraint_weight.unwrap_or(GRAMMAR_WEIGHT))),
             )
             .collect(),
     };

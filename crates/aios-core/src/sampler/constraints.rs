@@ -48,6 +48,12 @@ use crate::error::Result;
 /// completing token drops by e^8 ~ 3000x in probability.
 pub const DEFAULT_WEIGHT: f64 = 8.0;
 
+/// Energy weight of the grammars (ValidJson, Regex) when none is given: a
+/// structure is wanted whole, and the tokens it needs (an end token above
+/// all) can be ones the model finds e^10 less likely than its favourite, so
+/// a token that breaks it drops by e^30 ~ 1e13 (a mask in all but name).
+pub const GRAMMAR_WEIGHT: f64 = 30.0;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Banned,
