@@ -131,16 +131,13 @@ impl Prefix<'_> {
 }
 
 impl TextTokens {
-    /// The checker state after the committed tokens `tokens[start..end]`,
-    /// None if they already are not a prefix of the grammar.
-    fn state<'a>(&self, mut st: Prefix<'a>, tokens: &[u32], end: usize) -> Option<Prefix<'a>> {
+    /// How `grammar` reads the committed tokens `tokens[start..end]`.
+    fn read_to<'a>(&self, grammar: Prefix<'a>, tokens: &[u32], end: usize) -> Reading<'a> {
+        let mut reading = Reading::Live(grammar);
         for &t in &tokens[self.start.min(end)..end] {
-            let b = self.bytes.get(t as usize)?;
-            if b.is_empty() || !st.feed(b) {
-                return None;
-            }
+            read(self, &mut reading, t);
         }
-        Some(st)
+        reading
     }
 }
 
@@ -337,13 +334,7 @@ pub fn commit_left_to_right<T>(
         .iter()
         .filter(|c| c.weight > 0.0)
         .filter_map(|c| Some((c.weight as f32, c.text.as_deref()?, c.grammar()?)))
-        .map(|(w, spec, grammar)| {
-            let mut reading = Reading::Live(grammar);
-            for &t in &tokens[spec.start.min(first)..first] {
-                read(spec, &mut reading, t);
-            }
-            (w, spec, reading)
-        })
+        .map(|(w, spec, grammar)| (w, spec, spec.read_to(grammar, tokens, first)))
         .collect();
     let mut out = Vec::with_capacity(k);
     let mut fed = first; // every reading has read the canvas up to here
@@ -423,7 +414,7 @@ pub fn met(constraints: &[Constraint], tokens: &[u32], given: &[bool]) -> Vec<bo
                 (Some(spec), Some(grammar)) => {
                     let end =
                         (spec.start..tokens.len()).find(|&i| spec.stop.contains(&tokens[i])).unwrap_or(tokens.len());
-                    spec.state(grammar, tokens, end).is_some_and(|st| st.complete())
+                    matches!(spec.read_to(grammar, tokens, end), Reading::Live(st) if st.complete())
                 }
                 _ => false,
             },
