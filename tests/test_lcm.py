@@ -226,6 +226,28 @@ def test_training_writes_a_student_and_resumes_exactly(base, tmp_path):
         distill_lcm(LcmArgs(**{**args, "lr": 5e-4}, out=str(out), run=str(tmp_path / "r1")))
 
 
+def test_warm_start_from_an_earlier_student(base, tmp_path):
+    """--init continues from a finished student under a new schedule: at lr 0 the student is returned unchanged;
+    with training it moves from there; a student of another rank or base is refused."""
+    d, model, cfg = base
+    x, y = _data()
+    first = _student(d, model, cfg, tmp_path / "first.lora.parquet", IMAGE_STUDENT)
+    args = dict(teacher=str(d), media_x=x, media_y=y, text_length=16, teacher_steps=8, student_steps=2, rank=4,
+                alpha=4.0, steps=2, batch_size=6, warmup=1, progress=False, init=str(first))
+    same = tmp_path / "same.lora.parquet"
+    assert distill_lcm(LcmArgs(**args, lr=0.0, out=str(same)))["done"]
+    t0, t1 = read_lora(first)[0], read_lora(same)[0]
+    assert sorted(t0) == sorted(t1) and all(np.array_equal(t0[k], t1[k]) for k in t0)
+    moved = tmp_path / "moved.lora.parquet"
+    distill_lcm(LcmArgs(**args, lr=1e-3, out=str(moved)))
+    t2 = read_lora(moved)[0]
+    assert all(np.abs(t2[k] - t0[k]).max() < 0.1 for k in t0) and any(not np.array_equal(t2[k], t0[k]) for k in t0)
+    with pytest.raises(ValueError, match="rank"):
+        distill_lcm(LcmArgs(**{**args, "rank": 2, "alpha": 2.0}, out=str(tmp_path / "x.parquet")))
+    with pytest.raises(ValueError, match="alpha"):
+        distill_lcm(LcmArgs(**{**args, "alpha": 8.0}, out=str(tmp_path / "y.parquet")))
+
+
 def test_lcd_target_trains(base, tmp_path):
     d, model, cfg = base
     x, y = _data()

@@ -235,6 +235,8 @@ def cmd_distill(a) -> None:
 
     if a.modality != "text":
         return cmd_distill_lcm(a)
+    if a.init:
+        raise SystemExit("distill: --init is for image/audio students (an LCM-LoRA); a text student resumes from its run folder")
     torch.set_num_threads(a.threads)
     tpath = teacher_path(a.teacher)
     tok = load_tokenizer(a.tokenizer or str(tpath.parent / "tokenizer.json"))
@@ -261,7 +263,7 @@ def cmd_distill_lcm(a) -> None:
         loss=a.loss or "l2", rank=a.rank, alpha=float(a.rank if a.alpha is None else a.alpha), steps=a.steps,
         batch_size=a.batch_size, lr=a.lr, min_lr_ratio=a.min_lr_ratio, warmup=50 if a.warmup is None else a.warmup, grad_clip=a.grad_clip,
         seed=a.seed, threads=a.threads, ckpt_every=a.ckpt_every, time_limit_min=a.time_limit_min,
-        stop_after=a.stop_after, device=a.device), resume=not a.no_resume)
+        stop_after=a.stop_after, device=a.device, init=a.init), resume=not a.no_resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"out": a.out if r["done"] else None, "steps": r["steps"], "examples": r["examples"],
                           "elapsed_s": round(r["elapsed_s"], 1), "stopped_early": r["stopped_early"]}))
@@ -556,6 +558,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--min-lr-ratio", type=float, default=1.0,
                    help="image/audio: cosine decay to this fraction of --lr (1 = constant after warmup)")
     s.add_argument("--student-steps", type=int, default=4)
+    s.add_argument("--init", default=None,
+                   help="image/audio: start from this LCM-LoRA of the same teacher, rank and alpha (to train on past "
+                        "a finished run with a new schedule)")
     s.add_argument("--distill-steps", type=int, default=2, help="text: teacher steps one student step learns per round")
     s.add_argument("--round-steps", type=int, default=300, help="text: training steps per round")
     s.add_argument("--steps", type=int, default=3000, help="image/audio: training steps")

@@ -85,6 +85,7 @@ class LcmArgs:
     time_limit_min: float | None = None
     stop_after: int | None = None
     device: str = "cpu"
+    init: str | None = None          # warm start: an LCM-LoRA of this teacher with the same rank, alpha and targets
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -93,7 +94,7 @@ class LcmArgs:
 
     def hparams(self) -> dict:
         keep = ("modality", "text_length", "target", "teacher_steps", "student_steps", "guidance", "uncond_prob", "loss", "rank", "alpha",
-                "steps", "batch_size", "lr", "warmup", "min_lr_ratio", "grad_clip", "seed")
+                "steps", "batch_size", "lr", "warmup", "min_lr_ratio", "grad_clip", "seed", "init")
         return {k: getattr(self, k) for k in keep}
 
 
@@ -221,6 +222,20 @@ def _checkpoint(path: Path, lora: dict, opt, gen: torch.Generator, counters: dic
     tmp.replace(path / "state.pt")
 
 
+def _warm_start(path: str, cfg: dict, names: list[str], params: list[torch.Tensor]) -> None:
+    """Copies a earlier student's LoRA into the fresh peft parameters, so a run can go on past the step count and
+    schedule it was made with (resume only continues the same schedule)."""
+    from .lora import lora_tensors_from_peft, read_lora
+    tensors, icfg = read_lora(path)
+    for k in ("base_fingerprint", "rank", "alpha", "target_modules"):
+        if icfg.get(k) != cfg[k]:
+            raise ValueError(f"lcm: --init {path} has {k} {icfg.get(k)!r}; this run has {cfg[k]!r}")
+    with torch.no_grad():
+        for n, p in zip(names, params):
+            (key,) = lora_tensors_from_peft({n: p}).keys()
+            p.copy_(torch.from_numpy(tensors[key]))
+
+
 def _distill_lcm(a: LcmArgs, resume: bool, dist) -> dict:
     from tqdm import tqdm
 
@@ -272,6 +287,8 @@ def _distill_lcm(a: LcmArgs, resume: bool, dist) -> dict:
     pm.to(dist.device).train()
     params = [p for p in pm.parameters() if p.requires_grad]
     names = [n for n, p in pm.named_parameters() if p.requires_grad]
+    if a.init:
+        _warm_start(a.init, cfg, names, params)
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     gen = torch.Generator().manual_seed(a.seed)
     counters = {"step": 0, "examples": 0, "elapsed_s": 0.0}
