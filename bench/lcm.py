@@ -3,6 +3,7 @@ teacher, measured through aios_rt (the runtime) with the held-out judges of benc
 
     python bench/lcm.py --student models/aios-unified-tiny-lcm/image.lcm.lora.parquet [--modality image]
                         [--per-class 30] [--teacher-steps 4,8,50] [--student-steps 1,2,4,8] [--threads 1]
+                        (an empty list, e.g. --teacher-steps "", skips those rows)
 
 For every setting the same prompts (each class caption, `--per-class` seeds each) are generated:
   * teacher: the base model, DDIM (eta 0) with classifier-free guidance `--guidance` (the student has the
@@ -84,14 +85,14 @@ def main() -> None:
     res: dict = {"machine": machine(), "judge_acc": acc, "modality": a.modality, "per_class": a.per_class,
                  "guidance": a.guidance, "threads": a.threads}
     eng = aios_rt.Engine(a.model, threads=a.threads)
-    for steps in [int(s) for s in a.teacher_steps.split(",")]:
+    for steps in [int(s) for s in a.teacher_steps.split(",") if s]:
         r = run(eng, judge, ref_feats, prompts, a.modality, a.per_class, steps, "ddim", a.guidance)
         r.pop("example")
         res[f"teacher_{steps}"] = r
         print(f"teacher DDIM {steps:>2} steps, guidance {a.guidance:g}: agreement {r['agreement']:.3f}, "
               f"FD {r['fd']:.1f}, {r['ms_per_sample']:.1f} ms", flush=True)
     eng.load_adapter(a.student, name="lcm")
-    for steps in [int(s) for s in a.student_steps.split(",")]:
+    for steps in [int(s) for s in a.student_steps.split(",") if s]:
         r = run(eng, judge, ref_feats, prompts, a.modality, a.per_class, steps, "lcm", 0.0)
         g = r.pop("example")
         if g.warnings:

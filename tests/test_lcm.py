@@ -301,6 +301,15 @@ def test_cli_distill_image_and_generate(base, tmp_path):
     assert json.loads(r.stdout.strip().splitlines()[-1])["out"] == str(out)
     # without --teacher-steps the ode target's grid is 4 x the student's steps
     assert json.loads(read_metadata(out)["aios.config"])["distill"]["teacher_steps"] == 8
+    more = tmp_path / "more.lora.parquet"
+    r = subprocess.run([sys.executable, "-m", "aios_train", "distill", "--teacher", str(d), "--modality", "image",
+                        "--data", str(data), "--out", str(more), "--student-steps", "2", "--init", str(out),
+                        "--steps", "1", "--batch-size", "4", "--rank", "2", "--text-length", "16"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and more.exists(), r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "aios_train", "distill", "--teacher", str(d), "--init", str(out),
+                        "--out", str(tmp_path / "t.parquet")], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode != 0 and "--init is for image/audio" in r.stderr
     bin_ = ROOT / "target" / "release" / "aios-run"
     png = tmp_path / "x.png"
     g = subprocess.run([str(bin_), "generate", "--model", str(d), "--threads", "1", "--modality", "image", "--adapter",

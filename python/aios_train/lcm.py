@@ -223,7 +223,7 @@ def _checkpoint(path: Path, lora: dict, opt, gen: torch.Generator, counters: dic
 
 
 def _warm_start(path: str, cfg: dict, names: list[str], params: list[torch.Tensor]) -> None:
-    """Copies a earlier student's LoRA into the fresh peft parameters, so a run can go on past the step count and
+    """Copies an earlier student's LoRA into the fresh peft parameters, so a run can go on past the step count and
     schedule it was made with (resume only continues the same schedule)."""
     from .lora import lora_tensors_from_peft, read_lora
     tensors, icfg = read_lora(path)
