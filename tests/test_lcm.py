@@ -238,6 +238,7 @@ def test_warm_start_from_an_earlier_student(base, tmp_path):
     assert distill_lcm(LcmArgs(**args, lr=0.0, out=str(same)))["done"]
     t0, t1 = read_lora(first)[0], read_lora(same)[0]
     assert sorted(t0) == sorted(t1) and all(np.array_equal(t0[k], t1[k]) for k in t0)
+    assert read_lcm_meta(same)["init"] == str(first)  # provenance: the steps count from the warm start
     moved = tmp_path / "moved.lora.parquet"
     distill_lcm(LcmArgs(**args, lr=1e-3, out=str(moved)))
     t2 = read_lora(moved)[0]

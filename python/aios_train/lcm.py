@@ -324,7 +324,8 @@ def _distill_lcm(a: LcmArgs, resume: bool, dist) -> dict:
             "student_steps": a.student_steps, "teacher_steps": n_grid, "guidance": a.guidance, "sampler": "lcm",
             "loss": a.loss, "train_steps": counters["step"], "batch_size": a.batch_size, "lr": a.lr,
             "examples": counters["examples"], "pairs": counters.get("pairs", 0), "target": a.target,
-            "elapsed_s": round(time.time() - t0, 1), "teacher": str(a.teacher)}
+            "elapsed_s": round(time.time() - t0, 1), "teacher": str(a.teacher),
+            **({"init": str(a.init)} if a.init else {})}  # train_steps/examples count from the warm start
         save_lora(path, lora_tensors_from_peft(pm.state_dict(), "default"), cfg)
 
     def checkpoint() -> None:
