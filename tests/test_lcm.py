@@ -228,7 +228,7 @@ def test_training_writes_a_student_and_resumes_exactly(base, tmp_path):
 
 def test_warm_start_from_an_earlier_student(base, tmp_path):
     """--init continues from a finished student under a new schedule: at lr 0 the student is returned unchanged;
-    with training it moves from there; a student of another rank or base is refused."""
+    with training it moves from there; a student of another rank or alpha is refused."""
     d, model, cfg = base
     x, y = _data()
     first = _student(d, model, cfg, tmp_path / "first.lora.parquet", IMAGE_STUDENT)
